@@ -1,0 +1,193 @@
+"""Host-side geometry (numpy, float64): rigid transforms, quaternions, camera projection, boxes.
+
+Conventions: quaternions are nuScenes ``(w, x, y, z)``; a transform ``T_a2b`` is a 4x4 matrix taking
+homogeneous points of frame ``a`` to frame ``b``; boxes follow ``nuscenes_meta`` (gravity centre,
+``wlh``, nuScenes yaw).
+"""
+import numpy as np
+
+EPS_DEPTH = 1e-5  # BEVFormer/DETR3D point_sampling eps for the homogeneous depth
+
+
+def quat_to_matrix(q):
+    """(4,) quaternion (w, x, y, z) -> (3, 3) rotation matrix."""
+    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def matrix_to_quat(rot):
+    """(3, 3) rotation matrix -> (4,) quaternion (w, x, y, z) with w >= 0."""
+    r = np.asarray(rot, dtype=np.float64)
+    tr = np.trace(r)
+    if tr > 0:
+        s = 2.0 * np.sqrt(1.0 + tr)
+        q = [0.25 * s, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s]
+    else:
+        i = int(np.argmax(np.diag(r)))
+        j, k = (i + 1) % 3, (i + 2) % 3
+        s = 2.0 * np.sqrt(1.0 + r[i, i] - r[j, j] - r[k, k])
+        q = np.zeros(4)
+        q[0] = (r[k, j] - r[j, k]) / s
+        q[1 + i] = 0.25 * s
+        q[1 + j] = (r[j, i] + r[i, j]) / s
+        q[1 + k] = (r[k, i] + r[i, k]) / s
+    q = np.asarray(q, dtype=np.float64)
+    return q if q[0] >= 0 else -q
+
+
+def yaw_to_quat(yaw):
+    """Rotation by ``yaw`` about +z -> (w, x, y, z)."""
+    return np.array([np.cos(yaw / 2.0), 0.0, 0.0, np.sin(yaw / 2.0)])
+
+
+def matrix_yaw(rot):
+    """Yaw of a rotation: the heading of its rotated x axis in the xy plane (nuScenes
+    ``quaternion_yaw``)."""
+    rot = np.asarray(rot)
+    return float(np.arctan2(rot[1, 0], rot[0, 0]))
+
+
+def make_transform(rotation, translation):
+    """(3,3) rotation or (4,) quaternion, (3,) translation -> (4, 4) transform."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    if rotation.shape == (4,):
+        rotation = quat_to_matrix(rotation)
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = translation
+    return out
+
+
+def invert_transform(transform):
+    """Inverse of a rigid 4x4 transform."""
+    rot, trans = transform[:3, :3], transform[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = rot.T
+    out[:3, 3] = -rot.T @ trans
+    return out
+
+
+def transform_points(transform, points):
+    """(4,4) transform, (..., 3) points -> (..., 3)."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ transform[:3, :3].T + transform[:3, 3]
+
+
+def view_pad(intrinsic):
+    """(3, 3) camera intrinsic -> (4, 4) ``viewpad`` as in BEVFormer's ``get_data_info``."""
+    out = np.eye(4)
+    out[:3, :3] = intrinsic
+    return out
+
+
+def lidar2img(intrinsic, sensor2lidar, scale=1.0):
+    """(3,3) intrinsic, (4,4) camera->LiDAR -> (4,4) LiDAR->image matrix.
+
+    ``viewpad(K) @ inv(sensor2lidar)``, left-multiplied by ``diag(scale, scale, 1, 1)`` for an image
+    resized by ``scale`` (``RandomScaleImageMultiViewImage``).
+    """
+    out = view_pad(intrinsic) @ invert_transform(sensor2lidar)
+    return np.diag([scale, scale, 1.0, 1.0]) @ out
+
+
+def project_points(points, lidar2img_mat, image_hw=None):
+    """Projects LiDAR-frame points with BEVFormer's ``point_sampling`` rules.
+
+    Args:
+      points: (..., 3) LiDAR-frame points.
+      lidar2img_mat: (4, 4).
+      image_hw: optional (H, W); when given the mask also requires ``0 < u < W`` and ``0 < v < H``.
+    Returns:
+      uv (..., 2) pixels (u right, v down), depth (...,) the homogeneous w', and mask (...,)
+      ``w' > eps`` (and inside the image when ``image_hw`` is given).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    hom = np.concatenate([points, np.ones(points.shape[:-1] + (1,))], axis=-1)
+    cam = hom @ np.asarray(lidar2img_mat, dtype=np.float64).T
+    depth = cam[..., 2]
+    uv = cam[..., :2] / np.maximum(depth, EPS_DEPTH)[..., None]
+    mask = depth > EPS_DEPTH
+    if image_hw is not None:
+        h, w = image_hw
+        mask &= (uv[..., 0] > 0) & (uv[..., 0] < w) & (uv[..., 1] > 0) & (uv[..., 1] < h)
+    return uv, depth, mask
+
+
+def box_corners(boxes):
+    """(n, >=7) boxes (x, y, z, w, l, h, yaw) -> (n, 8, 3) corners.
+
+    Corner order: the four bottom corners counter-clockwise starting front-left
+    (+l/2, +w/2), then the four top corners in the same order.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    boxes = boxes.reshape(-1, boxes.shape[-1])
+    w, l, h, yaw = boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
+    sx = np.array([1, -1, -1, 1, 1, -1, -1, 1]) * 0.5
+    sy = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * 0.5
+    sz = np.array([-1, -1, -1, -1, 1, 1, 1, 1]) * 0.5
+    lx, ly, lz = l[:, None] * sx, w[:, None] * sy, h[:, None] * sz
+    c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
+    x = boxes[:, 0:1] + c * lx - s * ly
+    y = boxes[:, 1:2] + s * lx + c * ly
+    z = boxes[:, 2:3] + lz
+    return np.stack([x, y, z], axis=-1)
+
+
+def transform_boxes(transform, boxes, velocity=None):
+    """Moves boxes (n, 7) (and velocities (n, 2)) by a rigid transform whose rotation is about z
+    (up to numerical noise): centres are transformed, yaw gains the transform's yaw, velocities are
+    rotated (their z component is taken as 0)."""
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 7)
+    out = boxes.copy()
+    out[:, :3] = transform_points(transform, boxes[:, :3])
+    out[:, 6] = wrap_angle(boxes[:, 6] + matrix_yaw(transform[:3, :3]))
+    if velocity is None:
+        return out
+    velocity = np.asarray(velocity, dtype=np.float64).reshape(-1, 2)
+    vel3 = np.concatenate([velocity, np.zeros((len(velocity), 1))], axis=1) @ transform[:3, :3].T
+    return out, vel3[:, :2]
+
+
+def wrap_angle(angle):
+    """Wraps angles to [-pi, pi)."""
+    return (np.asarray(angle) + np.pi) % (2.0 * np.pi) - np.pi
+
+
+def can_bus_vector(ego2global, can_pose=None):
+    """The 18-d ``can_bus`` vector of BEVFormer's ``get_data_info`` (before temporal deltas).
+
+    Layout: ``pos(3) | orientation(4) | accel(3) | rotation_rate(3) | vel(3) | yaw_rad | yaw_deg``.
+    ``pos``/``orientation`` are the ego->global translation and quaternion, yaw is mapped to
+    [0, 360) degrees and stored in radians and degrees. ``can_pose`` is the CAN-bus ``pose``
+    message (dict with accel, rotation_rate, vel; from the CAN-bus expansion, or derived from ego
+    poses); zeros when None.
+    """
+    out = np.zeros(18)
+    out[0:3] = ego2global[:3, 3]
+    out[3:7] = matrix_to_quat(ego2global[:3, :3])
+    if can_pose is not None:
+        out[7:10] = can_pose['accel']
+        out[10:13] = can_pose['rotation_rate']
+        out[13:16] = can_pose['vel']
+    yaw_deg = np.degrees(matrix_yaw(ego2global[:3, :3]))
+    yaw_deg = yaw_deg + 360.0 if yaw_deg < 0 else yaw_deg
+    out[16] = np.radians(yaw_deg)
+    out[17] = yaw_deg
+    return out
+
+
+def can_bus_delta(can_bus, prev_can_bus):
+    """Temporal delta of BEVFormer's ``union2one``/``forward_test``: position and yaw (deg) relative
+    to the previous frame of the same scene; ``prev_can_bus=None`` (first frame) zeroes them."""
+    out = np.array(can_bus, dtype=np.float64)
+    if prev_can_bus is None:
+        out[0:3] = 0.0
+        out[-1] = 0.0
+    else:
+        out[0:3] -= prev_can_bus[0:3]
+        out[-1] -= prev_can_bus[-1]
+    return out

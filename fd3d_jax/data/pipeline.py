@@ -1,0 +1,189 @@
+"""grain input pipeline: records -> static-shape numpy batches.
+
+Per sample (BEVFormer's ``prepare_train_data`` + ``union2one``, mmdet3d's loading transforms):
+  img             (T, N, H, W, 3) float32  normalised (``(x - mean) / std``, RGB or BGR), resized by
+                                           ``image_scale`` (bilinear), zero-padded to ``pad_divisor``
+  lidar2img       (T, N, 4, 4)   float32  ``diag(s, s, 1, 1) @ viewpad(K) @ lidar2cam``
+  can_bus         (T, 18)        float32  with temporal deltas (position, yaw in degrees)
+  prev_bev_exists (T,)           bool     False where the chain restarts (first frame, new scene)
+  gt_boxes        (G, 9)         float32  (x, y, z_gravity, w, l, h, yaw, vx, vy), LiDAR frame
+  gt_labels       (G,)           int32    class index, -1 for padding
+  gt_mask         (G,)           bool
+  sample_idx      ()             int32    index of the current frame in the records
+  valid           ()             bool     False for evaluation padding
+Batches add a leading batch axis. T = ``queue_length`` for training and 1 for evaluation; G =
+``max_gt``; GT is of the current (last) frame, filtered by ``valid_flag``, class and BEV range.
+"""
+import os
+
+import grain
+import numpy as np
+from PIL import Image
+
+from fd3d_jax.data import geometry
+from fd3d_jax.data.geometry import can_bus_delta
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file, sample token or config key."""
+
+
+def output_image_hw(records, cfg):
+    """Padded (H, W) of the pipeline's images (static for jit)."""
+    cam = records['samples'][0]['cams'][0]
+    h, w = int(cam['height'] * cfg.image_scale), int(cam['width'] * cfg.image_scale)
+    d = cfg.pad_divisor
+    return -(-h // d) * d, -(-w // d) * d
+
+
+def load_image(path, sample_token):
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert('RGB'))
+    except FileNotFoundError:
+        raise DataError(f'image not found: {path} (sample {sample_token})') from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f'cannot decode image {path} (sample {sample_token}): {e}') from None
+
+
+def load_frame(record, dataroot, cfg, out_hw):
+    """Six normalised, resized, padded images (N, H, W, 3) and their lidar2img (N, 4, 4)."""
+    import cv2
+    mean = np.asarray(cfg.image_mean, np.float32)
+    std = np.asarray(cfg.image_std, np.float32)
+    s = cfg.image_scale
+    imgs = np.zeros((len(record['cams']), *out_hw, 3), np.float32)
+    l2i = np.zeros((len(record['cams']), 4, 4), np.float32)
+    for n, cam in enumerate(record['cams']):
+        img = load_image(os.path.join(dataroot, cam['path']), record['token'])
+        if img.shape[:2] != (cam['height'], cam['width']):
+            raise DataError(f"image {cam['path']} is {img.shape[1]}x{img.shape[0]}, the tables say "
+                            f"{cam['width']}x{cam['height']} (sample {record['token']})")
+        if not cfg.to_rgb:
+            img = img[..., ::-1]
+        img = (img.astype(np.float32) - mean) / std
+        h, w = int(img.shape[0] * s), int(img.shape[1] * s)
+        if (h, w) != img.shape[:2]:
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        if h > out_hw[0] or w > out_hw[1]:
+            raise DataError(f"camera {cam['channel']} of sample {record['token']} is larger than the "
+                            f'first camera of the split; all images must share one size')
+        imgs[n, :h, :w] = img
+        l2i[n] = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']), s)
+    return imgs, l2i
+
+
+def ground_truth(record, cfg):
+    """Filtered and padded GT of one record: boxes (G, 9), labels (G,), mask (G,)."""
+    boxes = np.asarray(record['gt_boxes'], np.float64).reshape(-1, 7)
+    vel = np.asarray(record['gt_velocity'], np.float64).reshape(-1, 2)
+    names = list(record['gt_names'])
+    keep = np.array([n in cfg.class_names for n in names], bool).reshape(-1)
+    if cfg.use_valid_flag:
+        keep &= np.asarray(record['valid_flag'], bool).reshape(-1)
+    x0, y0, _, x1, y1, _ = cfg.point_cloud_range
+    keep &= (boxes[:, 0] > x0) & (boxes[:, 1] > y0) & (boxes[:, 0] < x1) & (boxes[:, 1] < y1)
+    idx = np.flatnonzero(keep)
+    if len(idx) > cfg.max_gt:
+        raise DataError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
+                        f'config data.max_gt={cfg.max_gt}; raise data.max_gt')
+    out = np.zeros((cfg.max_gt, 9), np.float32)
+    labels = np.full((cfg.max_gt,), -1, np.int32)
+    out[:len(idx), :7] = boxes[idx]
+    out[:len(idx), 7:] = vel[idx]
+    labels[:len(idx)] = [cfg.class_names.index(names[i]) for i in idx]
+    return out, labels, labels >= 0
+
+
+def train_queue_indices(index, queue_length, rng):
+    """BEVFormer's queue: a random ordered subset of the ``queue_length`` previous indices minus
+    one, then ``index`` (negative indices clamp to 0)."""
+    prev = list(range(index - queue_length, index))
+    rng.shuffle(prev)
+    return [max(0, i) for i in sorted(prev[1:])] + [index]
+
+
+def _queue_can_bus(samples, indices):
+    """``union2one``: can_bus deltas w.r.t. the previous queue frame of the same scene."""
+    can_bus, exists = [], []
+    prev = None
+    for i in indices:
+        rec = samples[i]
+        same = prev is not None and samples[prev]['scene_token'] == rec['scene_token']
+        can_bus.append(can_bus_delta(rec['can_bus'], samples[prev]['can_bus'] if same else None))
+        exists.append(same)
+        prev = i
+    return np.asarray(can_bus, np.float32), np.asarray(exists, bool)
+
+
+class SampleLoader:
+    """Turns record indices into samples (see the module docstring)."""
+
+    def __init__(self, records, dataroot, cfg):
+        self.samples = records['samples']
+        self.dataroot = dataroot
+        self.cfg = cfg
+        self.out_hw = output_image_hw(records, cfg)
+
+    def _sample(self, indices, can_bus, exists, valid=True):
+        frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw) for i in indices]
+        boxes, labels, mask = ground_truth(self.samples[indices[-1]], self.cfg)
+        return dict(img=np.stack([f[0] for f in frames]), lidar2img=np.stack([f[1] for f in frames]),
+                    can_bus=can_bus, prev_bev_exists=exists, gt_boxes=boxes, gt_labels=labels,
+                    gt_mask=mask & valid, sample_idx=np.int32(indices[-1]), valid=np.bool_(valid))
+
+    def train(self, index, rng):
+        """A training queue ending at ``index``; queues with a GT-less frame are resampled at a
+        random index, as mmdet's ``filter_empty_gt`` loop does."""
+        for _ in range(100):
+            indices = train_queue_indices(int(index), self.cfg.queue_length, rng)
+            if not self.cfg.filter_empty_gt or all(ground_truth(self.samples[i], self.cfg)[2].any() for i in indices):
+                break
+            index = rng.integers(len(self.samples))
+        can_bus, exists = _queue_can_bus(self.samples, indices)
+        return self._sample(indices, can_bus, exists)
+
+    def eval(self, index, valid=True):
+        """One frame; deltas w.r.t. the previous sample of its scene (BEVFormer ``forward_test``)."""
+        index = int(index)
+        prev = [index - 1] if index > 0 and valid else []
+        can_bus, exists = _queue_can_bus(self.samples, prev + [index])
+        return self._sample([index], can_bus[-1:], exists[-1:] & valid, valid)
+
+
+def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1):
+    """Infinite, shuffled (reshuffled every epoch), batched training data of this process's shard.
+
+    Deterministic for a seed; ``iter(...)`` gives an iterator with ``get_state``/``set_state``.
+    """
+    loader = SampleLoader(records, dataroot, cfg)
+    ds = grain.MapDataset.range(len(records['samples']))[shard_index::shard_count]
+    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(lambda i, rng: loader.train(i, rng), seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+
+
+def eval_streams(records, num_streams):
+    """Splits the scenes into ``num_streams`` sequences of record indices (whole scenes, in time
+    order, balanced by length) so every stream can carry its previous BEV from frame to frame."""
+    scenes = {}
+    for i, rec in enumerate(records['samples']):
+        scenes.setdefault(rec['scene_token'], []).append(i)
+    streams = [[] for _ in range(num_streams)]
+    for chain in sorted(scenes.values(), key=len, reverse=True):
+        min(streams, key=len).extend(chain)
+    return streams
+
+
+def eval_dataset(records, dataroot, cfg, batch_size, shard_index=0, shard_count=1):
+    """Batched evaluation data: batch element j of step t is frame t of stream j of this shard;
+    all shards get the same number of steps, padding has ``valid=False``."""
+    loader = SampleLoader(records, dataroot, cfg)
+    streams = eval_streams(records, batch_size * shard_count)
+    steps = max(len(s) for s in streams)
+    mine = streams[shard_index * batch_size:(shard_index + 1) * batch_size]
+    items = [(s[t], True) if t < len(s) else (s[-1] if s else 0, False) for t in range(steps) for s in mine]
+    ds = grain.MapDataset.source(items).map(lambda item: loader.eval(*item))
+    ds = ds.batch(batch_size, drop_remainder=False)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))

@@ -1,0 +1,104 @@
+"""Pictures of a sample: the six cameras with projected 3D boxes and a bird's-eye view.
+
+GT boxes are drawn solid in their class colour, predictions dashed (with their score in BEV).
+"""
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fd3d_jax.data import geometry  # noqa: E402
+from fd3d_jax.data.nuscenes_meta import CLASS_NAMES  # noqa: E402
+from fd3d_jax.data.pipeline import load_image  # noqa: E402
+
+CLASS_COLORS = dict(zip(CLASS_NAMES, plt.get_cmap('tab10').colors))
+# Camera panels as laid out on the car: front row left-to-right, back row mirrored.
+PANEL_ORDER = ('CAM_FRONT_LEFT', 'CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT')
+_EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7), (0, 5), (1, 4)]
+
+
+def gt_of_record(record, class_names=CLASS_NAMES):
+    """(boxes (n, 7), names) of a record's valid GT of the given classes."""
+    keep = [i for i, n in enumerate(record['gt_names']) if n in class_names and record['valid_flag'][i]]
+    return np.asarray(record['gt_boxes']).reshape(-1, 7)[keep], [record['gt_names'][i] for i in keep]
+
+
+def _draw_camera(ax, img, lidar2img, boxes, names, style):
+    h, w = img.shape[:2]
+    for box, name in zip(boxes, names):
+        uv, depth, _ = geometry.project_points(geometry.box_corners(box[None, :7])[0], lidar2img)
+        if not ((depth > 0.5) & (uv[:, 0] > -w) & (uv[:, 0] < 2 * w)).any():
+            continue
+        for a, b in _EDGES:  # the front face carries a cross
+            if depth[a] > 0.5 and depth[b] > 0.5:
+                ax.plot(uv[[a, b], 0], uv[[a, b], 1], style, color=CLASS_COLORS.get(name, 'w'), lw=0.8)
+
+
+def _draw_bev(ax, boxes, names, style, scores=None):
+    for k, (box, name) in enumerate(zip(boxes, names)):
+        c = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
+        color = CLASS_COLORS.get(name, 'k')
+        ax.plot(c[:, 0], c[:, 1], style, color=color, lw=0.9)
+        front = c[[0, 3]].mean(0)
+        ax.plot([box[0], front[0]], [box[1], front[1]], style, color=color, lw=0.9)
+        if scores is not None:
+            ax.text(box[0], box[1], f'{scores[k]:.2f}', fontsize=4, color=color)
+
+
+def render_sample(record, dataroot, out_path, pred=None, score_threshold=0.3, bev_range=51.2,
+                  class_names=CLASS_NAMES):
+    """Writes one PNG for a record.
+
+    Args:
+      record: a sample record; dataroot: where its image paths are relative to.
+      pred: optional dict(boxes (n, >=7) LiDAR frame, labels (n,), scores (n,)); boxes scoring
+        below ``score_threshold`` are not drawn.
+    """
+    gt_boxes, gt_names = gt_of_record(record, class_names)
+    if pred is not None:
+        keep = np.asarray(pred['scores']) >= score_threshold
+        p_boxes = np.asarray(pred['boxes'])[keep]
+        p_names = [class_names[int(i)] for i in np.asarray(pred['labels'])[keep]]
+        p_scores = np.asarray(pred['scores'])[keep]
+    cams = {c['channel']: c for c in record['cams']}
+    aspect = cams['CAM_FRONT']['height'] / cams['CAM_FRONT']['width']
+    fig = plt.figure(figsize=(15, 2 * 5 * aspect + 5.2), dpi=100)
+    grid = fig.add_gridspec(3, 6, height_ratios=[5 * aspect, 5 * aspect, 5.2])
+    for k, channel in enumerate(PANEL_ORDER):
+        ax = fig.add_subplot(grid[k // 3, 2 * (k % 3):2 * (k % 3) + 2])
+        cam = cams[channel]
+        img = load_image(os.path.join(dataroot, cam['path']), record['token'])
+        l2i = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']))
+        ax.imshow(img)
+        _draw_camera(ax, img, l2i, gt_boxes, gt_names, '-')
+        if pred is not None:
+            _draw_camera(ax, img, l2i, p_boxes, p_names, '--')
+        ax.set_xlim(0, img.shape[1])
+        ax.set_ylim(img.shape[0], 0)
+        ax.set_title(channel, fontsize=7)
+        ax.axis('off')
+    ax = fig.add_subplot(grid[2, 2:4])
+    pts_path = os.path.join(dataroot, record['lidar_path'])
+    if os.path.exists(pts_path):
+        pts = np.fromfile(pts_path, np.float32).reshape(-1, 5)
+        ax.scatter(pts[::3, 0], pts[::3, 1], s=0.05, c='0.6')
+    _draw_bev(ax, gt_boxes, gt_names, '-')
+    if pred is not None:
+        _draw_bev(ax, p_boxes, p_names, '--', p_scores)
+    ax.plot([0, 0], [0, 3], 'k-', lw=1.5)  # ego heading (LiDAR +y)
+    ax.set_xlim(-bev_range, bev_range)
+    ax.set_ylim(-bev_range, bev_range)
+    ax.set_aspect('equal')
+    ax.tick_params(labelsize=6)
+    ax.set_title('BEV (LiDAR frame; solid GT, dashed predictions)', fontsize=7)
+    handles = [plt.Line2D([], [], color=CLASS_COLORS[n], label=n) for n in class_names]
+    fig.legend(handles=handles, loc='lower right', fontsize=7, frameon=False)
+    fig.suptitle(f"{record['scene_name']} frame {record['frame_idx']}  sample {record['token']}", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.03, wspace=0.02, hspace=0.12)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
