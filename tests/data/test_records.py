@@ -1,0 +1,114 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from pyquaternion import Quaternion
+
+from fd3d_jax.data import geometry, records
+from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES
+
+
+def test_records_round_trip_to_the_devkit(nusc, val_records):
+    """Records GT moved back to the global frame equals the devkit's annotations; camera paths,
+    intrinsics and the camera->LiDAR transforms agree with the tables."""
+    assert val_records['version'] == 'v1.0-mini' and val_records['split'] == 'mini_val'
+    scene = [s for s in nusc.scene if s['name'] == 'scene-0103'][0]
+    assert len(val_records['samples']) == scene['nbr_samples']
+    for k, rec in enumerate(val_records['samples']):
+        assert rec['frame_idx'] == k and rec['scene_name'] == 'scene-0103'
+        sample = nusc.get('sample', rec['token'])
+        assert rec['prev'] == sample['prev'] and rec['next'] == sample['next']
+        lidar2global = np.asarray(rec['ego2global']) @ np.asarray(rec['lidar2ego'])
+        assert [c['channel'] for c in rec['cams']] == list(CAMERA_NAMES)
+        for cam in rec['cams']:
+            sd = nusc.get('sample_data', sample['data'][cam['channel']])
+            assert cam['path'] == sd['filename']
+            cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+            np.testing.assert_allclose(cam['intrinsic'], cs['camera_intrinsic'])
+            pose = nusc.get('ego_pose', sd['ego_pose_token'])
+            cam2global = geometry.make_transform(pose['rotation'], pose['translation']) @ \
+                geometry.make_transform(cs['rotation'], cs['translation'])
+            np.testing.assert_allclose(lidar2global @ np.asarray(cam['sensor2lidar']), cam2global, atol=1e-9)
+        assert len(rec['gt_boxes']) == len(sample['anns'])
+        boxes = np.asarray(rec['gt_boxes']).reshape(-1, 7)
+        glob = geometry.transform_boxes(lidar2global, boxes)
+        for i, ann_token in enumerate(sample['anns']):
+            ann = nusc.get('sample_annotation', ann_token)
+            np.testing.assert_allclose(glob[i, :3], ann['translation'], atol=1e-9)
+            np.testing.assert_allclose(boxes[i, 3:6], ann['size'], atol=1e-12)
+            assert abs(geometry.wrap_angle(glob[i, 6] - Quaternion(ann['rotation']).yaw_pitch_roll[0])) < 1e-9
+            vel = nusc.box_velocity(ann_token)[:2]
+            if np.isnan(vel).any():
+                assert not rec['valid_velocity'][i] and rec['gt_velocity'][i] == [0.0, 0.0]
+            else:
+                gv = np.array([*rec['gt_velocity'][i], 0.0]) @ lidar2global[:3, :3].T
+                np.testing.assert_allclose(gv[:2], vel, atol=1e-9)
+            assert rec['valid_flag'][i] == (ann['num_lidar_pts'] + ann['num_radar_pts'] > 0)
+
+
+def test_can_bus_from_the_can_bus_expansion(val_records, synthetic_root):
+    """can_bus = ego pose | CAN-bus motion | yaw (rad, deg); the motion is the message after the
+    sample time (BEVFormer's quirk)."""
+    with open(os.path.join(synthetic_root, 'can_bus', 'scene-0103_pose.json')) as f:
+        msgs = json.load(f)
+    for rec in val_records['samples'][:5]:
+        cb = np.asarray(rec['can_bus'])
+        e2g = np.asarray(rec['ego2global'])
+        np.testing.assert_allclose(cb[:3], e2g[:3, 3])
+        after = [m for m in msgs if m['utime'] > rec['timestamp']][0]
+        np.testing.assert_allclose(cb[7:16], after['accel'] + after['rotation_rate'] + after['vel'])
+        yaw = np.degrees(geometry.matrix_yaw(e2g[:3, :3])) % 360.0
+        assert cb[17] == pytest.approx(yaw) and cb[16] == pytest.approx(np.radians(yaw))
+
+
+def test_can_bus_from_ego_poses_without_expansion(synthetic_root, tmp_path, val_records):
+    """Without <dataroot>/can_bus the motion comes from ego-pose finite differences and matches
+    the simulated CAN bus within the difference error."""
+    from nuscenes import NuScenes
+    root = tmp_path / 'nocan'
+    root.mkdir()
+    for name in ('v1.0-mini', 'maps'):
+        os.symlink(os.path.join(synthetic_root, name), root / name)
+    nusc = NuScenes('v1.0-mini', str(root), verbose=False)
+    recs = records.build_records(nusc, 'mini_val')
+    for a, b in zip(recs['samples'][1:-1], val_records['samples'][1:-1]):
+        np.testing.assert_allclose(a['can_bus'][13], b['can_bus'][13], atol=0.6)  # forward speed
+        np.testing.assert_allclose(a['can_bus'][:7], b['can_bus'][:7])
+
+
+def test_bad_inputs_give_clear_errors(nusc, val_records, tmp_path, synthetic_root):
+    with pytest.raises(records.RecordsError, match="unknown split 'nope'"):
+        records.split_scene_names(nusc, 'nope')
+    with pytest.raises(records.RecordsError, match="split 'val' needs a version ending in 'trainval'"):
+        records.split_scene_names(nusc, 'val')
+    path = tmp_path / 'r.json'
+    records.save_records(val_records, str(path))
+    with pytest.raises(records.RecordsError, match=f"{path}.*version 'v1.0-mini', expected 'v1.0-trainval'"):
+        records.load_records(str(path), version='v1.0-trainval')
+    bad = dict(val_records, format='mmdet3d-infos')
+    records.save_records(bad, str(path))
+    with pytest.raises(records.RecordsError, match=f'{path} is not a fd3d_jax.records/1'):
+        records.load_records(str(path))
+    path.write_text('{not json')
+    with pytest.raises(records.RecordsError, match='not valid JSON'):
+        records.load_records(str(path))
+    with pytest.raises(records.RecordsError, match="no nuScenes tables for version 'v1.0-trainval'"):
+        records.get_records(synthetic_root, 'v1.0-trainval', 'val')
+
+
+def test_custom_split_from_splits_json_and_stale_cache(synthetic_root, tmp_path):
+    root = tmp_path / 'custom'
+    shutil.copytree(os.path.join(synthetic_root, 'v1.0-mini'), root / 'v1.0-mini')
+    os.symlink(os.path.join(synthetic_root, 'maps'), root / 'maps')
+    (root / 'v1.0-mini' / 'splits.json').write_text(json.dumps({'both': ['scene-0061', 'scene-0103']}))
+    recs = records.get_records(str(root), 'v1.0-mini', 'both')
+    assert {r['scene_name'] for r in recs['samples']} == {'scene-0061', 'scene-0103'}
+    cached = records.default_records_path(str(root), 'v1.0-mini', 'both')
+    assert os.path.exists(cached)
+    # Changing the tables invalidates the cache: the records are rebuilt, not served stale.
+    scenes = json.loads((root / 'v1.0-mini' / 'scene.json').read_text())
+    (root / 'v1.0-mini' / 'scene.json').write_text(json.dumps(scenes[:1]))
+    recs = records.get_records(str(root), 'v1.0-mini', 'both')
+    assert {r['scene_name'] for r in recs['samples']} == {scenes[0]['name']}
