@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
-	$(PY) experiments/data_demo.py --dataroot $(DATA) --out data/demo
+	$(PY) experiments/data_demo.py --config configs/data.py:toy --config.data.dataroot=$(DATA) --out data/demo
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,21 +1,25 @@
 """Data demo: records, a pipeline batch, devkit evaluation of GT-as-predictions, pictures.
 
-    python experiments/data_demo.py --dataroot data/synthetic --out data/demo
+    python experiments/data_demo.py --config configs/data.py:toy --out data/demo \
+        [--config.data.dataroot=data/synthetic ...]
 
 Checks that the synthetic set runs through the whole data path that training uses: devkit ->
 records -> grain batches, and model-format boxes -> results JSON -> DetectionEval.
 """
-import argparse
-import json
 import os
 import time
 
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from configs.common import data_config
 from fd3d_jax import evaluate, visualize
 from fd3d_jax.data import pipeline, records
-from fd3d_jax.data.synthetic import MARKER
+
+config_flags.DEFINE_config_file('config', 'configs/data.py:toy', 'data config')
+flags.DEFINE_string('out', 'data/demo', 'output folder')
+flags.DEFINE_integer('pictures', 3, 'pictures to render')
+FLAGS = flags.FLAGS
 
 
 def perturbed(detections, rng, shift=0.5):
@@ -32,18 +36,9 @@ def perturbed(detections, rng, shift=0.5):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--dataroot', default='data/synthetic')
-    parser.add_argument('--out', default='data/demo')
-    parser.add_argument('--pictures', type=int, default=3)
-    args = parser.parse_args()
-    with open(os.path.join(args.dataroot, MARKER)) as f:
-        info = json.load(f)
-    cfg = data_config(toy=True)
-    cfg.dataroot, cfg.version = args.dataroot, info['version']
-    cfg.train_split, cfg.val_split = list(info['splits'])
-
+def main(argv):
+    del argv
+    cfg = FLAGS.config.data
     t = time.time()
     train = records.get_records(cfg.dataroot, cfg.version, cfg.train_split)
     val = records.get_records(cfg.dataroot, cfg.version, cfg.val_split)
@@ -59,18 +54,18 @@ def main():
     gt = evaluate.gt_as_detections(val, class_names)
     rng = np.random.default_rng(0)
     for name, dets in (('gt_as_predictions', gt), ('gt_shifted_0.5m', perturbed(gt, rng))):
-        path = os.path.join(args.out, name, 'results.json')
+        path = os.path.join(FLAGS.out, name, 'results.json')
         evaluate.write_results(evaluate.results_json(val, dets), path)
         summary = evaluate.run_detection_eval(path, cfg.dataroot, cfg.version, cfg.val_split,
                                               os.path.dirname(path))
         print(f'\n{name} on {cfg.val_split} (devkit DetectionEval, {evaluate.EVAL_CONFIG}):')
         print(evaluate.format_metrics(summary))
 
-    step = max(1, len(val['samples']) // max(args.pictures, 1))
-    for rec in val['samples'][::step][:args.pictures]:
-        path = visualize.render_sample(rec, cfg.dataroot, os.path.join(args.out, 'pictures', f'{rec["token"]}.png'))
+    step = max(1, len(val['samples']) // max(FLAGS.pictures, 1))
+    for rec in val['samples'][::step][:FLAGS.pictures]:
+        path = visualize.render_sample(rec, cfg.dataroot, os.path.join(FLAGS.out, 'pictures', f'{rec["token"]}.png'))
         print(f'picture: {path}')
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

@@ -1,0 +1,35 @@
+import glob
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(path, *overrides):
+    argv = ['prog', f'--config={path}', *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_every_config_file_builds_and_overrides_from_the_command_line():
+    files = [f for f in glob.glob(os.path.join(REPO, 'configs', '*.py')) if not f.endswith(('__init__.py', 'common.py'))]
+    assert files
+    for path in files:
+        config = _parse(f'{path}:toy', '--config.data.dataroot=/somewhere', '--config.data.max_gt=7')
+        assert config.data.dataroot == '/somewhere' and config.data.max_gt == 7
+        assert {'seed', 'data'} <= set(config)
+        for key in ('dataroot', 'version', 'train_split', 'val_split'):
+            assert key in config.data
+
+
+def test_bad_config_argument_and_key_are_reported():
+    path = os.path.join(REPO, 'configs', 'data.py')
+    with pytest.raises(Exception, match="':toy' or ':full'"):
+        _parse(f'{path}:huge')
+    with pytest.raises(Exception, match='no_such_key'):
+        _parse(f'{path}:toy', '--config.data.no_such_key=1')
