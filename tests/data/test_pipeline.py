@@ -154,3 +154,15 @@ def test_missing_and_corrupt_images_name_the_file_and_sample(train_records, data
     with pytest.raises(pipeline.DataError, match=f'cannot decode image {path}'):
         pipeline.load_frame(rec, cfg.dataroot, cfg, out_hw)
     assert SYNTH_IMAGE_WH == (rec['cams'][2]['width'], rec['cams'][2]['height'])
+
+
+def test_train_shards_are_disjoint_and_cover_the_split(train_records, data_cfg):
+    cfg = data_config_copy(data_cfg, queue_length=1, filter_empty_gt=False)
+    n = len(train_records['samples'])
+    seen = []
+    for shard in range(2):
+        it = iter(pipeline.train_dataset(train_records, cfg.dataroot, cfg, batch_size=1, seed=0,
+                                         shard_index=shard, shard_count=2))
+        seen.append({int(next(it)['sample_idx'][0]) for _ in range(n // 2)})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) >= 2 * (n // 2)
