@@ -17,6 +17,7 @@ def data_config(toy=False):
     c.train_split = 'mini_train' if toy else 'train'
     c.val_split = 'mini_val' if toy else 'val'
     c.records_dir = ''                # '' = <dataroot>/fd3d_records
+    c.raw_image_wh = (320, 180) if toy else (1600, 900)  # camera images before scaling (shape checks)
     c.class_names = CLASS_NAMES
     c.point_cloud_range = POINT_CLOUD_RANGE
     c.image_scale = 0.5               # RandomScaleImageMultiViewImage(scales=[s])
@@ -29,3 +30,81 @@ def data_config(toy=False):
     c.num_threads = 2                 # grain read threads (image decoding)
     c.prefetch = 2                    # grain prefetch buffer (batches)
     return c
+
+
+def resnet(depth, style='pytorch', out_indices=(3,), dcn=False, remat=False):
+    """mmdet ResNet config: frozen BN, frozen stem + stage 1, DCNv2 in stages 3-4 when ``dcn``."""
+    return ml_collections.ConfigDict(dict(
+        depth=depth, style=style, out_indices=tuple(out_indices), frozen_stages=1,
+        dcn_stages=(False, False, dcn, dcn), remat=remat, base_width=64, stage_blocks=None))
+
+
+def fpn(in_channels, num_outs, start_level=0, out_channels=256):
+    """mmdet FPN config with extra levels on the output (``add_extra_convs='on_output'``)."""
+    return ml_collections.ConfigDict(dict(
+        in_channels=tuple(in_channels), out_channels=out_channels, num_outs=num_outs, start_level=start_level,
+        add_extra_convs='on_output', relu_before_extra_convs=True))
+
+
+def bevformer_model(**overrides):
+    """BEVFormer's common hyper-parameters (projects/configs/bevformer/*.py); configs override."""
+    m = ml_collections.ConfigDict()
+    m.name = 'bevformer'
+    m.embed_dims, m.num_heads, m.ffn_dims, m.dropout = 256, 8, 512, 0.1
+    m.bev_h = m.bev_w = 200
+    m.num_cams = 6
+    m.num_levels = 4
+    m.encoder_layers, m.decoder_layers = 6, 6
+    m.num_query, m.num_classes = 900, len(CLASS_NAMES)
+    m.num_points_in_pillar, m.sca_points, m.tsa_points, m.decoder_points = 4, 8, 4, 4
+    m.pc_range = POINT_CLOUD_RANGE
+    m.use_can_bus = m.use_cams_embeds = m.use_shift = m.rotate_prev_bev = True
+    m.rotate_center = (100, 100)          # the original's fixed centre (exact only for 200x200)
+    m.reproduce_shift_bug = False         # quirks of the original, for checkpoint parity
+    m.tsa_batch_bug = False
+    m.sca_batch0_hits = False
+    m.remat = False                       # jax.checkpoint per encoder/decoder layer
+    m.max_num = 300                       # boxes kept by the NMS-free decoder
+    m.backbone = resnet(101, 'caffe', (1, 2, 3), dcn=True)
+    m.neck = fpn((512, 1024, 2048), 4)
+    m.update(overrides)
+    return m
+
+
+def detr3d_model(**overrides):
+    """DETR3D's hyper-parameters (projects/configs/detr3d/detr3d_res101_gridmask.py)."""
+    m = ml_collections.ConfigDict()
+    m.name = 'detr3d'
+    m.embed_dims, m.num_heads, m.ffn_dims, m.dropout = 256, 8, 512, 0.1
+    m.num_cams = 6
+    m.num_levels = 4
+    m.num_points = 1
+    m.decoder_layers = 6
+    m.num_query, m.num_classes = 900, len(CLASS_NAMES)
+    m.pc_range = POINT_CLOUD_RANGE
+    m.remat = False
+    m.max_num = 300
+    m.backbone = resnet(101, 'caffe', (0, 1, 2, 3), dcn=True)
+    m.neck = fpn((256, 512, 1024, 2048), 4, start_level=1)
+    m.update(overrides)
+    return m
+
+
+def toy_backbone(model):
+    """Shrinks a model config to run in seconds on CPU: a 1-block-per-stage ResNet of width 8 with
+    C4/C5 + one extra FPN level (3 levels: 6x10, 3x5, 2x3 at 96x160), C=32, 4 heads, FFN 64."""
+    model.backbone = ml_collections.ConfigDict(dict(
+        depth=50, style='pytorch', out_indices=(2, 3), frozen_stages=-1, dcn_stages=(False,) * 4, remat=False,
+        base_width=8, stage_blocks=(1, 1, 1, 1)))
+    model.neck = fpn((128, 256), 3, out_channels=32)
+    model.num_levels = 3
+    model.embed_dims, model.num_heads, model.ffn_dims = 32, 4, 64
+    model.decoder_layers = 2
+    model.num_query = 16
+    model.max_num = 20
+    return model
+
+
+def check_arg(name, arg, allowed):
+    if arg not in allowed:
+        raise ValueError(f"configs/{name}.py takes one of {', '.join(':' + a for a in allowed)}, got ':{arg}'")

@@ -4,12 +4,11 @@
 """
 import ml_collections
 
-from configs.common import data_config
+from configs.common import check_arg, data_config
 
 
 def get_config(arg='toy'):
-    if arg not in ('toy', 'full'):
-        raise ValueError(f"configs/data.py takes ':toy' or ':full', got ':{arg}'")
+    check_arg('data', arg, ('full', 'toy'))
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = data_config(toy=arg == 'toy')

@@ -191,3 +191,46 @@ def can_bus_delta(can_bus, prev_can_bus):
         out[0:3] -= prev_can_bus[0:3]
         out[-1] -= prev_can_bus[-1]
     return out
+
+
+def bev_shift(can_bus, bev_hw, real_hw=(102.4, 102.4)):
+    """BEVFormer's ego-motion shift of the previous BEV, in normalised BEV units (x, y).
+
+    From ``PerceptionTransformer.get_bev_features``: with the can_bus delta ``(dx, dy)`` (global
+    frame) and absolute ego yaw ``can_bus[-2]``, ``bev_angle = yaw - atan2(dy, dx)`` and
+    ``shift = |d| * (sin, cos)(bev_angle) / (grid_length * bev_size)`` = ``|d| * (sin, cos) / real``.
+    can_bus: (..., 18) -> (..., 2).
+    """
+    can_bus = np.asarray(can_bus, np.float64)
+    dx, dy = can_bus[..., 0], can_bus[..., 1]
+    length = np.sqrt(dx ** 2 + dy ** 2)
+    bev_angle = np.degrees(can_bus[..., -2]) - np.degrees(np.arctan2(dy, dx))
+    grid_y, grid_x = real_hw[0] / bev_hw[0], real_hw[1] / bev_hw[1]
+    shift_y = length * np.cos(np.radians(bev_angle)) / grid_y / bev_hw[0]
+    shift_x = length * np.sin(np.radians(bev_angle)) / grid_x / bev_hw[1]
+    return np.stack([shift_x, shift_y], -1)
+
+
+def bev_rotation_index(angle_deg, bev_hw, center):
+    """torchvision 0.10 ``rotate(img, angle, center, NEAREST, fill=0)`` of a (C, H, W) BEV map as a
+    gather: ``out[q] = valid[q] * prev[index[q]]`` over flattened ``q = row * W + col``.
+
+    Output pixel centre ``p = (col + .5 - W/2, row + .5 - H/2)`` reads the input at
+    ``R(angle) (p - c) + c`` with ``c = center - (W/2, H/2)`` (``_get_inverse_affine_matrix`` with
+    ``-angle``, then ``_gen_affine_grid``), rounded half-to-even like ``grid_sample`` 'nearest'
+    (``align_corners=False``); sources outside the map give 0. Computed in float64 (torch uses
+    float32: a cell within ~1e-6 of a rounding tie may pick the other neighbour).
+    center: (cx, cy) in pixels, x = column. Returns index (H*W,) int32 and valid (H*W,) bool.
+    """
+    h, w = bev_hw
+    a = np.radians(angle_deg)
+    col, row = np.meshgrid(np.arange(w), np.arange(h))
+    x, y = col + 0.5 - w / 2, row + 0.5 - h / 2
+    cx, cy = center[0] - w / 2, center[1] - h / 2
+    xs = np.cos(a) * (x - cx) - np.sin(a) * (y - cy) + cx
+    ys = np.sin(a) * (x - cx) + np.cos(a) * (y - cy) + cy
+    src_col = np.rint(xs + w / 2 - 0.5).astype(np.int64)
+    src_row = np.rint(ys + h / 2 - 0.5).astype(np.int64)
+    valid = (src_col >= 0) & (src_col < w) & (src_row >= 0) & (src_row < h)
+    index = np.clip(src_row, 0, h - 1) * w + np.clip(src_col, 0, w - 1)
+    return index.reshape(-1).astype(np.int32), valid.reshape(-1)

@@ -11,6 +11,10 @@ Per sample (BEVFormer's ``prepare_train_data`` + ``union2one``, mmdet3d's loadin
   gt_mask         (G,)           bool
   sample_idx      ()             int32    index of the current frame in the records
   valid           ()             bool     False for evaluation padding
+With ``bev`` (the BEV grid of a BEVFormer config) also the ego-motion alignment of the previous BEV:
+  bev_shift       (T, 2)         float32  shift of the previous-BEV reference points (x, y)
+  bev_rot_index   (T, Q)         int32    nearest-neighbour rotation of the previous BEV as a gather
+  bev_rot_valid   (T, Q)         bool     (``geometry.bev_rotation_index``; Q = bev_h * bev_w)
 Batches add a leading batch axis. T = ``queue_length`` for training and 1 for evaluation; G =
 ``max_gt``; GT is of the current (last) frame, filtered by ``valid_flag``, class and BEV range.
 """
@@ -116,21 +120,45 @@ def _queue_can_bus(samples, indices):
     return np.asarray(can_bus, np.float32), np.asarray(exists, bool)
 
 
+def bev_alignment(can_bus, bev):
+    """BEV shift (T, 2) and rotation maps (T, Q) of a queue's can_bus (T, 18) for a BEV grid
+    ``bev = dict(bev_hw, rotate_center, real_hw, use_shift, rotate_prev_bev)``."""
+    shift = geometry.bev_shift(can_bus, bev['bev_hw'], bev['real_hw']) * float(bev['use_shift'])
+    maps = [geometry.bev_rotation_index(cb[-1] if bev['rotate_prev_bev'] else 0.0, bev['bev_hw'],
+                                        bev['rotate_center']) for cb in can_bus]
+    return dict(bev_shift=shift.astype(np.float32), bev_rot_index=np.stack([m[0] for m in maps]),
+                bev_rot_valid=np.stack([m[1] for m in maps]))
+
+
+def bev_config(model_cfg):
+    """The ``bev`` argument of the datasets from a BEVFormer ``config.model`` (None otherwise)."""
+    if 'bev_h' not in model_cfg:
+        return None
+    pc = model_cfg.pc_range
+    return dict(bev_hw=(model_cfg.bev_h, model_cfg.bev_w), rotate_center=tuple(model_cfg.rotate_center),
+                real_hw=(pc[4] - pc[1], pc[3] - pc[0]), use_shift=model_cfg.use_shift,
+                rotate_prev_bev=model_cfg.rotate_prev_bev)
+
+
 class SampleLoader:
     """Turns record indices into samples (see the module docstring)."""
 
-    def __init__(self, records, dataroot, cfg):
+    def __init__(self, records, dataroot, cfg, bev=None):
         self.samples = records['samples']
         self.dataroot = dataroot
         self.cfg = cfg
+        self.bev = bev
         self.out_hw = output_image_hw(records, cfg)
 
     def _sample(self, indices, can_bus, exists, valid=True):
         frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw) for i in indices]
         boxes, labels, mask = ground_truth(self.samples[indices[-1]], self.cfg)
-        return dict(img=np.stack([f[0] for f in frames]), lidar2img=np.stack([f[1] for f in frames]),
-                    can_bus=can_bus, prev_bev_exists=exists, gt_boxes=boxes, gt_labels=labels,
-                    gt_mask=mask & valid, sample_idx=np.int32(indices[-1]), valid=np.bool_(valid))
+        out = dict(img=np.stack([f[0] for f in frames]), lidar2img=np.stack([f[1] for f in frames]),
+                   can_bus=can_bus, prev_bev_exists=exists, gt_boxes=boxes, gt_labels=labels,
+                   gt_mask=mask & valid, sample_idx=np.int32(indices[-1]), valid=np.bool_(valid))
+        if self.bev is not None:
+            out.update(bev_alignment(can_bus, self.bev))
+        return out
 
     def train(self, index, rng):
         """A training queue ending at ``index``; queues with a GT-less frame are resampled at a
@@ -151,12 +179,12 @@ class SampleLoader:
         return self._sample([index], can_bus[-1:], exists[-1:] & valid, valid)
 
 
-def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1):
+def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1, bev=None):
     """Infinite, shuffled (reshuffled every epoch), batched training data of this process's shard.
 
     Deterministic for a seed; ``iter(...)`` gives an iterator with ``get_state``/``set_state``.
     """
-    loader = SampleLoader(records, dataroot, cfg)
+    loader = SampleLoader(records, dataroot, cfg, bev)
     ds = grain.MapDataset.range(len(records['samples']))[shard_index::shard_count]
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda i, rng: loader.train(i, rng), seed=seed)
@@ -176,10 +204,10 @@ def eval_streams(records, num_streams):
     return streams
 
 
-def eval_dataset(records, dataroot, cfg, batch_size, shard_index=0, shard_count=1):
+def eval_dataset(records, dataroot, cfg, batch_size, shard_index=0, shard_count=1, bev=None):
     """Batched evaluation data: batch element j of step t is frame t of stream j of this shard;
     all shards get the same number of steps, padding has ``valid=False``."""
-    loader = SampleLoader(records, dataroot, cfg)
+    loader = SampleLoader(records, dataroot, cfg, bev)
     streams = eval_streams(records, batch_size * shard_count)
     steps = max(len(s) for s in streams)
     mine = streams[shard_index * batch_size:(shard_index + 1) * batch_size]

@@ -1,0 +1,23 @@
+"""BEVFormer-base: R101-DCN (C3-C5, caffe), FPN P3-P6, BEV 200x200, 6 encoder layers, 1600x900,
+queue 4. The FD3D expert. Arguments: ``:full`` (official bevformer_base.py), ``:toy``."""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg='full'):
+    common.check_arg('bevformer_base', arg, ('full', 'toy'))
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = common.data_config(toy=arg == 'toy')
+    config.data.update(common.CAFFE_NORM)
+    config.data.image_scale = 1.0
+    config.data.queue_length = 4
+    config.model = common.bevformer_model()
+    if arg == 'toy':
+        config.data.image_scale = 0.5
+        common.toy_backbone(config.model)
+        config.model.bev_h, config.model.bev_w = 8, 10
+        config.model.encoder_layers = 2
+        config.model.rotate_center = (5, 4)
+    return config

@@ -1,0 +1,28 @@
+"""BEVFormer-tiny: R50 (C5), one FPN level, BEV 50x50, 3 encoder layers, 800x450 input, queue 3.
+
+Arguments: ``:full`` (official bevformer_tiny.py), ``:fd3d`` (the FD3D paper's apprentice: BEV
+100x100 at 450x800), ``:toy`` (seconds on CPU, on the synthetic set).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg='full'):
+    common.check_arg('bevformer_tiny', arg, ('full', 'fd3d', 'toy'))
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = common.data_config(toy=arg == 'toy')
+    config.data.image_scale = 0.5
+    config.data.queue_length = 3
+    config.model = common.bevformer_model(
+        bev_h=50, bev_w=50, num_levels=1, encoder_layers=3,
+        backbone=common.resnet(50, 'pytorch', (3,)), neck=common.fpn((2048,), 1))
+    if arg == 'fd3d':
+        config.model.bev_h = config.model.bev_w = 100
+    if arg == 'toy':
+        common.toy_backbone(config.model)
+        config.model.bev_h, config.model.bev_w = 8, 10
+        config.model.encoder_layers = 2
+        config.model.rotate_center = (5, 4)
+    return config

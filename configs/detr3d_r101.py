@@ -1,0 +1,20 @@
+"""DETR3D-R101: R101-DCN (caffe), FPN P3-P6 from C3-C5, 1600x900, 6 decoder layers. The FD3D expert.
+Arguments: ``:full`` (official detr3d_res101_gridmask.py), ``:toy``."""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg='full'):
+    common.check_arg('detr3d_r101', arg, ('full', 'toy'))
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = common.data_config(toy=arg == 'toy')
+    config.data.update(common.CAFFE_NORM)
+    config.data.image_scale = 1.0
+    config.data.queue_length = 1
+    config.model = common.detr3d_model()
+    if arg == 'toy':
+        config.data.image_scale = 0.5
+        common.toy_backbone(config.model)
+    return config

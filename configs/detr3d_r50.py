@@ -1,0 +1,22 @@
+"""DETR3D-R50, the FD3D paper's apprentice: R50 at 1600x900 with DETR3D's neck and head.
+
+The FD3D paper gives only "R50, 900x1600"; we take the torchvision-style R50 (pytorch style, RGB
+normalisation, no DCN) of BEVFormer-tiny with DETR3D's FPN (C3-C5 -> P3-P6). Arguments: ``:full``,
+``:toy``."""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg='full'):
+    common.check_arg('detr3d_r50', arg, ('full', 'toy'))
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = common.data_config(toy=arg == 'toy')
+    config.data.image_scale = 1.0
+    config.data.queue_length = 1
+    config.model = common.detr3d_model(backbone=common.resnet(50, 'pytorch', (0, 1, 2, 3)))
+    if arg == 'toy':
+        config.data.image_scale = 0.5
+        common.toy_backbone(config.model)
+    return config

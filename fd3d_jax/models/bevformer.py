@@ -1,0 +1,161 @@
+"""BEVFormer (Li et al., ECCV 2022) in Flax, faithful to fundamentalvision/BEVFormer.
+
+``BEVFormer.__call__`` takes a batch from ``fd3d_jax.data.pipeline`` (with the BEV alignment
+metadata): images (B, T, N, H, W, 3) of a temporal queue. The T-1 history frames are encoded in
+order without gradients and in inference mode (``obtain_history_bev``: ``torch.no_grad`` + ``eval()``),
+the chain restarting where ``prev_bev_exists`` is False; the last frame runs the full detector.
+At evaluation T = 1 and the previous BEV is passed in (``prev_bev``) by the caller, which carries
+it from frame to frame (``video_test_mode``).
+
+Outputs (dict): ``bev`` (B, Q, C), ``img_feats`` (list of (B, N, H_l, W_l, C)), the head's
+``cls_scores`` (L, B, NQ, K), ``bbox_preds`` (L, B, NQ, 10), ``queries``, ``references`` and
+per-layer decoder ``sampling`` (locations, weights), and the encoder's ``encoder_sampling``.
+"""
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fd3d_jax.models.backbone import FPN, ResNet
+from fd3d_jax.models.bev_encoder import BEVEncoder
+from fd3d_jax.models.decoder import BEVCrossAttention, DetectionHead, layer_norm, xavier_uniform
+from fd3d_jax.models.spatial_cross_attention import point_sampling, reference_points_2d, reference_points_3d
+from fd3d_jax.models.temporal_self_attention import hybrid_reference_points, rotate_bev
+
+
+class ImageFeatures(nn.Module):
+    """Backbone + FPN per camera image: (B, N, H, W, 3) -> list of (B, N, H_l, W_l, C)."""
+    backbone: dict
+    neck: dict
+
+    @nn.compact
+    def __call__(self, img):
+        b, n = img.shape[:2]
+        feats = ResNet(**self.backbone, name='backbone')(img.reshape((b * n,) + img.shape[2:]))
+        feats = FPN(**self.neck, name='neck')(feats)
+        return [f.reshape((b, n) + f.shape[1:]) for f in feats]
+
+
+class BEVFormer(nn.Module):
+    backbone: dict
+    neck: dict
+    embed_dims: int = 256
+    num_heads: int = 8
+    ffn_dims: int = 512
+    dropout: float = 0.1
+    bev_h: int = 50
+    bev_w: int = 50
+    num_cams: int = 6
+    num_levels: int = 1
+    encoder_layers: int = 3
+    decoder_layers: int = 6
+    num_query: int = 900
+    num_classes: int = 10
+    num_points_in_pillar: int = 4
+    sca_points: int = 8
+    tsa_points: int = 4
+    decoder_points: int = 4
+    pc_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    use_can_bus: bool = True
+    use_cams_embeds: bool = True
+    reproduce_shift_bug: bool = False
+    tsa_batch_bug: bool = False
+    sca_batch0_hits: bool = False
+    remat: bool = False
+
+    def setup(self):
+        c, q = self.embed_dims, self.bev_h * self.bev_w
+        self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck))
+        self.bev_embedding = self.param('bev_embedding', nn.initializers.normal(1.0), (q, c))
+        # LearnedPositionalEncoding(num_feats=C/2): [col_embed(x) | row_embed(y)].
+        self.row_embed = self.param('row_embed', nn.initializers.normal(1.0), (self.bev_h, c // 2))
+        self.col_embed = self.param('col_embed', nn.initializers.normal(1.0), (self.bev_w, c // 2))
+        self.cams_embeds = self.param('cams_embeds', nn.initializers.normal(1.0), (self.num_cams, c))
+        self.level_embeds = self.param('level_embeds', nn.initializers.normal(1.0), (self.num_levels, c))
+        self.can_bus_fc0 = nn.Dense(c // 2, kernel_init=xavier_uniform)
+        self.can_bus_fc1 = nn.Dense(c, kernel_init=xavier_uniform)
+        self.can_bus_norm = layer_norm()
+        layer_kwargs = dict(embed_dims=c, num_heads=self.num_heads, ffn_dims=self.ffn_dims,
+                            num_levels=self.num_levels, sca_points=self.sca_points, tsa_points=self.tsa_points,
+                            num_z_anchors=self.num_points_in_pillar, bev_hw=(self.bev_h, self.bev_w),
+                            dropout=self.dropout, tsa_batch_bug=self.tsa_batch_bug,
+                            sca_batch0_hits=self.sca_batch0_hits)
+        self.encoder = BEVEncoder(self.encoder_layers, layer_kwargs, self.remat)
+        cross = functools.partial(BEVCrossAttention, (self.bev_h, self.bev_w), c, self.num_heads,
+                                  self.decoder_points, self.dropout)
+        self.head = DetectionHead(self.num_query, c, self.num_heads, self.ffn_dims, self.decoder_layers,
+                                  self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat)
+
+    def bev_pos(self, batch_size):
+        pos = jnp.concatenate([
+            jnp.broadcast_to(self.col_embed[None, :, :], (self.bev_h, self.bev_w, self.embed_dims // 2)),
+            jnp.broadcast_to(self.row_embed[:, None, :], (self.bev_h, self.bev_w, self.embed_dims // 2))], -1)
+        return jnp.broadcast_to(pos.reshape(1, -1, self.embed_dims), (batch_size, self.bev_h * self.bev_w, self.embed_dims))
+
+    def flatten_feats(self, feats):
+        """list of (B, N, H_l, W_l, C) -> (B, N, S, C) with camera and level embeddings."""
+        out = []
+        for lvl, f in enumerate(feats):
+            b, n, h, w, c = f.shape
+            f = f.reshape(b, n, h * w, c)
+            if self.use_cams_embeds:
+                f = f + self.cams_embeds[None, :, None, :].astype(f.dtype)
+            out.append(f + self.level_embeds[lvl][None, None, None, :].astype(f.dtype))
+        return jnp.concatenate(out, 2), tuple((f.shape[2], f.shape[3]) for f in feats)
+
+    def encode_bev(self, feats, lidar2img, can_bus, prev_bev, prev_exists, shift, rot_index, rot_valid,
+                   img_hw, deterministic):
+        """One frame's BEV. feats: list of (B, N, H_l, W_l, C); lidar2img (B, N, 4, 4); can_bus (B, 18);
+        prev_bev (B, Q, C); prev_exists (B,); shift (B, 2); rot_index/rot_valid (B, Q)."""
+        b = lidar2img.shape[0]
+        dtype = feats[0].dtype
+        bev_query = jnp.broadcast_to(self.bev_embedding[None].astype(dtype), (b,) + self.bev_embedding.shape)
+        can = self.can_bus_norm(nn.relu(self.can_bus_fc1(nn.relu(self.can_bus_fc0(can_bus.astype(dtype))))))
+        bev_query = bev_query + can[:, None, :] * float(self.use_can_bus)
+        flat, shapes = self.flatten_feats(feats)
+        ref_cam, bev_mask = point_sampling(reference_points_3d(self.bev_h, self.bev_w, self.num_points_in_pillar),
+                                           self.pc_range, lidar2img, img_hw)
+        prev = rotate_bev(prev_bev, rot_index, rot_valid).astype(dtype)
+        hybrid = hybrid_reference_points(jnp.asarray(reference_points_2d(self.bev_h, self.bev_w)), shift,
+                                         prev_exists, self.reproduce_shift_bug)
+        return self.encoder(bev_query, self.bev_pos(b).astype(dtype), prev, prev_exists, hybrid, flat, shapes,
+                            ref_cam, bev_mask, deterministic)
+
+    def __call__(self, batch, prev_bev=None, deterministic=True):
+        """batch: img (B, T, N, H, W, 3), lidar2img (B, T, N, 4, 4), can_bus (B, T, 18),
+        prev_bev_exists (B, T), bev_shift (B, T, 2), bev_rot_index / bev_rot_valid (B, T, Q).
+        prev_bev: optional (B, Q, C) BEV of the frame before the first one (evaluation)."""
+        img = batch['img']
+        b, t = img.shape[:2]
+        img_hw = img.shape[3:5]
+        q, c = self.bev_h * self.bev_w, self.embed_dims
+        prev = jnp.zeros((b, q, c), img.dtype) if prev_bev is None else prev_bev
+
+        def frame(i):
+            return {k: batch[k][:, i] for k in ('lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift',
+                                                'bev_rot_index', 'bev_rot_valid')}
+        for i in range(t - 1):  # history: no gradient, inference mode
+            f = frame(i)
+            feats = self.image_features(img[:, i])
+            prev, _ = self.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'],
+                                      f['bev_shift'], f['bev_rot_index'], f['bev_rot_valid'], img_hw, True)
+            prev = jax.lax.stop_gradient(prev)
+        f = frame(t - 1)
+        feats = self.image_features(img[:, t - 1])
+        bev, enc_sampling = self.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'],
+                                            f['bev_shift'], f['bev_rot_index'], f['bev_rot_valid'], img_hw,
+                                            deterministic)
+        out = self.head(dict(bev=bev), b, deterministic)
+        return dict(out, bev=bev, img_feats=feats, encoder_sampling=enc_sampling)
+
+
+def from_config(model_cfg) -> BEVFormer:
+    """Builds the module from ``config.model``."""
+    fields = {f for f in BEVFormer.__dataclass_fields__} - {'parent', 'name'}
+    kwargs = {k: v for k, v in model_cfg.items() if k in fields}
+    kwargs['backbone'] = dict(model_cfg.backbone)
+    kwargs['neck'] = dict(model_cfg.neck)
+    return BEVFormer(**kwargs)
+

@@ -1,0 +1,165 @@
+"""The object-query decoder and detection head shared by BEVFormer and DETR3D.
+
+``DetectionTransformerDecoder`` / ``Detr3DTransformerDecoder`` + ``BEVFormerHead`` / ``Detr3DHead``:
+900 learned queries (``query_pos | query`` split of one embedding), reference points
+``sigmoid(Linear(query_pos))``, post-norm layers ``self-attn -> LN -> cross-attn -> LN -> FFN -> LN``,
+iterative box refinement (``with_box_refine``: one reg/cls branch per layer, new references
+detached), and per-layer outputs for the auxiliary losses. The cross-attention is the detector's
+(BEV deformable attention or DETR3D's camera sampling), given as a module factory.
+
+Init notes: Linear biases are zero where PyTorch's default is U(±1/sqrt(fan_in)); kernels follow
+the original (xavier-uniform for transformer weights; PyTorch default for the branch Linears).
+"""
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fd3d_jax.models import box_coder
+from fd3d_jax.models.deformable_attention import MSDeformableAttention
+
+LN_EPS = 1e-5
+xavier_uniform = nn.initializers.xavier_uniform()
+torch_default = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')  # nn.Linear weight
+
+
+def layer_norm(name=None):
+    return nn.LayerNorm(epsilon=LN_EPS, name=name)
+
+
+class FFN(nn.Module):
+    """mmcv FFN: ``x + Dropout(Linear(Dropout(ReLU(Linear(x)))))``."""
+    embed_dims: int = 256
+    ffn_dims: int = 512
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        y = nn.relu(nn.Dense(self.ffn_dims, kernel_init=xavier_uniform, name='fc1')(x))
+        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        y = nn.Dense(self.embed_dims, kernel_init=xavier_uniform, name='fc2')(y)
+        return x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    """mmcv ``MultiheadAttention`` (torch ``nn.MultiheadAttention``): q = k = x + pos, v = x;
+    ``dropout=0.1`` drops attention weights and the residual branch."""
+    embed_dims: int = 256
+    num_heads: int = 8
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, pos, deterministic=True):
+        qk = x + pos
+        out = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_features=self.embed_dims, out_features=self.embed_dims,
+            dropout_rate=self.dropout, broadcast_dropout=False, deterministic=deterministic,
+            kernel_init=xavier_uniform, name='attn')(qk, qk, x)
+        return x + nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+    embed_dims: int
+    num_heads: int
+    ffn_dims: int
+    dropout: float
+    cross_attn: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, query, query_pos, reference, context, deterministic=True):
+        x = SelfAttention(self.embed_dims, self.num_heads, self.dropout, name='self_attn')(query, query_pos, deterministic)
+        x = layer_norm('norm1')(x)
+        x, sampling = self.cross_attn(name='cross_attn')(x, query_pos, reference, context, deterministic)
+        x = layer_norm('norm2')(x)
+        x = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(x, deterministic)
+        return layer_norm('norm3')(x), sampling
+
+
+def prior_prob_bias(prob=0.01):
+    """``bias_init_with_prob``: the classification bias giving sigmoid = prob."""
+    return nn.initializers.constant(-float(np.log((1 - prob) / prob)))
+
+
+class ClsBranch(nn.Module):
+    """``[Linear, LayerNorm, ReLU] x 2 + Linear(K)``."""
+    embed_dims: int
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.relu(layer_norm(f'norm{i}')(nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{i}')(x)))
+        return nn.Dense(self.num_classes, kernel_init=torch_default, bias_init=prior_prob_bias(), name='out')(x)
+
+
+class RegBranch(nn.Module):
+    """``[Linear, ReLU] x 2 + Linear(code_size)``."""
+    embed_dims: int
+    code_size: int = box_coder.CODE_SIZE
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.relu(nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{i}')(x))
+        return nn.Dense(self.code_size, kernel_init=torch_default, name='out')(x)
+
+
+class DetectionHead(nn.Module):
+    """Object queries -> per-layer class logits and box codes.
+
+    Returns a dict: ``cls_scores`` (L, B, NQ, K), ``bbox_preds`` (L, B, NQ, 10) with metric centres,
+    ``queries`` (L, B, NQ, C) (each layer's output), ``references`` (L + 1, B, NQ, 3) (the normalised
+    reference of layer l is ``references[l]``; the last is the final refinement), and
+    ``sampling`` (per layer, whatever the cross-attention returns: locations and weights).
+    """
+    num_query: int = 900
+    embed_dims: int = 256
+    num_heads: int = 8
+    ffn_dims: int = 512
+    num_layers: int = 6
+    num_classes: int = 10
+    dropout: float = 0.1
+    pc_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    cross_attn: Callable[..., nn.Module] = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, context, batch_size, deterministic=True):
+        c = self.embed_dims
+        embed = self.param('query_embedding', nn.initializers.normal(1.0), (self.num_query, 2 * c))
+        query_pos = jnp.broadcast_to(embed[:, :c], (batch_size, self.num_query, c))
+        query = jnp.broadcast_to(embed[:, c:], (batch_size, self.num_query, c))
+        reference = jax.nn.sigmoid(nn.Dense(3, kernel_init=xavier_uniform, name='reference_points')(query_pos))
+        layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+        cls_out, reg_out, queries, refs, samplings = [], [], [], [reference], []
+        for l in range(self.num_layers):
+            query, sampling = layer_cls(c, self.num_heads, self.ffn_dims, self.dropout, self.cross_attn,
+                                        name=f'layers_{l}')(query, query_pos, reference, context, deterministic)
+            raw = RegBranch(c, name=f'reg_branches_{l}')(query)
+            cls_out.append(ClsBranch(c, self.num_classes, name=f'cls_branches_{l}')(query))
+            reg_out.append(box_coder.decode_centers(raw, reference, self.pc_range))
+            reference = box_coder.refine_reference(raw, reference)
+            queries.append(query)
+            refs.append(reference)
+            samplings.append(sampling)
+        return dict(cls_scores=jnp.stack(cls_out), bbox_preds=jnp.stack(reg_out), queries=jnp.stack(queries),
+                    references=jnp.stack(refs), sampling=samplings)
+
+
+class BEVCrossAttention(nn.Module):
+    """BEVFormer's decoder cross-attention (``CustomMSDeformableAttention``): deformable attention
+    on the BEV at the (x, y) of the 3D reference. context: dict(bev=(B, Q, C))."""
+    bev_hw: Sequence[int]
+    embed_dims: int = 256
+    num_heads: int = 8
+    num_points: int = 4
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, query, query_pos, reference, context, deterministic=True):
+        return MSDeformableAttention(self.embed_dims, self.num_heads, 1, self.num_points, self.dropout,
+                                     name='attn')(query, context['bev'], reference[..., None, :2],
+                                                  (tuple(self.bev_hw),), query_pos=query_pos,
+                                                  deterministic=deterministic)

@@ -1,0 +1,115 @@
+"""DETR3D (Wang et al., CoRL 2021) in Flax, faithful to WangYueFt/detr3d.
+
+Each object query projects its 3D reference point into every camera and feature level
+(``feature_sampling``: ``lidar2img``, ``w' > 1e-5``, normalised by the padded image size, strict
+(-1, 1) range in grid coordinates), samples bilinearly (``grid_sample``, align_corners=False, zero
+padding — the MSDA core with one head and one point per (camera, level)), and sums the samples
+weighted by ``sigmoid(Linear(query)) * mask`` — a learned weighted sum, not an average, as in the
+code. Decoder and head are shared with BEVFormer (``fd3d_jax.models.decoder``).
+
+Outputs (dict): ``img_feats`` (list of (B, N, H_l, W_l, C)), the head's ``cls_scores``,
+``bbox_preds``, ``queries``, ``references`` and per-layer ``sampling`` (the projected points
+``(B, N, NQ, 2)`` in [0, 1], their mask and weights).
+"""
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fd3d_jax.models import box_coder
+from fd3d_jax.models.bevformer import ImageFeatures
+from fd3d_jax.models.decoder import DetectionHead, layer_norm, xavier_uniform
+from fd3d_jax.models.deformable_attention import ms_deform_attn
+from fd3d_jax.models.spatial_cross_attention import EPS_DEPTH
+
+
+def project_reference(reference, pc_range, lidar2img, img_hw):
+    """Normalised 3D references (B, NQ, 3) -> (u, v) in [0, 1] (B, N, NQ, 2) and mask (B, N, NQ)
+    (in front, and strictly inside the image: DETR3D's ``-1 < 2u - 1 < 1``)."""
+    lo = jnp.asarray(pc_range[:3], jnp.float32)
+    hi = jnp.asarray(pc_range[3:], jnp.float32)
+    pts = reference.astype(jnp.float32) * (hi - lo) + lo
+    pts = jnp.concatenate([pts, jnp.ones(pts.shape[:-1] + (1,), jnp.float32)], -1)
+    cam = jnp.einsum('bnij,bqj->bnqi', lidar2img.astype(jnp.float32), pts, precision=jax.lax.Precision.HIGHEST)
+    depth = cam[..., 2:3]
+    uv = cam[..., :2] / jnp.maximum(depth, EPS_DEPTH) / jnp.asarray([img_hw[1], img_hw[0]], jnp.float32)
+    grid = 2.0 * uv - 1.0
+    mask = (depth[..., 0] > EPS_DEPTH) & jnp.all((grid > -1.0) & (grid < 1.0), -1)
+    return jnp.nan_to_num(uv), mask
+
+
+class Detr3DCrossAttention(nn.Module):
+    """``Detr3DCrossAtten`` (num_points=1). context: dict(feats=list of (B, N, H_l, W_l, C),
+    lidar2img=(B, N, 4, 4))."""
+    img_hw: Sequence[int]
+    embed_dims: int = 256
+    num_cams: int = 6
+    num_levels: int = 4
+    dropout: float = 0.1
+    pc_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+
+    @nn.compact
+    def __call__(self, query, query_pos, reference, context, deterministic=True):
+        residual = query
+        query = query + query_pos
+        b, nq, c = query.shape
+        n, lv = self.num_cams, self.num_levels
+        feats = context['feats']
+        assert len(feats) == lv, (len(feats), lv)
+        w = nn.Dense(n * lv, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                     name='attention_weights')(query).reshape(b, nq, n, 1, lv)
+        uv, mask = project_reference(reference, self.pc_range, context['lidar2img'], self.img_hw)
+        weights = jax.nn.sigmoid(w) * mask.transpose(0, 2, 1)[..., None, None].astype(w.dtype)  # (B, NQ, N, 1, L)
+        value = jnp.concatenate([f.reshape(b * n, -1, 1, c) for f in feats], 1)          # (B*N, S, 1, C)
+        shapes = tuple((f.shape[2], f.shape[3]) for f in feats)
+        loc = jnp.broadcast_to(uv.reshape(b * n, nq, 1, 1, 1, 2), (b * n, nq, 1, lv, 1, 2)).astype(w.dtype)
+        wts = weights.transpose(0, 2, 1, 3, 4).reshape(b * n, nq, 1, lv, 1)
+        out = ms_deform_attn(value, shapes, loc, wts).reshape(b, n, nq, c).sum(1)
+        out = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(out)
+        pos = box_coder.inverse_sigmoid(reference)
+        for i in range(2):
+            pos = nn.relu(layer_norm(f'position_encoder_norm{i}')(
+                nn.Dense(c, kernel_init=xavier_uniform, name=f'position_encoder_fc{i}')(pos)))
+        out = nn.Dropout(self.dropout)(out, deterministic=deterministic) + residual + pos
+        return out, dict(points=uv, mask=mask, weights=weights)
+
+
+class DETR3D(nn.Module):
+    backbone: dict
+    neck: dict
+    embed_dims: int = 256
+    num_heads: int = 8
+    ffn_dims: int = 512
+    dropout: float = 0.1
+    num_cams: int = 6
+    num_levels: int = 4
+    num_points: int = 1
+    decoder_layers: int = 6
+    num_query: int = 900
+    num_classes: int = 10
+    pc_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, batch, deterministic=True):
+        """batch: img (B, T, N, H, W, 3) (the last frame is used), lidar2img (B, T, N, 4, 4)."""
+        assert self.num_points == 1, 'DETR3D samples one point per camera and level'
+        img = batch['img'][:, -1]
+        lidar2img = batch['lidar2img'][:, -1]
+        feats = ImageFeatures(dict(self.backbone), dict(self.neck), name='image_features')(img)
+        cross = functools.partial(Detr3DCrossAttention, tuple(img.shape[2:4]), self.embed_dims, self.num_cams,
+                                  self.num_levels, self.dropout, tuple(self.pc_range))
+        out = DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,
+                            self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat,
+                            name='head')(dict(feats=feats, lidar2img=lidar2img), img.shape[0], deterministic)
+        return dict(out, img_feats=feats)
+
+
+def from_config(model_cfg) -> DETR3D:
+    fields = {f for f in DETR3D.__dataclass_fields__} - {'parent', 'name'}
+    kwargs = {k: v for k, v in model_cfg.items() if k in fields}
+    kwargs['backbone'] = dict(model_cfg.backbone)
+    kwargs['neck'] = dict(model_cfg.neck)
+    return DETR3D(**kwargs)

@@ -1,0 +1,118 @@
+"""BEVFormer's spatial cross-attention (SCA): BEV pillars read the six cameras' features.
+
+Layouts are batch-major (the original is camera-major): reference points (B, N, Q, D, 2), masks
+(B, N, Q, D), image features flattened over levels (B, N, S, C) with S = sum(H_l * W_l).
+
+**Deviation (exact for B = 1):** the original gathers, per camera, the BEV queries that hit it
+(``bev_mask`` true for any Z anchor), pads them to ``max_len`` and runs ``MSDeformableAttention3D``
+on that rebatched set, then scatters the results back and divides by the number of hit cameras.
+MSDA is independent per query, so running it densely on all Q queries for every camera,
+multiplying each camera's output by its hit mask, summing over cameras and dividing by
+``max(1, #hits)`` gives the same numbers with static shapes (cost: N / mean-hits more sampling).
+The original takes the hit lists from batch element 0 for every element (``sca_batch0_hits``
+reproduces that; the default uses each element's own hits).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fd3d_jax.models.deformable_attention import grid_init_bias, ms_deform_attn
+
+EPS_DEPTH = 1e-5
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def grid_init(num_heads, num_levels, num_points):
+    """Bias initializer of ``sampling_offsets``: Deformable-DETR's head-direction grid."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.asarray(grid_init_bias(num_heads, num_levels, num_points), dtype).reshape(shape)
+    return init
+
+
+def reference_points_3d(bev_h, bev_w, num_points_in_pillar=4, z_size=8.0):
+    """Normalised pillar points (D, Q, 3) as (x, y, z) in [0, 1]: ``x = (j + .5) / W``,
+    ``y = (i + .5) / H`` for ``q = i * W + j``, and D anchors ``linspace(.5, Z - .5, D) / Z``."""
+    zs = np.linspace(0.5, z_size - 0.5, num_points_in_pillar) / z_size
+    ys, xs = np.meshgrid((np.arange(bev_h) + 0.5) / bev_h, (np.arange(bev_w) + 0.5) / bev_w, indexing='ij')
+    xy = np.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    return np.concatenate([np.broadcast_to(xy, (len(zs),) + xy.shape),
+                           np.broadcast_to(zs[:, None, None], (len(zs), len(xy), 1))], -1).astype(np.float32)
+
+
+def reference_points_2d(bev_h, bev_w):
+    """Normalised BEV cell centres (Q, 2) as (x, y)."""
+    return reference_points_3d(bev_h, bev_w, 1)[0, :, :2]
+
+
+def point_sampling(ref_3d, pc_range, lidar2img, img_hw):
+    """Projects pillar points into every camera (BEVFormer ``point_sampling``, float32).
+
+    Args:
+      ref_3d: (D, Q, 3) normalised points; pc_range: 6 floats; lidar2img: (B, N, 4, 4);
+      img_hw: padded (H, W) the projections are normalised by.
+    Returns:
+      ref_cam (B, N, Q, D, 2) normalised (u, v) and bev_mask (B, N, Q, D): in front of the camera
+      (``w' > 1e-5``) and strictly inside (0, 1)^2; masked points keep their (possibly wild) values.
+    """
+    lo = jnp.asarray(pc_range[:3], jnp.float32)
+    hi = jnp.asarray(pc_range[3:], jnp.float32)
+    pts = jnp.asarray(ref_3d, jnp.float32) * (hi - lo) + lo                       # (D, Q, 3)
+    pts = jnp.concatenate([pts, jnp.ones(pts.shape[:-1] + (1,), jnp.float32)], -1)
+    cam = jnp.einsum('bnij,dqj->bnqdi', lidar2img.astype(jnp.float32), pts,
+                     precision=jax.lax.Precision.HIGHEST)                          # (B, N, Q, D, 4)
+    depth = cam[..., 2:3]
+    mask = depth[..., 0] > EPS_DEPTH
+    uv = cam[..., 0:2] / jnp.maximum(depth, EPS_DEPTH)
+    uv = uv / jnp.asarray([img_hw[1], img_hw[0]], jnp.float32)
+    mask &= (uv[..., 1] > 0) & (uv[..., 1] < 1) & (uv[..., 0] > 0) & (uv[..., 0] < 1)
+    return jnp.nan_to_num(uv), mask
+
+
+class SpatialCrossAttention(nn.Module):
+    """SCA with its inner ``MSDeformableAttention3D`` (``value_proj``, ``sampling_offsets``,
+    ``attention_weights``) and the outer ``output_proj`` + dropout + residual (no query_pos)."""
+    embed_dims: int = 256
+    num_heads: int = 8
+    num_levels: int = 4
+    num_points: int = 8
+    num_z_anchors: int = 4
+    dropout: float = 0.1
+    sca_batch0_hits: bool = False
+
+    @nn.compact
+    def __call__(self, query, feats, spatial_shapes, ref_cam, bev_mask, deterministic=True):
+        """query (B, Q, C); feats (B, N, S, C); ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D).
+        Returns (B, Q, C) and the sampling dict (locations (B, N, Q, M, L, P, 2), weights)."""
+        b, nq, c = query.shape
+        n = feats.shape[1]
+        m, lv, p, d = self.num_heads, self.num_levels, self.num_points, self.num_z_anchors
+        assert len(spatial_shapes) == lv and p % d == 0, (spatial_shapes, p, d)
+        inner = 'deformable_attention'
+        value = nn.Dense(c, kernel_init=xavier_uniform, name=f'{inner}_value_proj')(feats)
+        value = value.reshape(b * n, -1, m, c // m)
+        # Offsets and weights depend on the query only, which is the same for every camera.
+        off = nn.Dense(m * lv * p * 2, kernel_init=nn.initializers.zeros,
+                       bias_init=grid_init(m, lv, p), name=f'{inner}_sampling_offsets')(query)
+        off = off.reshape(b, nq, m, lv, p // d, d, 2)
+        normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], query.dtype)
+        off = off / normalizer[None, None, None, :, None, None, :]
+        attn = nn.Dense(m * lv * p, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                        name=f'{inner}_attention_weights')(query)
+        attn = jax.nn.softmax(attn.reshape(b, nq, m, lv * p), -1).reshape(b, nq, m, lv, p)
+        # Anchor index fastest: point k * D + z samples around the projection of anchor z.
+        ref = ref_cam.astype(query.dtype)[:, :, :, None, None, None, :, :]        # (B, N, Q, 1, 1, 1, D, 2)
+        loc = (ref + off[:, None]).reshape(b, n, nq, m, lv, p, 2)
+        weights = jnp.broadcast_to(attn[:, None], (b, n, nq, m, lv, p))
+        out = ms_deform_attn(value, tuple(spatial_shapes), loc.reshape(b * n, nq, m, lv, p, 2),
+                             weights.reshape(b * n, nq, m, lv, p))
+        out = out.reshape(b, n, nq, c)
+        hit = bev_mask.any(-1)                                                     # (B, N, Q)
+        if self.sca_batch0_hits:
+            hit = jnp.broadcast_to(hit[:1], hit.shape)
+        hit = hit.astype(out.dtype)
+        slots = jnp.einsum('bnqc,bnq->bqc', out, hit) / jnp.maximum(hit.sum(1), 1.0)[..., None]
+        slots = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(slots)
+        slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
+        return slots + query, dict(sampling_locations=loc, attention_weights=attn, hit=hit)

@@ -1,0 +1,93 @@
+"""Parameter count, FLOPs and compiled peak memory of a config's detector (compile-only: works at
+full size on a CPU).
+
+    python -m fd3d_jax.models.summary --config configs/bevformer_base.py [--json]
+
+Inference: one frame, batch 1 (BEVFormer with a previous BEV, as in ``video_test_mode``).
+Training step: the whole queue (history without gradients), batch 1, forward + backward + an
+AdamW update of all parameters, with a stand-in loss (sum of squared head outputs) until the
+detection loss is used. Peak bytes = XLA's ``memory_analysis()``: arguments + outputs + temporaries
+- aliased. GFLOPs: the jaxpr count with loop trip counts (``fd3d_jax.models.flops``); ``xla_gflops``
+is XLA's ``cost_analysis`` (counts each loop body once); ``gmacs`` = multiply-accumulates of dots
+and convolutions (what mmcv's counter calls FLOPs).
+"""
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from fd3d_jax.models.build import build
+from fd3d_jax.models.flops import count_flops
+from fd3d_jax.models.inputs import batch_spec
+
+config_flags.DEFINE_config_file('config', None, 'model config file')
+flags.DEFINE_bool('json', False, 'print one JSON object')
+FLAGS = flags.FLAGS
+
+
+def peak_bytes(compiled):
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def summarize(config):
+    model = build(config.model)
+    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
+    is_bev = config.model.name == 'bevformer'
+    infer_batch = batch_spec(config, 1, queue_length=1)
+    train_batch = batch_spec(config, 1)
+    params = jax.eval_shape(lambda b: model.init(rngs, b)['params'], infer_batch)
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+    prev = (jax.ShapeDtypeStruct((1, config.model.bev_h * config.model.bev_w, config.model.embed_dims), jnp.float32)
+            if is_bev else None)
+
+    def infer(p, batch, prev_bev):
+        kwargs = dict(prev_bev=prev_bev) if is_bev else {}
+        out = model.apply({'params': p}, batch, deterministic=True, **kwargs)
+        return out['cls_scores'][-1], out['bbox_preds'][-1]
+
+    tx = optax.adamw(2e-4, weight_decay=0.01)
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def train_step(p, opt, batch, rng):
+        def loss_fn(p):
+            out = model.apply({'params': p}, batch, deterministic=False, rngs={'dropout': rng})
+            return jnp.mean(out['cls_scores'] ** 2) + jnp.mean(out['bbox_preds'] ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, loss
+
+    t0 = time.time()
+    flops, macs = count_flops(infer, params, infer_batch, prev)
+    infer_c = jax.jit(infer).lower(params, infer_batch, prev).compile()
+    t1 = time.time()
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    train_c = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, train_batch, key).compile()
+    t2 = time.time()
+    cost = infer_c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(params=n_params, gflops=flops / 1e9, gmacs=macs / 1e9, xla_gflops=float(cost.get('flops', 0.0)) / 1e9,
+                infer_peak_bytes=peak_bytes(infer_c), train_peak_bytes=peak_bytes(train_c),
+                image_hw=list(train_batch['img'].shape[3:5]), queue_length=int(train_batch['img'].shape[1]),
+                compile_seconds=dict(infer=round(t1 - t0, 1), train=round(t2 - t1, 1)))
+
+
+def main(argv):
+    del argv
+    s = summarize(FLAGS.config)
+    if FLAGS.json:
+        print(json.dumps(s))
+        return
+    print(f"params            {s['params'] / 1e6:10.2f} M")
+    print(f"GFLOPs (infer)    {s['gflops']:10.1f}   (GMACs {s['gmacs']:.1f}; XLA cost analysis {s['xla_gflops']:.1f})")
+    print(f"peak (infer)      {s['infer_peak_bytes'] / 2**30:10.2f} GiB")
+    print(f"peak (train step) {s['train_peak_bytes'] / 2**30:10.2f} GiB   (queue {s['queue_length']}, "
+          f"image {s['image_hw'][0]}x{s['image_hw'][1]})")
+
+
+if __name__ == '__main__':
+    app.run(main)

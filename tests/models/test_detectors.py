@@ -1,0 +1,130 @@
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fd3d_jax.models import box_coder, detr3d
+from fd3d_jax.models.build import build
+from fd3d_jax.models.inputs import dummy_batch
+from tests.models import numpy_reference as ref
+from tests.models.test_spatial_cross_attention import randomize, rig_lidar2img
+
+CONFIGS = ['bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101']
+
+
+def toy_config(name):
+    return importlib.import_module(f'configs.{name}').get_config('toy')
+
+
+@pytest.fixture(scope='module')
+def toy_models():
+    out = {}
+    for name in CONFIGS:
+        config = toy_config(name)
+        model = build(config.model)
+        batch = dummy_batch(config, batch_size=2)
+        params = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}, batch)['params']
+        out[name] = (config, model, params, batch)
+    return out
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_toy_config_runs_and_compiles_once(name, toy_models):
+    config, model, params, batch = toy_models[name]
+    traces = []
+
+    @jax.jit
+    def forward(p, b, rng):
+        traces.append(1)
+        return model.apply({'params': p}, b, deterministic=False, rngs={'dropout': rng})
+
+    out = forward(params, batch, jax.random.PRNGKey(2))
+    batch2 = dict(batch, img=batch['img'] + 1.0)
+    out2 = forward(params, batch2, jax.random.PRNGKey(3))
+    assert len(traces) == 1
+    m = config.model
+    assert out['cls_scores'].shape == (m.decoder_layers, 2, m.num_query, m.num_classes)
+    assert out['bbox_preds'].shape == (m.decoder_layers, 2, m.num_query, box_coder.CODE_SIZE)
+    assert out['queries'].shape == (m.decoder_layers, 2, m.num_query, m.embed_dims)
+    assert out['references'].shape == (m.decoder_layers + 1, 2, m.num_query, 3)
+    assert len(out['img_feats']) == m.num_levels
+    assert [f.shape[2:4] for f in out['img_feats']] == [(6, 10), (3, 5), (2, 3)]
+    if m.name == 'bevformer':
+        assert out['bev'].shape == (2, m.bev_h * m.bev_w, m.embed_dims)
+    assert np.isfinite(np.asarray(out['cls_scores'])).all() and np.isfinite(np.asarray(out2['bbox_preds'])).all()
+    assert not np.allclose(np.asarray(out['cls_scores']), np.asarray(out2['cls_scores']))
+
+
+def test_decoder_refinement_and_stop_gradient(toy_models):
+    config, model, params, batch = toy_models['bevformer_tiny']
+    out = model.apply({'params': params}, batch)
+    refs, preds = np.asarray(out['references']), np.asarray(out['bbox_preds'])
+    pc = config.model.pc_range
+    # reference of layer l+1 = the centre predicted by layer l, normalised back to [0, 1]
+    np.testing.assert_allclose(refs[1:, ..., 0], (preds[..., 0] - pc[0]) / (pc[3] - pc[0]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(refs[1:, ..., 1], (preds[..., 1] - pc[1]) / (pc[4] - pc[1]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(refs[1:, ..., 2], (preds[..., 4] - pc[2]) / (pc[5] - pc[2]), rtol=1e-4, atol=1e-5)
+
+    def refs_sum(p, which):
+        return model.apply({'params': p}, batch)['references'][which].sum()
+    g_later = jax.grad(refs_sum)(params, slice(1, None))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(g_later))
+    g_first = jax.grad(refs_sum)(params, 0)
+    assert np.any(np.asarray(g_first['head']['reference_points']['kernel']))
+
+
+def test_bevformer_history_frames_carry_no_gradient(toy_models):
+    """Only the last frame of the queue gets gradients: images of history frames do not."""
+    config, model, params, batch = toy_models['bevformer_tiny']
+    batch = dict(batch, prev_bev_exists=np.ones_like(batch['prev_bev_exists']))
+
+    def f(img):
+        return model.apply({'params': params}, dict(batch, img=img))['cls_scores'].sum()
+    g = np.asarray(jax.grad(f)(jnp.asarray(batch['img'])))
+    assert not np.any(g[:, :-1]) and np.any(g[:, -1])
+    # ... but the history does change the output when a previous BEV exists
+    no_hist = dict(batch, prev_bev_exists=np.zeros_like(batch['prev_bev_exists']))
+    a = model.apply({'params': params}, batch)['bev']
+    b = model.apply({'params': params}, no_hist)['bev']
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_detr3d_cross_attention_matches_numpy():
+    c, n, lv = 8, 6, 2
+    shapes = ((6, 10), (3, 5))
+    img_hw = (96, 160)
+    rng = np.random.default_rng(0)
+    l2i = rig_lidar2img()
+    feats = [rng.normal(size=(1, n, h, w, c)).astype(np.float32) for h, w in shapes]
+    query = rng.normal(size=(1, 12, c)).astype(np.float32)
+    pos = rng.normal(size=(1, 12, c)).astype(np.float32)
+    refs = rng.uniform(0.3, 0.7, (1, 12, 3)).astype(np.float32)
+    module = detr3d.Detr3DCrossAttention(img_hw, c, n, lv)
+    ctx = dict(feats=feats, lidar2img=jnp.asarray(l2i[None], jnp.float32))
+    params = randomize(module.init(jax.random.PRNGKey(0), query, pos, refs, ctx)['params'])
+    out, sampling = module.apply({'params': params}, query, pos, refs, ctx)
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    q = (query + pos)[0].astype(np.float64)
+    w = 1 / (1 + np.exp(-ref.dense(q, p['attention_weights']).reshape(12, n, lv)))
+    pc = np.array(detr3d.Detr3DCrossAttention.pc_range)
+    pts = refs[0] * (pc[3:] - pc[:3]) + pc[:3]
+    want = np.zeros((12, c))
+    for cam in range(n):
+        hom = np.concatenate([pts, np.ones((12, 1))], 1) @ l2i[cam].T
+        uv = hom[:, :2] / np.maximum(hom[:, 2:3], 1e-5) / [img_hw[1], img_hw[0]]
+        mask = (hom[:, 2] > 1e-5) & np.all((2 * uv - 1 > -1) & (2 * uv - 1 < 1), 1)
+        for qi in range(12):
+            for l, (h, wd) in enumerate(shapes):
+                s = ref.bilinear_sample(feats[l][0, cam].astype(np.float64), uv[qi, 1] * h - 0.5, uv[qi, 0] * wd - 0.5)
+                want[qi] += w[qi, cam, l] * mask[qi] * s
+    want = ref.dense(want, p['output_proj'])
+    x = np.log(np.clip(refs[0], 1e-5, None) / np.clip(1 - refs[0], 1e-5, None))
+    for i in range(2):
+        x = ref.dense(x, p[f'position_encoder_fc{i}'])
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        x = np.maximum(x * p[f'position_encoder_norm{i}']['scale'] + p[f'position_encoder_norm{i}']['bias'], 0)
+    want = want + query[0] + x
+    np.testing.assert_allclose(np.asarray(out[0]), want, rtol=2e-4, atol=2e-4)
+    assert np.asarray(sampling['mask']).any()
