@@ -8,8 +8,11 @@ Parameter names mirror torchvision / mmdet state-dict keys one to one (``.`` -> 
 module and its index, ``/`` between nesting levels; flax conv kernels are HWIO, torch OIHW):
 
     conv1, bn1                                  stem (torch ``conv1``, ``bn1``)
-    layer{s}_{b}/conv1, bn1, conv2, bn2, conv3, bn3
-    layer{s}_{b}/downsample_conv, downsample_bn (torch ``downsample.0``, ``downsample.1``)
+    layer{s}_0/conv1, bn1, conv2, bn2, conv3, bn3
+    layer{s}_0/downsample_conv, downsample_bn   (torch ``downsample.0``, ``downsample.1``)
+    layer{s}_rest/block/...                     blocks 1..n-1 of the stage (identical shapes), run
+                                                as one ``nn.scan``: every leaf stacked on axis 0
+                                                (torch ``layer{s}.{b}`` is index ``b - 1``)
     layer{s}_{b}/conv2/kernel, conv2/conv_offset/{kernel,bias}   (DCNv2 blocks)
     BN leaves: scale, bias, mean, var           (torch weight, bias, running_mean, running_var)
     FPN: lateral_convs_{i}, fpn_convs_{i}       (mmdet ``lateral_convs.{i}.conv``,
@@ -23,6 +26,10 @@ Frozen parts (mmdet ``norm_cfg=dict(requires_grad=False)``, ``norm_eval=True``, 
 * The output of the stem (``frozen_stages >= 0``) and of each frozen stage ``layer1..layer{f}`` goes
   through ``jax.lax.stop_gradient``: the backward pass stops there (no work spent on frozen convs,
   as in PyTorch where no input requires grad), so frozen conv kernels also get zero gradients.
+* Memory: the repeated blocks of a stage are a scan, and with ``remat`` (mmdet ``with_cp``) every
+  block is rematerialised. Expressed as a scan, the backward pass must recompute one block at a
+  time, so only block inputs are kept — an unrolled ``jax.checkpoint`` leaves XLA free to hoist
+  all recomputation and (on XLA:CPU) saves nothing.
 * Zero gradient is not enough with decoupled weight decay (AdamW decays every leaf it is given),
   so the optimizer must skip these leaves: ``resnet_trainable_mask(params, frozen_stages)`` returns
   the boolean pytree (False = frozen) for ``optax.masked`` / ``optax.multi_transform``.
@@ -156,23 +163,35 @@ class ResNet(nn.Module):
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)
         block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
+        step_cls = nn.remat(_BlockStep, prevent_cse=False) if self.remat else _BlockStep
         inplanes = self.base_width
         outs = []
         for s, num_blocks in enumerate(blocks):
             planes = self.base_width * 2 ** s
-            for b in range(num_blocks):
-                stride = self.strides[s] if b == 0 else 1
-                downsample = b == 0 and (stride != 1 or inplanes != planes * BOTTLENECK_EXPANSION)
-                x = block_cls(planes, stride=stride, dilation=self.dilations[s], style=self.style,
-                              dcn=bool(self.dcn_stages[s]), downsample=downsample,
-                              zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                              name=f'layer{s + 1}_{b}')(x)
-                inplanes = planes * BOTTLENECK_EXPANSION
+            kwargs = dict(dilation=self.dilations[s], style=self.style, dcn=bool(self.dcn_stages[s]),
+                          zero_init_residual=self.zero_init_residual, dtype=self.dtype)
+            downsample = self.strides[s] != 1 or inplanes != planes * BOTTLENECK_EXPANSION
+            x = block_cls(planes, stride=self.strides[s], downsample=downsample, **kwargs,
+                          name=f'layer{s + 1}_0')(x)
+            inplanes = planes * BOTTLENECK_EXPANSION
+            if num_blocks > 1:
+                scan = nn.scan(step_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                               length=num_blocks - 1)
+                x, _ = scan(dict(planes=planes, **kwargs), name=f'layer{s + 1}_rest')(x, None)
             if s < self.frozen_stages:
                 x = jax.lax.stop_gradient(x)
             if s in self.out_indices:
                 outs.append(x)
         return tuple(outs)
+
+
+class _BlockStep(nn.Module):
+    """Scan body over a stage's repeated blocks: (x, _) -> (Bottleneck(x), None)."""
+    block: dict
+
+    @nn.compact
+    def __call__(self, x, _):
+        return Bottleneck(**self.block, name='block')(x), None
 
 
 _BN_NAME = re.compile(r'^(bn\d+|downsample_bn)$')

@@ -3,6 +3,10 @@
 With a previous BEV, every layer's TSA value is ``[rotated previous BEV, the initial BEV queries]``
 (the "current" half stays the initial queries across layers); without one it is ``[x, x]`` from the
 layer input. Both cases are computed per sample with the ``prev_exists`` flag (static shapes).
+
+The layers run as one ``nn.scan`` (parameters stacked on axis 0 under ``layers``), optionally
+rematerialised: the backward pass then keeps one (B, Q, C) BEV per layer and recomputes one
+layer at a time, whatever the backend's scheduler does with unrolled checkpoints.
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ from fd3d_jax.models.temporal_self_attention import TemporalSelfAttention
 
 
 class EncoderLayer(nn.Module):
+    """One layer as a scan step: (x, broadcast inputs...) -> (x, None)."""
     embed_dims: int
     num_heads: int
     ffn_dims: int
@@ -21,25 +26,25 @@ class EncoderLayer(nn.Module):
     tsa_points: int
     num_z_anchors: int
     bev_hw: tuple
+    spatial_shapes: tuple
+    deterministic: bool = True
     dropout: float = 0.1
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
 
     @nn.compact
-    def __call__(self, x, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, spatial_shapes, ref_cam,
-                 bev_mask, deterministic=True):
-        own = jnp.stack([x, x], 1)
-        value = jnp.where(prev_exists[:, None, None, None], prev_stack, own)
-        x, tsa = TemporalSelfAttention(self.embed_dims, self.num_heads, self.tsa_points, self.dropout,
-                                       self.tsa_batch_bug, name='tsa')(x, bev_pos, value, ref_hybrid,
-                                                                       self.bev_hw, deterministic)
+    def __call__(self, x, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask):
+        det = self.deterministic
+        value = jnp.where(prev_exists[:, None, None, None], prev_stack, jnp.stack([x, x], 1))
+        x, _ = TemporalSelfAttention(self.embed_dims, self.num_heads, self.tsa_points, self.dropout,
+                                     self.tsa_batch_bug, name='tsa')(x, bev_pos, value, ref_hybrid, self.bev_hw, det)
         x = layer_norm('norm1')(x)
-        x, sca = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
-                                       self.num_z_anchors, self.dropout, self.sca_batch0_hits,
-                                       name='sca')(x, feats, spatial_shapes, ref_cam, bev_mask, deterministic)
+        x, _ = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
+                                     self.num_z_anchors, self.dropout, self.sca_batch0_hits,
+                                     name='sca')(x, feats, self.spatial_shapes, ref_cam, bev_mask, det)
         x = layer_norm('norm2')(x)
-        x = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(x, deterministic)
-        return layer_norm('norm3')(x), dict(tsa=tsa, sca=sca)
+        x = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(x, det)
+        return layer_norm('norm3')(x), None
 
 
 class BEVEncoder(nn.Module):
@@ -51,13 +56,12 @@ class BEVEncoder(nn.Module):
     def __call__(self, bev_query, bev_pos, prev_bev, prev_exists, ref_hybrid, feats, spatial_shapes,
                  ref_cam, bev_mask, deterministic=True):
         """bev_query, bev_pos, prev_bev (B, Q, C); prev_exists (B,); ref_hybrid (B, 2, Q, 2);
-        feats (B, N, S, C); ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D) -> (B, Q, C), samplings."""
+        feats (B, N, S, C); ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D) -> (B, Q, C)."""
         prev_stack = jnp.stack([prev_bev, bev_query], 1)
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(7, 10)) if self.remat else EncoderLayer
-        x, samplings = bev_query, []
-        for i in range(self.num_layers):
-            x, sampling = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
-                x, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, tuple(spatial_shapes), ref_cam,
-                bev_mask, deterministic)
-            samplings.append(sampling)
-        return x, samplings
+        step = nn.remat(EncoderLayer, prevent_cse=False) if self.remat else EncoderLayer
+        layers = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                         in_axes=(nn.broadcast,) * 7, length=self.num_layers)
+        x, _ = layers(**self.layer_kwargs, spatial_shapes=tuple(tuple(s) for s in spatial_shapes),
+                      deterministic=deterministic, name='layers')(
+            bev_query, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask)
+        return x

@@ -9,7 +9,9 @@ it from frame to frame (``video_test_mode``).
 
 Outputs (dict): ``bev`` (B, Q, C), ``img_feats`` (list of (B, N, H_l, W_l, C)), the head's
 ``cls_scores`` (L, B, NQ, K), ``bbox_preds`` (L, B, NQ, 10), ``queries``, ``references`` and
-per-layer decoder ``sampling`` (locations, weights), and the encoder's ``encoder_sampling``.
+per-layer decoder ``sampling`` (locations, weights).
+
+The history frames run as a scan with the parameters broadcast (one frame's activations at a time).
 """
 import functools
 from typing import Sequence
@@ -133,22 +135,23 @@ class BEVFormer(nn.Module):
         q, c = self.bev_h * self.bev_w, self.embed_dims
         prev = jnp.zeros((b, q, c), img.dtype) if prev_bev is None else prev_bev
 
-        def frame(i):
-            return {k: batch[k][:, i] for k in ('lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift',
-                                                'bev_rot_index', 'bev_rot_valid')}
-        for i in range(t - 1):  # history: no gradient, inference mode
-            f = frame(i)
-            feats = self.image_features(img[:, i])
-            prev, _ = self.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'],
-                                      f['bev_shift'], f['bev_rot_index'], f['bev_rot_valid'], img_hw, True)
-            prev = jax.lax.stop_gradient(prev)
-        f = frame(t - 1)
-        feats = self.image_features(img[:, t - 1])
-        bev, enc_sampling = self.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'],
-                                            f['bev_shift'], f['bev_rot_index'], f['bev_rot_valid'], img_hw,
-                                            deterministic)
+        keys = ('img', 'lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift', 'bev_rot_index', 'bev_rot_valid')
+
+        def encode_frame(mdl, prev, f, deterministic):
+            feats = mdl.image_features(f['img'])
+            bev = mdl.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'], f['bev_shift'],
+                                 f['bev_rot_index'], f['bev_rot_valid'], img_hw, deterministic)
+            return bev, feats
+
+        if t > 1:  # history: no gradient, inference mode, one frame at a time
+            def history_step(mdl, prev, f):
+                return jax.lax.stop_gradient(encode_frame(mdl, prev, f, True)[0]), None
+            history = {k: jnp.moveaxis(batch[k][:, :t - 1], 1, 0) for k in keys}
+            prev, _ = nn.scan(history_step, variable_broadcast='params', split_rngs={'params': False, 'dropout': False})(
+                self, prev, history)
+        bev, feats = encode_frame(self, prev, {k: batch[k][:, t - 1] for k in keys}, deterministic)
         out = self.head(dict(bev=bev), b, deterministic)
-        return dict(out, bev=bev, img_feats=feats, encoder_sampling=enc_sampling)
+        return dict(out, bev=bev, img_feats=feats)
 
 
 def from_config(model_cfg) -> BEVFormer:

@@ -68,8 +68,9 @@ def np_resnet(x, p, blocks, style, dcn_stages=(False,) * 4):
     outs = []
     for s, nb in enumerate(blocks):
         for b in range(nb):
-            x = np_bottleneck(x, p[f'layer{s + 1}_{b}'], (1, 2, 2, 2)[s] if b == 0 else 1, style,
-                              0.5 if dcn_stages[s] else 1.0)
+            pb = p[f'layer{s + 1}_0'] if b == 0 else jax.tree_util.tree_map(
+                lambda a: a[b - 1], p[f'layer{s + 1}_rest']['block'])  # repeated blocks are stacked
+            x = np_bottleneck(x, pb, (1, 2, 2, 2)[s] if b == 0 else 1, style, 0.5 if dcn_stages[s] else 1.0)
         outs.append(x)
     return outs
 
@@ -146,13 +147,15 @@ def test_tiny_resnet_matches_numpy(style):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(1, 37, 45, 3)).astype(np.float32)  # odd sizes: ceil(n/2) everywhere
     dcn = (False, False, True, False)
-    net = ResNet(style=style, dcn_stages=dcn, **TINY)
+    blocks = (2, 1, 3, 1)  # stages 1 and 3 run their repeated blocks as a scan
+    net = ResNet(style=style, dcn_stages=dcn, base_width=TINY['base_width'], stage_blocks=blocks)
     params = random_params(net, rng, x)
     # zero offsets and mask logits: DCNv2 == conv * sigmoid(0)
-    params['layer3_0']['conv2']['conv_offset'] = jax.tree_util.tree_map(
-        jnp.zeros_like, params['layer3_0']['conv2']['conv_offset'])
+    for conv2 in (params['layer3_0']['conv2'], params['layer3_rest']['block']['conv2']):
+        conv2['conv_offset'] = jax.tree_util.tree_map(jnp.zeros_like, conv2['conv_offset'])
+    assert params['layer3_rest']['block']['conv1']['kernel'].shape[0] == 2
     got = jax.jit(net.apply)({'params': params}, x)
-    want = np_resnet(x, params, TINY['stage_blocks'], style, dcn)
+    want = np_resnet(x, params, blocks, style, dcn)
     sizes = [(10, 12), (5, 6), (3, 3), (2, 2)]  # 37x45 -> /2 19x23 -> /4 10x12 -> ...
     for g, w, hw, c in zip(got, want, sizes, (16, 32, 64, 128)):
         assert g.shape == (1, *hw, c)

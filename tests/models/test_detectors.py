@@ -25,7 +25,7 @@ def toy_models():
         config = toy_config(name)
         model = build(config.model)
         batch = dummy_batch(config, batch_size=2)
-        params = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}, batch)['params']
+        params = jax.jit(model.init)({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}, batch)['params']
         out[name] = (config, model, params, batch)
     return out
 
@@ -59,7 +59,7 @@ def test_toy_config_runs_and_compiles_once(name, toy_models):
 
 def test_decoder_refinement_and_stop_gradient(toy_models):
     config, model, params, batch = toy_models['bevformer_tiny']
-    out = model.apply({'params': params}, batch)
+    out = jax.jit(model.apply)({'params': params}, batch)
     refs, preds = np.asarray(out['references']), np.asarray(out['bbox_preds'])
     pc = config.model.pc_range
     # reference of layer l+1 = the centre predicted by layer l, normalised back to [0, 1]
@@ -67,11 +67,12 @@ def test_decoder_refinement_and_stop_gradient(toy_models):
     np.testing.assert_allclose(refs[1:, ..., 1], (preds[..., 1] - pc[1]) / (pc[4] - pc[1]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(refs[1:, ..., 2], (preds[..., 4] - pc[2]) / (pc[5] - pc[2]), rtol=1e-4, atol=1e-5)
 
-    def refs_sum(p, which):
-        return model.apply({'params': p}, batch)['references'][which].sum()
-    g_later = jax.grad(refs_sum)(params, slice(1, None))
+    @jax.jit
+    def grads(p):
+        refs = lambda p: model.apply({'params': p}, batch)['references']  # noqa: E731
+        return jax.grad(lambda p: refs(p)[1:].sum())(p), jax.grad(lambda p: refs(p)[0].sum())(p)
+    g_later, g_first = grads(params)
     assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(g_later))
-    g_first = jax.grad(refs_sum)(params, 0)
     assert np.any(np.asarray(g_first['head']['reference_points']['kernel']))
 
 
@@ -82,12 +83,12 @@ def test_bevformer_history_frames_carry_no_gradient(toy_models):
 
     def f(img):
         return model.apply({'params': params}, dict(batch, img=img))['cls_scores'].sum()
-    g = np.asarray(jax.grad(f)(jnp.asarray(batch['img'])))
+    g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(batch['img'])))
     assert not np.any(g[:, :-1]) and np.any(g[:, -1])
     # ... but the history does change the output when a previous BEV exists
     no_hist = dict(batch, prev_bev_exists=np.zeros_like(batch['prev_bev_exists']))
-    a = model.apply({'params': params}, batch)['bev']
-    b = model.apply({'params': params}, no_hist)['bev']
+    bev = jax.jit(lambda b: model.apply({'params': params}, b)['bev'])
+    a, b = bev(batch), bev(no_hist)
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
