@@ -18,10 +18,5 @@ def get_config(arg='full'):
     # forwards per step and takes the training-step peak from 28.6 GB to 18.2 GB (models/summary.py).
     config.model.remat = True
     if arg == 'toy':
-        config.data.image_scale = 0.5
-        common.toy_backbone(config.model)
-        config.model.bev_h, config.model.bev_w = 8, 10
-        config.model.encoder_layers = 2
-        config.model.rotate_center = (5, 4)
-        config.model.remat = False
+        common.toy_bevformer(config)
     return config

@@ -23,9 +23,5 @@ def get_config(arg='full'):
         config.data.image_scale = 0.5
         config.model.bev_h = config.model.bev_w = 100
     if arg == 'toy':
-        config.data.image_scale = 0.5
-        common.toy_backbone(config.model)
-        config.model.bev_h, config.model.bev_w = 8, 10
-        config.model.encoder_layers = 2
-        config.model.rotate_center = (5, 4)
+        common.toy_bevformer(config)
     return config

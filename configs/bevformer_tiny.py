@@ -21,8 +21,5 @@ def get_config(arg='full'):
     if arg == 'fd3d':
         config.model.bev_h = config.model.bev_w = 100
     if arg == 'toy':
-        common.toy_backbone(config.model)
-        config.model.bev_h, config.model.bev_w = 8, 10
-        config.model.encoder_layers = 2
-        config.model.rotate_center = (5, 4)
+        common.toy_bevformer(config)
     return config

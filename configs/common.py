@@ -105,6 +105,18 @@ def toy_backbone(model):
     return model
 
 
+def toy_bevformer(config):
+    """The toy BEVFormer: toy backbone, non-square 8x10 BEV (catches h/w swaps), 2 encoder layers,
+    rotation about the true BEV centre, no remat; images of the synthetic set scaled by 0.5."""
+    config.data.image_scale = 0.5
+    toy_backbone(config.model)
+    config.model.bev_h, config.model.bev_w = 8, 10
+    config.model.encoder_layers = 2
+    config.model.rotate_center = (5, 4)
+    config.model.remat = False
+    return config
+
+
 def check_arg(name, arg, allowed):
     if arg not in allowed:
         raise ValueError(f"configs/{name}.py takes one of {', '.join(':' + a for a in allowed)}, got ':{arg}'")

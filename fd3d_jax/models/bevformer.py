@@ -153,12 +153,3 @@ class BEVFormer(nn.Module):
         out = self.head(dict(bev=bev), b, deterministic)
         return dict(out, bev=bev, img_feats=feats)
 
-
-def from_config(model_cfg) -> BEVFormer:
-    """Builds the module from ``config.model``."""
-    fields = {f for f in BEVFormer.__dataclass_fields__} - {'parent', 'name'}
-    kwargs = {k: v for k, v in model_cfg.items() if k in fields}
-    kwargs['backbone'] = dict(model_cfg.backbone)
-    kwargs['neck'] = dict(model_cfg.neck)
-    return BEVFormer(**kwargs)
-

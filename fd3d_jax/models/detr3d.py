@@ -106,10 +106,3 @@ class DETR3D(nn.Module):
                             name='head')(dict(feats=feats, lidar2img=lidar2img), img.shape[0], deterministic)
         return dict(out, img_feats=feats)
 
-
-def from_config(model_cfg) -> DETR3D:
-    fields = {f for f in DETR3D.__dataclass_fields__} - {'parent', 'name'}
-    kwargs = {k: v for k, v in model_cfg.items() if k in fields}
-    kwargs['backbone'] = dict(model_cfg.backbone)
-    kwargs['neck'] = dict(model_cfg.neck)
-    return DETR3D(**kwargs)

@@ -106,3 +106,18 @@ def tsa(params, query, query_pos, value, ref_hybrid, bev_hw, num_heads, num_poin
                          attn[:, :, k][:, :, None, :]))
     out = (outs[0] + outs[1]) / 2
     return dense(out, params['output_proj']) + query
+
+
+def conv2d(x, kernel, bias=None, stride=1, pad=0, dil=1):
+    """PyTorch Conv2d on (N, H, W, C) with an HWIO kernel, float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kernel = np.asarray(kernel, np.float64)
+    kh, kw, _, cout = kernel.shape
+    ho = (x.shape[1] - (dil * (kh - 1) + 1)) // stride + 1
+    wo = (x.shape[2] - (dil * (kw - 1) + 1)) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, cout))
+    for i in range(kh):
+        for j in range(kw):
+            out += x[:, i * dil:i * dil + stride * (ho - 1) + 1:stride,
+                     j * dil:j * dil + stride * (wo - 1) + 1:stride] @ kernel[i, j]
+    return out if bias is None else out + np.asarray(bias, np.float64)

@@ -7,23 +7,9 @@ import pytest
 
 from fd3d_jax.models.backbone import (FPN, FrozenBatchNorm, ResNet, nearest_indices,
                                       resnet_trainable_mask)
+from tests.models.numpy_reference import conv2d as np_conv
 
 # ---------------------------------------------------------------- numpy restatements
-
-
-def np_conv(x, kernel, bias=None, stride=1, pad=0, dil=1):
-    """PyTorch Conv2d on (N, H, W, C) with an HWIO kernel, float64."""
-    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    kernel = np.asarray(kernel, np.float64)
-    kh, kw, _, cout = kernel.shape
-    ho = (x.shape[1] - (dil * (kh - 1) + 1)) // stride + 1
-    wo = (x.shape[2] - (dil * (kw - 1) + 1)) // stride + 1
-    out = np.zeros((x.shape[0], ho, wo, cout))
-    for i in range(kh):
-        for j in range(kw):
-            out += x[:, i * dil:i * dil + stride * (ho - 1) + 1:stride,
-                     j * dil:j * dil + stride * (wo - 1) + 1:stride] @ kernel[i, j]
-    return out if bias is None else out + np.asarray(bias, np.float64)
 
 
 def np_bn(x, p, eps=1e-5):

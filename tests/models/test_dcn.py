@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fd3d_jax.models.dcn import ModulatedDeformConv2dPack, modulated_deform_conv
+from tests.models.numpy_reference import conv2d
 
 
 def np_bilinear(img, h, w):
@@ -44,20 +45,6 @@ def np_dcn(x, offset, mask, kernel, stride, pad, dil):
                         if h > -1 and w > -1 and h < height and w < width:
                             val = np_bilinear(x[b], h, w) * mask[b, oh, ow, k]
                             out[b, oh, ow] += val @ kernel[i, j]
-    return out
-
-
-def np_conv(x, kernel, stride, pad, dil):
-    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    kh, kw, _, cout = kernel.shape
-    ho = (x.shape[1] - (dil * (kh - 1) + 1)) // stride + 1
-    wo = (x.shape[2] - (dil * (kw - 1) + 1)) // stride + 1
-    out = np.zeros((x.shape[0], ho, wo, cout))
-    for i in range(kh):
-        for j in range(kw):
-            patch = x[:, i * dil:i * dil + stride * (ho - 1) + 1:stride,
-                      j * dil:j * dil + stride * (wo - 1) + 1:stride]
-            out += patch @ np.asarray(kernel[i, j], np.float64)
     return out
 
 
@@ -123,7 +110,7 @@ def test_zero_offset_unit_mask_is_plain_conv(stride, pad, dil):
     offset = np.zeros((2, ho, wo, 18), np.float32)
     mask = np.ones((2, ho, wo, 9), np.float32)
     got = np.asarray(modulated_deform_conv(x, offset, mask, kernel, stride, pad, dil))
-    np.testing.assert_allclose(got, np_conv(x, kernel, stride, pad, dil), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, conv2d(x, kernel, stride=stride, pad=pad, dil=dil), rtol=1e-4, atol=1e-4)
     ref = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                        rhs_dilation=(dil, dil),
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -182,7 +169,7 @@ def test_pack_module_split_and_zero_init():
     kernel = np.asarray(params['kernel'])
     # zero-initialised offsets: plain conv times sigmoid(0) = 0.5
     np.testing.assert_allclose(np.asarray(layer.apply({'params': params}, x)),
-                               0.5 * np_conv(x, kernel, 2, 1, 1), rtol=1e-4, atol=1e-5)
+                               0.5 * conv2d(x, kernel, stride=2, pad=1), rtol=1e-4, atol=1e-5)
     # a constant conv_offset output (bias only): channels [0, 18) offsets, [18, 27) mask logits
     bias = rng.normal(size=27).astype(np.float32)
     params = jax.tree_util.tree_map(lambda a: a, params)
