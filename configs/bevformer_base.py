@@ -19,4 +19,4 @@ def get_config(arg='full'):
     config.model.remat = True
     if arg == 'toy':
         common.toy_bevformer(config)
-    return config
+    return common.add_training(config, toy=arg == 'toy')

@@ -24,4 +24,4 @@ def get_config(arg='full'):
         config.model.bev_h = config.model.bev_w = 100
     if arg == 'toy':
         common.toy_bevformer(config)
-    return config
+    return common.add_training(config, toy=arg == 'toy')

@@ -120,3 +120,39 @@ def toy_bevformer(config):
 def check_arg(name, arg, allowed):
     if arg not in allowed:
         raise ValueError(f"configs/{name}.py takes one of {', '.join(':' + a for a in allowed)}, got ':{arg}'")
+
+
+def add_training(config, toy=False):
+    """Training, optimiser and loss keys (the original recipe, §1.9-1.13 of the reference); every
+    key is overridable (``--config.train.num_steps=2000``)."""
+    t = ml_collections.ConfigDict()
+    t.batch_size = 8 if not toy else 1  # global batch (8 GPUs x 1 sample in the original)
+    t.epochs = 24                       # schedule length when num_steps is 0
+    t.num_steps = 0                     # 0: epochs x steps per epoch
+    t.checkpoint_every = 1000           # steps between checkpoints
+    t.keep_checkpoints = 3
+    t.log_every = 50                    # steps between metric lines
+    t.eval_every = 0                    # steps between evaluations (0: only at the end)
+    t.eval_batch_size = 1
+    t.profile = False
+    config.train = t
+    o = ml_collections.ConfigDict()
+    o.lr = 2e-4
+    o.weight_decay = 0.01               # decoupled (AdamW), on all parameters
+    o.betas = (0.9, 0.999)
+    o.eps = 1e-8
+    o.backbone_lr_mult = 0.1            # img_backbone lr x 0.1
+    o.grad_clip = 35.0                  # global L2 norm
+    o.warmup_iters = 500
+    o.warmup_ratio = 1.0 / 3
+    o.min_lr_ratio = 1e-3               # cosine annealing to min_lr_ratio x lr
+    o.by_epoch = True                   # mmcv CosineAnnealing steps once per epoch
+    config.optim = o
+    loss = ml_collections.ConfigDict()
+    loss.cls_weight = 2.0               # focal loss and focal matching cost
+    loss.bbox_weight = 0.25             # L1 loss and L1 matching cost (first 8 code entries)
+    loss.focal_alpha = 0.25
+    loss.focal_gamma = 2.0
+    loss.code_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    config.loss = loss
+    return config

@@ -17,4 +17,4 @@ def get_config(arg='full'):
     if arg == 'toy':
         config.data.image_scale = 0.5
         common.toy_backbone(config.model)
-    return config
+    return common.add_training(config, toy=arg == 'toy')

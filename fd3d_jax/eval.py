@@ -1,16 +1,22 @@
-"""Evaluates nuScenes detection results with the devkit's DetectionEval.
+"""Evaluates with the devkit's DetectionEval, either a training run's checkpoint or a results file.
 
+    python -m fd3d_jax.eval --config configs/NAME.py[:ARG] --workdir W [--step N] [--config.k=v]
+        evaluates the latest (or step N) checkpoint of W on ``config.data.val_split`` and writes
+        ``W/eval/metrics_summary.json`` (``W/eval/step_N/`` with --step);
     python -m fd3d_jax.eval --results R.json --dataroot D --version V --split S --out O
-
-writes ``O/metrics_summary.json`` (NDS, mAP, TP errors) and prints the table.
+        evaluates a nuScenes results JSON and writes ``O/metrics_summary.json``.
 """
 import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from fd3d_jax import evaluate
 
+config_flags.DEFINE_config_file('config', None, 'config file (checkpoint mode)')
+flags.DEFINE_string('workdir', None, 'training folder with checkpoints/ (checkpoint mode)')
+flags.DEFINE_integer('step', None, 'checkpoint step (default: latest)')
 flags.DEFINE_string('results', None, 'nuScenes results JSON (global frame)')
 flags.DEFINE_string('dataroot', None, 'nuScenes(-format) dataroot')
 flags.DEFINE_string('version', None, 'table version, e.g. v1.0-mini')
@@ -19,8 +25,31 @@ flags.DEFINE_string('out', None, 'output folder for metrics_summary.json')
 FLAGS = flags.FLAGS
 
 
+def evaluate_checkpoint(config, workdir, step=None, log=print):
+    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
+    from fd3d_jax.train import loop
+    from fd3d_jax.train.checkpoint import Checkpointer
+    trainer = loop.Trainer(config, num_train_samples=1)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
+    named = step is not None
+    state, _ = ckpt.restore(trainer.state, step, with_data=False)
+    step = int(state.step)
+    out = os.path.join(workdir, f'eval/step_{step}' if named else 'eval')
+    log(f'evaluating {ckpt.directory}/{step}')
+    return loop.evaluate_params(trainer, state.params['model'], out, log=log)
+
+
 def main(argv):
     del argv
+    if FLAGS.workdir or FLAGS.config:
+        if not (FLAGS.workdir and FLAGS.config):
+            sys.exit('error: checkpoint mode needs both --config and --workdir')
+        from fd3d_jax.train.checkpoint import CheckpointError
+        try:
+            evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+        except CheckpointError as e:
+            sys.exit(f'error: {e}')
+        return
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]
     if missing:
         sys.exit('error: missing flags: ' + ', '.join('--' + n for n in missing))

@@ -1,0 +1,34 @@
+"""Trains a detector (and distils, when the config has an expert).
+
+    python -m fd3d_jax.train --config configs/NAME.py[:ARG] --workdir W [--config.key=value ...]
+
+Resumes from the latest checkpoint in ``W``; writes ``W/config.json``, ``W/metrics.jsonl``,
+``W/tensorboard/``, ``W/checkpoints/<step>/`` and, at the end, ``W/eval/metrics_summary.json``.
+Multi-host: pass ``--coordinator_address/--num_processes/--process_id`` (or nothing on TPU pods).
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/bevformer_tiny.py:toy')
+flags.DEFINE_string('workdir', None, 'output folder (checkpoints, metrics, evaluation)')
+flags.DEFINE_string('coordinator_address', None, 'jax.distributed coordinator (multi-host)')
+flags.DEFINE_integer('num_processes', None, 'jax.distributed process count (multi-host)')
+flags.DEFINE_integer('process_id', None, 'jax.distributed process id (multi-host)')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f'error: unexpected arguments {argv[1:]}')
+    if FLAGS.config is None or not FLAGS.workdir:
+        sys.exit('error: --config and --workdir are required')
+    from fd3d_jax.train import loop, mesh
+    mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config', 'workdir'])
+    app.run(main)

@@ -1,0 +1,192 @@
+"""Training and evaluation loops (host side): data -> sharded batches -> jit steps -> metrics,
+checkpoints and devkit evaluation. ``python -m fd3d_jax.train`` / ``fd3d_jax.eval`` call these."""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fd3d_jax import evaluate
+from fd3d_jax.data import pipeline, records
+from fd3d_jax.models.build import build
+from fd3d_jax.models.inputs import dummy_batch
+from fd3d_jax.train import mesh as mesh_lib
+from fd3d_jax.train import optim
+from fd3d_jax.train.checkpoint import Checkpointer
+from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
+from fd3d_jax.train.state import create_state, init_params, step_rng
+from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
+
+
+def load_split(config, split):
+    d = config.data
+    return records.get_records(d.dataroot, d.version, split, d.records_dir)
+
+
+def steps_per_epoch(config, num_samples):
+    return max(1, num_samples // config.train.batch_size)
+
+
+class Trainer:
+    """Everything ``train_step`` needs, built from a config: model, optimiser, mesh, state.
+
+    ``expert``/``distill`` (issue "FD3D distillation"): an expert model with its params and a
+    distillation loss with its own trainable params (``params['distill']``)."""
+
+    def __init__(self, config, num_train_samples, mesh=None, expert=None, expert_params=None, distill=None):
+        self.config = config
+        self.mesh = mesh or mesh_lib.make_mesh()
+        self.model = build(config.model)
+        self.steps_per_epoch = steps_per_epoch(config, num_train_samples)
+        self.num_steps = optim.num_train_steps(config.train, self.steps_per_epoch)
+        params = dict(model=init_params(self.model, dummy_batch(config, 1, queue_length=1), config.seed))
+        distill_loss = None
+        if distill is not None:
+            params['distill'], distill_loss = distill
+        self.tx, self.schedule = optim.make_optimizer(config, params, self.steps_per_epoch, self.num_steps)
+        self.state = mesh_lib.replicate(create_state(params, self.tx, config.seed), self.mesh)
+        self.expert_params = None if expert_params is None else mesh_lib.replicate(expert_params, self.mesh)
+        step = make_train_step(self.model, self.tx, config, self.schedule, expert, distill_loss)
+        self.train_step = compile_train_step(step, self.mesh)
+        self.eval_step = compile_eval_step(make_eval_step(self.model, config), self.mesh)
+
+    def step(self, batch):
+        """One training step on a process-local numpy batch; returns device metrics."""
+        rng = step_rng(self.state.rng, int(self.state.step))
+        self.state, metrics = self.train_step(self.state, self.expert_params, mesh_lib.shard_batch(batch, self.mesh), rng)
+        return metrics
+
+
+def _progress(step, num_steps, loss, rate, elapsed):
+    eta = (num_steps - step) / max(rate, 1e-9)
+    return (f'step {step:6d}/{num_steps}  loss {loss:8.4f}  {rate:6.2f} steps/s  '
+            f'elapsed {elapsed / 60:5.1f} min  ETA {eta / 60:5.1f} min')
+
+
+def _truncate_metrics(path, last_step):
+    """Drops metric lines written after the checkpoint a run resumes from (they are redone)."""
+    if not os.path.exists(path):
+        return
+    lines = [m for m in read_metrics(path) if m['step'] <= last_step]
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(m) + '\n' for m in lines)
+
+
+def write_config(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config, workdir, trainer=None, log=print):
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluates at
+    ``train.eval_every`` and at the end. Returns the final ``metrics_summary`` (process 0)."""
+    d = config.data
+    train_recs = load_split(config, d.train_split)
+    trainer = trainer or Trainer(config, len(train_recs['samples']))
+    mesh = trainer.mesh
+    write_config(config, workdir)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    writer = MetricsWriter(workdir)
+    ds = pipeline.train_dataset(train_recs, d.dataroot, d, mesh_lib.process_batch_size(config.train.batch_size, mesh),
+                                config.seed, jax.process_index(), jax.process_count(), pipeline.bev_config(config.model))
+    data_iter = iter(ds)
+    start = ckpt.latest_step()
+    if start is not None:
+        trainer.state, data_state = ckpt.restore(trainer.state, start)
+        if data_state is not None:
+            data_iter.set_state(data_state)
+        if jax.process_index() == 0:
+            _truncate_metrics(writer.path, start)
+        log(f'resumed from {ckpt.directory}/{start}')
+    step = int(jax.device_get(trainer.state.step))
+    num_steps = trainer.num_steps
+    log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
+        f'global batch {config.train.batch_size}, {mesh.devices.size} devices) in {workdir}')
+    t0, t_log, s_log, pending = time.time(), time.time(), step, []
+    summary = None
+    while step < num_steps:
+        batch = next(data_iter)
+        pending.append(trainer.step(batch))
+        step += 1
+        if step % config.train.log_every == 0 or step == num_steps:
+            metrics = jax.device_get(pending)
+            mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0] if k != 'lr'}
+            mean['lr'] = float(metrics[-1]['lr'])
+            now = time.time()
+            mean['steps_per_second'] = (step - s_log) / max(now - t_log, 1e-9)
+            writer.write(step, mean)
+            log(_progress(step, num_steps, mean['loss'], mean['steps_per_second'], now - t0))
+            t_log, s_log, pending = now, step, []
+        if step % config.train.checkpoint_every == 0 or step == num_steps:
+            ckpt.save(step, trainer.state, data_iter.get_state())
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+            summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval', str(step)))
+            writer.write(step, _eval_scalars(summary))
+    ckpt.close()
+    summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval'), log=log)
+    writer.write(step, _eval_scalars(summary))
+    writer.close()
+    return summary
+
+
+def _eval_scalars(summary):
+    if summary is None:
+        return {}
+    return {'eval/NDS': summary['nd_score'], 'eval/mAP': summary['mean_ap'],
+            **{f'eval/{k}': v for k, v in summary['tp_errors'].items()}}
+
+
+def predict(trainer, params, recs):
+    """Runs ``eval_step`` over ``recs`` (scene streams carrying the previous BEV); returns
+    {sample token: list of nuScenes result dicts} (gathered on every process)."""
+    from jax.experimental import multihost_utils
+    config, mesh = trainer.config, trainer.mesh
+    d = config.data
+    batch_size = config.train.eval_batch_size
+    if batch_size % mesh.devices.size:
+        raise ValueError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
+                         f'{mesh.devices.size} devices of the mesh')
+    local = batch_size // jax.process_count()
+    ds = pipeline.eval_dataset(recs, d.dataroot, d, local, jax.process_index(), jax.process_count(),
+                               pipeline.bev_config(config.model))
+    m = config.model
+    prev_shape = (local, m.bev_h * m.bev_w, m.embed_dims) if m.name == 'bevformer' else (local, 1, 1)
+    prev = mesh_lib.shard_batch(np.zeros(prev_shape, np.float32), mesh)
+    class_names = tuple(d.class_names)
+    detections = {}
+    for batch in ds:
+        out = trainer.eval_step(params, mesh_lib.shard_batch(batch, mesh), prev)
+        prev = out.pop('bev')
+        host = dict(jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out),
+                    sample_idx=multihost_utils.process_allgather(batch['sample_idx']) if jax.process_count() > 1
+                    else batch['sample_idx'])
+        for j in range(host['boxes'].shape[0]):
+            keep = host['valid'][j]
+            if not keep.any():
+                continue
+            rec = recs['samples'][int(host['sample_idx'][j])]
+            detections[rec['token']] = evaluate.boxes_to_results(
+                rec, host['boxes'][j][keep], host['scores'][j][keep], host['labels'][j][keep], class_names)
+    return detections
+
+
+def evaluate_params(trainer, params, out_dir, log=print):
+    """Predicts the validation split and runs the devkit's DetectionEval; writes
+    ``out_dir/results.json`` and ``out_dir/metrics_summary.json`` (process 0)."""
+    config = trainer.config
+    d = config.data
+    val = load_split(config, d.val_split)
+    t = time.time()
+    detections = predict(trainer, params, val)
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(out_dir, 'results.json')
+    evaluate.write_results(evaluate.results_json(val, detections), path)
+    summary = evaluate.run_detection_eval(path, d.dataroot, d.version, d.val_split, out_dir)
+    log(f'evaluation on {d.val_split} ({len(val["samples"])} samples, {time.time() - t:.0f} s):\n'
+        + evaluate.format_metrics(summary))
+    return summary

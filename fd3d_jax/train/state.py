@@ -1,0 +1,33 @@
+"""The training state: a plain pytree of arrays (checkpointed as is)."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step () int32; params {'model': detector params[, 'distill': generator params]};
+    opt_state: optax state of the trainable leaves; rng (2,) uint32 base key (step keys are
+    ``fold_in(rng, step)``)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_params(model, batch, seed):
+    """Detector params from one (abstract or concrete) batch."""
+    rngs = {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(seed + 1)}
+    return model.init(rngs, batch)['params']
+
+
+def create_state(params, tx, seed):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32))
+
+
+def step_rng(state_rng, step):
+    """The dropout/distillation key of one step (the same on every device and after a resume)."""
+    return jax.random.fold_in(state_rng, step)

@@ -1,0 +1,74 @@
+"""The pure training and evaluation steps (jit-compiled over a ``data`` mesh by ``compile_*``).
+
+``train_step(state, expert_params, batch, rng) -> (state, metrics)``:
+  apprentice forward (dropout on) -> detection loss (Hungarian on the host, focal + L1 on every
+  decoder layer) [+ distillation loss against the frozen expert] -> grads -> optax update.
+``expert_params`` is None for plain detector training; otherwise the expert runs in inference mode
+under ``stop_gradient`` and has no optimiser state (it is an argument, not part of the state).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fd3d_jax.models.box_coder import decode_topk
+from fd3d_jax.train import mesh as mesh_lib
+from fd3d_jax.train.losses import detection_loss
+from fd3d_jax.train.state import TrainState
+
+
+def make_train_step(model, tx, config, lr_fn, expert=None, distill_loss=None):
+    """Builds ``train_step``. ``distill_loss(distill_params, out, expert_out, batch, rng) -> (loss,
+    parts)`` adds the distillation term (issue "FD3D distillation"); ``lr_fn(step)`` is logged."""
+
+    def loss_fn(params, expert_params, batch, rng):
+        drop_rng, distill_rng = jax.random.split(rng)
+        out = model.apply({'params': params['model']}, batch, deterministic=False, rngs={'dropout': drop_rng})
+        loss, parts = detection_loss(out, batch, config.loss)
+        parts = dict(parts, loss_det=loss)
+        if expert_params is not None and distill_loss is not None:
+            expert_out = expert.apply({'params': jax.lax.stop_gradient(expert_params)}, batch, deterministic=True)
+            expert_out = jax.lax.stop_gradient(expert_out)
+            d_loss, d_parts = distill_loss(params.get('distill'), out, expert_out, batch, distill_rng)
+            loss = loss + d_loss
+            parts.update(d_parts, loss_distill=d_loss)
+        return loss, parts
+
+    def train_step(state: TrainState, expert_params, batch, rng):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(parts, loss=loss, lr=lr_fn(state.step), grad_norm=optax.tree.norm(grads))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model, config):
+    """``eval_step(params, batch, prev_bev) -> dict(boxes (B, M, 9), scores, labels, valid (B, M),
+    bev)``: last-layer NMS-free top-k decoding. BEVFormer carries ``bev`` to the next frame of
+    its stream (``prev_bev``); DETR3D ignores it."""
+    is_bev = config.model.name == 'bevformer'
+
+    def eval_step(params, batch, prev_bev):
+        kwargs = dict(prev_bev=prev_bev) if is_bev else {}
+        out = model.apply({'params': params}, batch, deterministic=True, **kwargs)
+        decode = functools.partial(decode_topk, max_num=config.model.max_num)
+        boxes, scores, labels, valid = jax.vmap(decode)(out['cls_scores'][-1], out['bbox_preds'][-1])
+        valid = valid & batch['valid'][:, None]
+        bev = out['bev'] if is_bev else jnp.zeros((batch['img'].shape[0], 1, 1), jnp.float32)
+        return dict(boxes=boxes, scores=scores, labels=labels, valid=valid, bev=bev)
+
+    return eval_step
+
+
+def compile_train_step(train_step, mesh):
+    """jit over ``mesh``: batch sharded on ``data``, state/expert/rng replicated, state donated."""
+    rep, dat = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+    return jax.jit(train_step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def compile_eval_step(eval_step, mesh):
+    rep, dat = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, dat, dat), out_shardings=dat)
