@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= data/synthetic
 SCENES ?= 10
+MODEL ?= detr3d_r50
+WORKDIR ?= runs/$(MODEL)_demo
 
 .PHONY: venv demo test test-slow test-all clean-data
 
@@ -19,9 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps nuscenes-devkit==1.2.0
 	touch $(STAMP)
 
+# The main job: synthetic set -> data checks and pictures -> train the demo detector (resumes if
+# WORKDIR holds a checkpoint) -> devkit evaluation (NDS table).
 demo: venv
-	$(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
+	test -f $(DATA)/v1.0-mini/sample.json || $(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
 	$(PY) experiments/data_demo.py --config configs/data.py:toy --config.data.dataroot=$(DATA) --out data/demo
+	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) --config.data.dataroot=$(DATA)
 
 test: venv
 	$(PY) -m pytest -q

@@ -9,7 +9,7 @@
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fd3d_jax import evaluate
@@ -44,6 +44,7 @@ def main(argv):
     if FLAGS.workdir or FLAGS.config:
         if not (FLAGS.workdir and FLAGS.config):
             sys.exit('error: checkpoint mode needs both --config and --workdir')
+        logging.set_verbosity(logging.WARNING)
         from fd3d_jax.train.checkpoint import CheckpointError
         try:
             evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)

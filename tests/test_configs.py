@@ -25,6 +25,12 @@ def test_every_config_file_builds_and_overrides_from_the_command_line():
         assert {'seed', 'data'} <= set(config)
         for key in ('dataroot', 'version', 'train_split', 'val_split'):
             assert key in config.data
+        if 'model' in config:  # trainable configs
+            for key in ('batch_size', 'num_steps', 'checkpoint_every'):
+                assert key in config.train
+            assert {'lr', 'weight_decay', 'backbone_lr_mult', 'grad_clip'} <= set(config.optim)
+            config = _parse(f'{path}:toy', '--config.train.num_steps=9', '--config.optim.lr=1e-3')
+            assert config.train.num_steps == 9 and config.optim.lr == 1e-3
 
 
 def test_bad_config_argument_and_key_are_reported():

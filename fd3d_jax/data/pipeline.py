@@ -1,6 +1,7 @@
 """grain input pipeline: records -> static-shape numpy batches.
 
-Per sample (BEVFormer's ``prepare_train_data`` + ``union2one``, mmdet3d's loading transforms):
+Per sample (BEVFormer's ``prepare_train_data`` + ``union2one``, mmdet3d's loading transforms; in
+training with ``photometric`` each raw image is first distorted, ``fd3d_jax.data.augment``):
   img             (T, N, H, W, 3) float32  normalised (``(x - mean) / std``, RGB or BGR), resized by
                                            ``image_scale`` (bilinear), zero-padded to ``pad_divisor``
   lidar2img       (T, N, 4, 4)   float32  ``diag(s, s, 1, 1) @ viewpad(K) @ lidar2cam``
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from fd3d_jax.data import geometry
+from fd3d_jax.data.augment import photometric_distortion
 from fd3d_jax.data.geometry import can_bus_delta
 
 
@@ -50,8 +52,9 @@ def load_image(path, sample_token):
         raise DataError(f'cannot decode image {path} (sample {sample_token}): {e}') from None
 
 
-def load_frame(record, dataroot, cfg, out_hw):
-    """Six normalised, resized, padded images (N, H, W, 3) and their lidar2img (N, 4, 4)."""
+def load_frame(record, dataroot, cfg, out_hw, rng=None):
+    """Six normalised, resized, padded images (N, H, W, 3) and their lidar2img (N, 4, 4). With a
+    numpy Generator ``rng`` every raw image first gets its own photometric distortion (training)."""
     import cv2
     mean = np.asarray(cfg.image_mean, np.float32)
     std = np.asarray(cfg.image_std, np.float32)
@@ -63,9 +66,12 @@ def load_frame(record, dataroot, cfg, out_hw):
         if img.shape[:2] != (cam['height'], cam['width']):
             raise DataError(f"image {cam['path']} is {img.shape[1]}x{img.shape[0]}, the tables say "
                             f"{cam['width']}x{cam['height']} (sample {record['token']})")
+        img = img.astype(np.float32)
+        if rng is not None:
+            img = photometric_distortion(img, rng)
         if not cfg.to_rgb:
             img = img[..., ::-1]
-        img = (img.astype(np.float32) - mean) / std
+        img = (img - mean) / std
         h, w = int(img.shape[0] * s), int(img.shape[1] * s)
         if (h, w) != img.shape[:2]:
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -150,8 +156,8 @@ class SampleLoader:
         self.bev = bev
         self.out_hw = output_image_hw(records, cfg)
 
-    def _sample(self, indices, can_bus, exists, valid=True):
-        frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw) for i in indices]
+    def _sample(self, indices, can_bus, exists, valid=True, rng=None):
+        frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw, rng) for i in indices]
         boxes, labels, mask = ground_truth(self.samples[indices[-1]], self.cfg)
         out = dict(img=np.stack([f[0] for f in frames]), lidar2img=np.stack([f[1] for f in frames]),
                    can_bus=can_bus, prev_bev_exists=exists, gt_boxes=boxes, gt_labels=labels,
@@ -162,14 +168,15 @@ class SampleLoader:
 
     def train(self, index, rng):
         """A training queue ending at ``index``; queues with a GT-less frame are resampled at a
-        random index, as mmdet's ``filter_empty_gt`` loop does."""
+        random index, as mmdet's ``filter_empty_gt`` loop does. ``cfg.photometric``: every image of
+        every queue frame gets its own photometric distortion drawn from ``rng``."""
         for _ in range(100):
             indices = train_queue_indices(int(index), self.cfg.queue_length, rng)
             if not self.cfg.filter_empty_gt or all(ground_truth(self.samples[i], self.cfg)[2].any() for i in indices):
                 break
             index = rng.integers(len(self.samples))
         can_bus, exists = _queue_can_bus(self.samples, indices)
-        return self._sample(indices, can_bus, exists)
+        return self._sample(indices, can_bus, exists, rng=rng if self.cfg.get('photometric', False) else None)
 
     def eval(self, index, valid=True):
         """One frame; deltas w.r.t. the previous sample of its scene (BEVFormer ``forward_test``)."""

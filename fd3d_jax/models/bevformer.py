@@ -23,19 +23,25 @@ import jax.numpy as jnp
 from fd3d_jax.models.backbone import FPN, ResNet
 from fd3d_jax.models.bev_encoder import BEVEncoder
 from fd3d_jax.models.decoder import BEVCrossAttention, DetectionHead, layer_norm, xavier_uniform
+from fd3d_jax.models.grid_mask import grid_mask as apply_grid_mask
 from fd3d_jax.models.spatial_cross_attention import point_sampling, reference_points_2d, reference_points_3d
 from fd3d_jax.models.temporal_self_attention import hybrid_reference_points, rotate_bev
 
 
 class ImageFeatures(nn.Module):
-    """Backbone + FPN per camera image: (B, N, H, W, 3) -> list of (B, N, H_l, W_l, C)."""
+    """Backbone + FPN per camera image: (B, N, H, W, 3) -> list of (B, N, H_l, W_l, C).
+    ``grid_mask``: GridMask on the B*N images when not ``deterministic`` (rng 'dropout')."""
     backbone: dict
     neck: dict
+    grid_mask: bool = False
 
     @nn.compact
-    def __call__(self, img):
+    def __call__(self, img, deterministic=True):
         b, n = img.shape[:2]
-        feats = ResNet(**self.backbone, name='backbone')(img.reshape((b * n,) + img.shape[2:]))
+        img = img.reshape((b * n,) + img.shape[2:])
+        if self.grid_mask and not deterministic:
+            img = apply_grid_mask(img, self.make_rng('dropout'))
+        feats = ResNet(**self.backbone, name='backbone')(img)
         feats = FPN(**self.neck, name='neck')(feats)
         return [f.reshape((b, n) + f.shape[1:]) for f in feats]
 
@@ -66,10 +72,11 @@ class BEVFormer(nn.Module):
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
     remat: bool = False
+    grid_mask: bool = False               # GridMask on the current frame's images in training
 
     def setup(self):
         c, q = self.embed_dims, self.bev_h * self.bev_w
-        self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck))
+        self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask)
         self.bev_embedding = self.param('bev_embedding', nn.initializers.normal(1.0), (q, c))
         # LearnedPositionalEncoding(num_feats=C/2): [col_embed(x) | row_embed(y)].
         self.row_embed = self.param('row_embed', nn.initializers.normal(1.0), (self.bev_h, c // 2))
@@ -138,7 +145,7 @@ class BEVFormer(nn.Module):
         keys = ('img', 'lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift', 'bev_rot_index', 'bev_rot_valid')
 
         def encode_frame(mdl, prev, f, deterministic):
-            feats = mdl.image_features(f['img'])
+            feats = mdl.image_features(f['img'], deterministic)
             bev = mdl.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'], f['bev_shift'],
                                  f['bev_rot_index'], f['bev_rot_valid'], img_hw, deterministic)
             return bev, feats

@@ -91,6 +91,7 @@ class DETR3D(nn.Module):
     num_classes: int = 10
     pc_range: Sequence[float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     remat: bool = False
+    grid_mask: bool = False               # GridMask on the images in training
 
     @nn.compact
     def __call__(self, batch, deterministic=True):
@@ -98,7 +99,8 @@ class DETR3D(nn.Module):
         assert self.num_points == 1, 'DETR3D samples one point per camera and level'
         img = batch['img'][:, -1]
         lidar2img = batch['lidar2img'][:, -1]
-        feats = ImageFeatures(dict(self.backbone), dict(self.neck), name='image_features')(img)
+        feats = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask, name='image_features')(
+            img, deterministic)
         cross = functools.partial(Detr3DCrossAttention, tuple(img.shape[2:4]), self.embed_dims, self.num_cams,
                                   self.num_levels, self.dropout, tuple(self.pc_range))
         out = DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,

@@ -8,7 +8,7 @@ Multi-host: pass ``--coordinator_address/--num_processes/--process_id`` (or noth
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/bevformer_tiny.py:toy')
@@ -24,6 +24,7 @@ def main(argv):
         sys.exit(f'error: unexpected arguments {argv[1:]}')
     if FLAGS.config is None or not FLAGS.workdir:
         sys.exit('error: --config and --workdir are required')
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from fd3d_jax.train import loop, mesh
     mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)

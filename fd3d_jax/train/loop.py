@@ -1,5 +1,6 @@
 """Training and evaluation loops (host side): data -> sharded batches -> jit steps -> metrics,
 checkpoints and devkit evaluation. ``python -m fd3d_jax.train`` / ``fd3d_jax.eval`` call these."""
+import functools
 import json
 import os
 import time
@@ -81,7 +82,7 @@ def write_config(config, workdir):
             f.write(config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config, workdir, trainer=None, log=print):
+def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(print, flush=True)):
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluates at
     ``train.eval_every`` and at the end. Returns the final ``metrics_summary`` (process 0)."""
     d = config.data

@@ -1,0 +1,65 @@
+"""GridMask (Chen et al., 2020) as BEVFormer/DETR3D use it (``models/utils/grid_mask.py::GridMask``,
+built as ``GridMask(True, True, rotate=1, offset=False, ratio=0.5, mode=1, prob=0.7)``).
+
+One mask is drawn per forward pass and shared by all B*N images and channels. With probability
+``prob``: ``d ~ randint[2, H)`` (the module draws from ``[2, h)``; the unused ``Grid`` class uses
+``min(h, w)``), ``l = min(max(int(d * ratio + 0.5), 1), d - 1)``, ``st_h, st_w ~ randint[0, d)``; on a
+``(int(1.5 H), int(1.5 W))`` canvas of ones, rows ``[d i + st_h, d i + st_h + l)`` for ``i < hh // d``
+(and columns likewise, ``i < ww // d``) are zeroed; the centre ``(H, W)`` crop is taken, ``mode=1``
+inverts it (only the stripes are kept) and the images are multiplied by it (``offset``: masked-out
+pixels get ``U(-1, 1)`` noise instead of 0). Rotation is only ``rotate=1`` (``randint(1) = 0``: none).
+
+The mask is built from iota comparisons: a row ``r`` of the canvas is in a stripe iff
+``r >= st_h``, ``(r - st_h) // d < hh // d`` and ``(r - st_h) % d < l`` (stripes never overlap
+since ``l < d``, and the ``min(., hh)`` clip is implied by ``r < hh``).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _stripes(size, full, offset, d, st, l):
+    """(size,) bool: positions ``offset .. offset + size`` of a ``full``-long canvas axis in a stripe."""
+    r = jnp.arange(size, dtype=jnp.int32) + offset
+    rel = r - st
+    return (rel >= 0) & (jnp.floor_divide(jnp.maximum(rel, 0), d) < full // d) & (jnp.mod(jnp.maximum(rel, 0), d) < l)
+
+
+def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_w=True, mode=1, offset=None):
+    """GridMask with given draws. img (M, H, W, C); d, st_h, st_w int scalars (may be traced); apply
+    bool scalar; offset: None or the (H, W) noise of ``offset=True``. Returns (M, H, W, C), img's dtype."""
+    if mode not in (0, 1):
+        raise ValueError(f'GridMask mode must be 0 or 1, got {mode}')
+    h, w = img.shape[1:3]
+    hh, ww = int(1.5 * h), int(1.5 * w)
+    d = jnp.asarray(d, jnp.int32)
+    l = jnp.clip(jnp.floor(d.astype(jnp.float32) * ratio + 0.5).astype(jnp.int32), 1, None)
+    l = jnp.minimum(l, d - 1)
+    zero = jnp.zeros((h, w), bool)
+    rows = _stripes(h, hh, (hh - h) // 2, d, jnp.asarray(st_h, jnp.int32), l)[:, None] if use_h else zero
+    cols = _stripes(w, ww, (ww - w) // 2, d, jnp.asarray(st_w, jnp.int32), l)[None, :] if use_w else zero
+    mask = ~(rows | cols)                       # canvas of ones with zeroed stripes, centre crop
+    if mode == 1:
+        mask = ~mask
+    mask = mask.astype(img.dtype)[None, :, :, None]
+    if offset is None:
+        out = img * mask
+    else:
+        out = img * mask + jnp.asarray(offset, img.dtype)[None, :, :, None] * (1 - mask)
+    return jnp.where(apply, out, img)
+
+
+def grid_mask(img, rng, prob=0.7, ratio=0.5, use_h=True, use_w=True, mode=1, rotate=1, offset=False):
+    """GridMask of one forward pass: img (M, H, W, C) (M = B*N), rng a PRNG key; one mask for all M
+    images, applied with probability ``prob``. Returns (M, H, W, C)."""
+    if rotate != 1:
+        raise NotImplementedError(f'GridMask supports only rotate=1 (no rotation), got {rotate}')
+    h, w = img.shape[1:3]
+    if h <= 2:
+        raise ValueError(f'GridMask needs images taller than 2 pixels, got H={h}')
+    k_apply, k_d, k_h, k_w, k_off = jax.random.split(rng, 5)
+    apply = jax.random.uniform(k_apply) < prob
+    d = jax.random.randint(k_d, (), 2, h)
+    st_h = jax.random.randint(k_h, (), 0, d)
+    st_w = jax.random.randint(k_w, (), 0, d)
+    noise = 2.0 * (jax.random.uniform(k_off, (h, w)) - 0.5) if offset else None
+    return grid_mask_from_params(img, d, st_h, st_w, apply, ratio, use_h, use_w, mode, noise)
