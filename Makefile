@@ -7,6 +7,7 @@ DATA ?= data/synthetic
 SCENES ?= 10
 MODEL ?= detr3d_r50
 WORKDIR ?= runs/$(MODEL)_demo
+DEMO_ARGS ?=
 
 .PHONY: venv demo test test-slow test-all clean-data
 
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	test -f $(DATA)/v1.0-mini/sample.json || $(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
 	$(PY) experiments/data_demo.py --config configs/data.py:toy --config.data.dataroot=$(DATA) --out data/demo
-	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) --config.data.dataroot=$(DATA)
+	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) --config.data.dataroot=$(DATA) $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest -q
