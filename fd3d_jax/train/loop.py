@@ -21,6 +21,9 @@ from fd3d_jax.train.state import create_state, init_params, step_rng
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
 
 
+INIT_IMAGE_WH = (320, 180)  # camera image size of the dummy batch that initialises the params
+
+
 def load_split(config, split):
     d = config.data
     return records.get_records(d.dataroot, d.version, split, d.records_dir)
@@ -42,7 +45,8 @@ class Trainer:
         self.model = build(config.model)
         self.steps_per_epoch = steps_per_epoch(config, num_train_samples)
         self.num_steps = optim.num_train_steps(config.train, self.steps_per_epoch)
-        params = dict(model=init_params(self.model, dummy_batch(config, 1, queue_length=1), config.seed))
+        params = dict(model=init_params(self.model, dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH),
+                                         config.seed))
         distill_loss = None
         if distill is not None:
             params['distill'], distill_loss = distill

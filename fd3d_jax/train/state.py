@@ -18,9 +18,10 @@ class TrainState:
 
 
 def init_params(model, batch, seed):
-    """Detector params from one (abstract or concrete) batch."""
+    """Detector params from one batch (jit-compiled; parameter shapes do not depend on the image
+    size, so a small dummy batch will do)."""
     rngs = {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(seed + 1)}
-    return model.init(rngs, batch)['params']
+    return jax.jit(lambda r, b: model.init(r, b)['params'])(rngs, batch)
 
 
 def create_state(params, tx, seed):
