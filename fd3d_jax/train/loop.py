@@ -57,10 +57,22 @@ class Trainer:
         self.train_step = compile_train_step(step, self.mesh)
         self.eval_step = compile_eval_step(make_eval_step(self.model, config), self.mesh)
 
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, state):
+        self._state = state
+        self.host_step = int(jax.device_get(state.step))  # so that steps need not wait for the device
+
     def step(self, batch):
-        """One training step on a process-local numpy batch; returns device metrics."""
-        rng = step_rng(self.state.rng, int(self.state.step))
-        self.state, metrics = self.train_step(self.state, self.expert_params, mesh_lib.shard_batch(batch, self.mesh), rng)
+        """One training step on a process-local numpy batch; returns device metrics (dispatched
+        asynchronously: nothing here waits for the previous step)."""
+        rng = step_rng(self._state.rng, self.host_step)
+        self._state, metrics = self.train_step(self._state, self.expert_params,
+                                               mesh_lib.shard_batch(batch, self.mesh), rng)
+        self.host_step += 1
         return metrics
 
 
@@ -107,7 +119,7 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
         if jax.process_index() == 0:
             _truncate_metrics(writer.path, start)
         log(f'resumed from {ckpt.directory}/{start}')
-    step = int(jax.device_get(trainer.state.step))
+    step = trainer.host_step
     num_steps = trainer.num_steps
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices) in {workdir}')
