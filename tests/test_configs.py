@@ -39,3 +39,17 @@ def test_bad_config_argument_and_key_are_reported():
         _parse(f'{path}:huge')
     with pytest.raises(Exception, match='no_such_key'):
         _parse(f'{path}:toy', '--config.data.no_such_key=1')
+
+
+@pytest.mark.parametrize('name', ['bevformer_tiny', 'detr3d_r50'])
+def test_demo_configs_build(name):
+    """The ``:demo`` sizes (README results) are consistent: the model initialises on their inputs."""
+    import jax
+    from fd3d_jax.models.build import build
+    from fd3d_jax.models.inputs import batch_spec
+    config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
+    model = build(config.model)
+    key = jax.random.PRNGKey(0)
+    params = jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) > 0
+    assert config.train.num_steps > 0 and not config.model.grid_mask and not config.data.photometric
