@@ -178,9 +178,7 @@ def predict(trainer, params, recs):
     for batch in ds:
         out = trainer.eval_step(params, mesh_lib.shard_batch(batch, mesh), prev)
         prev = out.pop('bev')
-        host = dict(jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out),
-                    sample_idx=multihost_utils.process_allgather(batch['sample_idx']) if jax.process_count() > 1
-                    else batch['sample_idx'])
+        host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out)
         for j in range(host['boxes'].shape[0]):
             keep = host['valid'][j]
             if not keep.any():

@@ -47,7 +47,7 @@ def make_train_step(model, tx, config, lr_fn, expert=None, distill_loss=None):
 
 def make_eval_step(model, config):
     """``eval_step(params, batch, prev_bev) -> dict(boxes (B, M, 9), scores, labels, valid (B, M),
-    bev)``: last-layer NMS-free top-k decoding. BEVFormer carries ``bev`` to the next frame of
+    sample_idx (B,), bev)``: last-layer NMS-free top-k decoding. BEVFormer carries ``bev`` to the next frame of
     its stream (``prev_bev``); DETR3D ignores it."""
     is_bev = config.model.name == 'bevformer'
 
@@ -58,7 +58,7 @@ def make_eval_step(model, config):
         boxes, scores, labels, valid = jax.vmap(decode)(out['cls_scores'][-1], out['bbox_preds'][-1])
         valid = valid & batch['valid'][:, None]
         bev = out['bev'] if is_bev else jnp.zeros((batch['img'].shape[0], 1, 1), jnp.float32)
-        return dict(boxes=boxes, scores=scores, labels=labels, valid=valid, bev=bev)
+        return dict(boxes=boxes, scores=scores, labels=labels, valid=valid, sample_idx=batch['sample_idx'], bev=bev)
 
     return eval_step
 
