@@ -204,3 +204,50 @@ def demo_training(config, num_steps=5000):
     config.train.checkpoint_every = 500
     config.train.log_every = 50
     return config
+
+
+def expert_config(expert):
+    """``config.expert`` of a distillation pair from the expert's own config: its model and its image
+    normalisation (the apprentice's images are renormalised for it)."""
+    e = ml_collections.ConfigDict()
+    e.model = expert.model
+    e.image_mean, e.image_std, e.to_rgb = expert.data.image_mean, expert.data.image_std, expert.data.to_rgb
+    return e
+
+
+def distill_config(method='fd3d', expert_upsample=1):
+    """``config.distill``: the method and its switches. [R] = released fact (FocalDistiller codebase,
+    MGD), [I] = reconstruction of the unreleased FD3D losses (``fd3d.md`` §8), each a switch."""
+    d = ml_collections.ConfigDict()
+    d.method = method                     # none | fitnet | mgd | heatmap | fd3d
+    d.expert_checkpoint = ''              # workdir of fd3d_jax.train (or a converted params folder)
+    d.expert_upsample = expert_upsample   # [R] expert input = apprentice images x2 (lidar2img scaled)
+    d.init_apprentice_head = True         # [R] duplicate_student_head: apprentice head <- expert head
+    d.head = ml_collections.ConfigDict(dict(
+        train=False,                      # [I] False: the expert's head, frozen; True: a copy trained on GT
+        loss_weight=1.0))
+    d.mask = ml_collections.ConfigDict(dict(
+        select='score',                   # [I] queries defining masks: score | topk | gt (Hungarian-matched)
+        score_thresh=0.3, topk=30,
+        box_scale=1.0,                    # [I] box enlargement (w, l, h x scale)
+        mode='zero',                      # [I] zero: S * (1 - M); random: MGD mask restricted to M
+        random_ratio=0.65))               # lambda of the 'random' mode
+    d.generative = ml_collections.ConfigDict(dict(
+        bev_weight=1.0, pv_weight=1.0,    # [I] 0 switches a term off
+        normalize='instance'))            # [I] instance: mean over the masked area; mgd: full-map sum / batch
+    d.focal = ml_collections.ConfigDict(dict(
+        weight=1.0,                       # [I]
+        source='raw',                     # [I] apprentice BEV sampled: raw (upsampled) | generated
+        queries='all'))                   # [I] all | selected (weighted by score)
+    d.fitnet = ml_collections.ConfigDict(dict(bev_weight=1.0, pv_weight=1.0))
+    d.mgd = ml_collections.ConfigDict(dict(alpha=2e-5, ratio=0.65))   # [R] MGD one-stage detection defaults
+    d.heatmap = ml_collections.ConfigDict(dict(                       # [R] the released baseline
+        cwd_tau=2.0, cwd_weight=0.25, bev_weight=0.1, grid_hw=(128, 128), min_overlap=0.1, min_radius=2))
+    return d
+
+
+def toy_distill(config):
+    """Distillation switches for the toy pairs (16 queries of an untrained expert: top-k masks)."""
+    config.distill.mask.select = 'topk'
+    config.distill.mask.topk = 8
+    return config

@@ -17,4 +17,7 @@ def get_config(arg='full'):
     if arg == 'toy':
         config.data.image_scale = 0.5
         common.toy_backbone(config.model)
+        # 48 channels (the toy apprentice detr3d_r50:toy has 32): fd3d_detr3d_r101_to_r50.py:toy aligns them
+        config.model.neck.out_channels = config.model.embed_dims = 48
+        config.model.ffn_dims = 96
     return common.add_training(config, toy=arg == 'toy')

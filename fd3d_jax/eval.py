@@ -25,20 +25,6 @@ flags.DEFINE_string('out', None, 'output folder for metrics_summary.json')
 FLAGS = flags.FLAGS
 
 
-def evaluate_checkpoint(config, workdir, step=None, log=print):
-    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
-    from fd3d_jax.train import loop
-    from fd3d_jax.train.checkpoint import Checkpointer
-    trainer = loop.Trainer(config, num_train_samples=1)
-    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
-    named = step is not None
-    state, _ = ckpt.restore(trainer.state, step, with_data=False)
-    step = int(state.step)
-    out = os.path.join(workdir, f'eval/step_{step}' if named else 'eval')
-    log(f'evaluating {ckpt.directory}/{step}')
-    return loop.evaluate_params(trainer, state.params['model'], out, log=log)
-
-
 def main(argv):
     del argv
     if FLAGS.workdir or FLAGS.config:
@@ -47,6 +33,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         from fd3d_jax.train.checkpoint import CheckpointError
         try:
+            from fd3d_jax.train.loop import evaluate_checkpoint
             evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
         except CheckpointError as e:
             sys.exit(f'error: {e}')

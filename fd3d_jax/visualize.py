@@ -102,3 +102,55 @@ def render_sample(record, dataroot, out_path, pred=None, score_threshold=0.3, be
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def render_distillation(out_path, bev_t, bev_s, bev_mask, boxes, points, point_weights, pc_range,
+                        gt_boxes=(), gt_names=(), image=None, pv_mask=None, title=''):
+    """One PNG of FD3D's query-guided regions and focal points on a sample.
+
+    Args:
+      bev_t, bev_s: (H_t, W_t, C) expert and (H_s, W_s, C) apprentice BEV features (row = y, col = x);
+        drawn as the L2 norm over channels.
+      bev_mask: (H_t, W_t) query mask on the expert grid; boxes: (n, >=7) the selected queries' boxes.
+      points: (k, 2) focal sampling points normalised to [0, 1] (x, y) and point_weights (k,) their
+        attention weights (drawn on both BEVs: the same positions are read from both).
+      image: optional (H, W, 3) uint8 camera image and pv_mask (h, w) its mask on one feature level.
+    """
+    x0, y0, x1, y1 = pc_range[0], pc_range[1], pc_range[3], pc_range[4]
+    extent = (x0, x1, y0, y1)
+    panels = 3 + (image is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), dpi=110)
+    px = x0 + np.asarray(points)[:, 0] * (x1 - x0)
+    py = y0 + np.asarray(points)[:, 1] * (y1 - y0)
+    size = 40 * np.asarray(point_weights) / max(float(np.max(point_weights)), 1e-9)
+    for ax, feat, label in ((axes[0], bev_t, 'expert BEV'), (axes[2], bev_s, 'apprentice BEV')):
+        ax.imshow(np.linalg.norm(feat, axis=-1), origin='lower', extent=extent, cmap='viridis')
+        ax.set_title(f'{label} |f| {feat.shape[0]}x{feat.shape[1]}', fontsize=8)
+    axes[1].imshow(np.linalg.norm(bev_t, axis=-1), origin='lower', extent=extent, cmap='gray')
+    axes[1].imshow(np.ma.masked_where(np.asarray(bev_mask) == 0, bev_mask), origin='lower', extent=extent,
+                   cmap='autumn', alpha=0.6, vmin=0, vmax=1)
+    axes[1].set_title(f'query mask ({len(boxes)} queries, {float(np.mean(bev_mask)):.1%} of the BEV)', fontsize=8)
+    for ax in axes[:3]:
+        _draw_bev(ax, np.asarray(gt_boxes), gt_names, '-')
+        for box in np.asarray(boxes):
+            c = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
+            ax.plot(c[:, 0], c[:, 1], '--', color='w', lw=0.8)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.tick_params(labelsize=6)
+    for ax in (axes[0], axes[2]):
+        ax.scatter(px, py, s=size, c='r', marker='.', linewidths=0)
+    if image is not None:
+        h, w = image.shape[:2]
+        axes[3].imshow(image)
+        m = np.asarray(pv_mask)
+        axes[3].imshow(np.ma.masked_where(m == 0, m), extent=(0, w, h, 0), cmap='autumn', alpha=0.45, vmin=0, vmax=1)
+        axes[3].set_title(f'PV query mask on a {m.shape[0]}x{m.shape[1]} feature level', fontsize=8)
+        axes[3].axis('off')
+    fig.suptitle(title + '  (solid: GT; dashed white: selected queries; red: focal points sized by weight)',
+                 fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -16,6 +16,8 @@ With ``bev`` (the BEV grid of a BEVFormer config) also the ego-motion alignment 
   bev_shift       (T, 2)         float32  shift of the previous-BEV reference points (x, y)
   bev_rot_index   (T, Q)         int32    nearest-neighbour rotation of the previous BEV as a gather
   bev_rot_valid   (T, Q)         bool     (``geometry.bev_rotation_index``; Q = bev_h * bev_w)
+With ``expert_bev`` (distillation from a BEVFormer expert) the same three for the expert's grid, as
+``expert_bev_shift``, ``expert_bev_rot_index``, ``expert_bev_rot_valid``.
 Batches add a leading batch axis. T = ``queue_length`` for training and 1 for evaluation; G =
 ``max_gt``; GT is of the current (last) frame, filtered by ``valid_flag``, class and BEV range.
 """
@@ -149,11 +151,12 @@ def bev_config(model_cfg):
 class SampleLoader:
     """Turns record indices into samples (see the module docstring)."""
 
-    def __init__(self, records, dataroot, cfg, bev=None):
+    def __init__(self, records, dataroot, cfg, bev=None, expert_bev=None):
         self.samples = records['samples']
         self.dataroot = dataroot
         self.cfg = cfg
         self.bev = bev
+        self.expert_bev = expert_bev
         self.out_hw = output_image_hw(records, cfg)
 
     def _sample(self, indices, can_bus, exists, valid=True, rng=None):
@@ -164,6 +167,8 @@ class SampleLoader:
                    gt_mask=mask & valid, sample_idx=np.int32(indices[-1]), valid=np.bool_(valid))
         if self.bev is not None:
             out.update(bev_alignment(can_bus, self.bev))
+        if self.expert_bev is not None:
+            out.update({'expert_' + k: v for k, v in bev_alignment(can_bus, self.expert_bev).items()})
         return out
 
     def train(self, index, rng):
@@ -186,12 +191,14 @@ class SampleLoader:
         return self._sample([index], can_bus[-1:], exists[-1:] & valid, valid)
 
 
-def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1, bev=None):
+def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1, bev=None,
+                  expert_bev=None):
     """Infinite, shuffled (reshuffled every epoch), batched training data of this process's shard.
 
     Deterministic for a seed; ``iter(...)`` gives an iterator with ``get_state``/``set_state``.
+    ``expert_bev``: also the BEV alignment of a distillation expert's grid (``expert_bev_*`` keys).
     """
-    loader = SampleLoader(records, dataroot, cfg, bev)
+    loader = SampleLoader(records, dataroot, cfg, bev, expert_bev)
     ds = grain.MapDataset.range(len(records['samples']))[shard_index::shard_count]
     ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda i, rng: loader.train(i, rng), seed=seed)

@@ -16,8 +16,14 @@ def image_hw(config, raw_wh=None):
     return -(-h // d) * d, -(-w // d) * d
 
 
+def _expert_model(config):
+    from fd3d_jax.distill import uses_expert
+    return config.expert.model if uses_expert(config) else None
+
+
 def batch_spec(config, batch_size=1, queue_length=None, raw_wh=None):
-    """``jax.ShapeDtypeStruct`` pytree of one batch (BEV metadata included for BEVFormer)."""
+    """``jax.ShapeDtypeStruct`` pytree of one batch (BEV metadata included for BEVFormer, and for a
+    BEVFormer distillation expert)."""
     t = config.data.queue_length if queue_length is None else queue_length
     n = config.model.num_cams
     h, w = image_hw(config, raw_wh)
@@ -26,10 +32,11 @@ def batch_spec(config, batch_size=1, queue_length=None, raw_wh=None):
                 can_bus=((b, t, 18), jnp.float32), prev_bev_exists=((b, t), jnp.bool_),
                 gt_boxes=((b, g, 9), jnp.float32), gt_labels=((b, g), jnp.int32), gt_mask=((b, g), jnp.bool_),
                 sample_idx=((b,), jnp.int32), valid=((b,), jnp.bool_))
-    if config.model.name == 'bevformer':
-        q = config.model.bev_h * config.model.bev_w
-        spec.update(bev_shift=((b, t, 2), jnp.float32), bev_rot_index=((b, t, q), jnp.int32),
-                    bev_rot_valid=((b, t, q), jnp.bool_))
+    for prefix, model in (('', config.model), ('expert_', _expert_model(config))):
+        if model is not None and model.name == 'bevformer':
+            q = model.bev_h * model.bev_w
+            spec.update({prefix + 'bev_shift': ((b, t, 2), jnp.float32), prefix + 'bev_rot_index': ((b, t, q), jnp.int32),
+                         prefix + 'bev_rot_valid': ((b, t, q), jnp.bool_)})
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
 
 
@@ -46,9 +53,10 @@ def dummy_batch(config, batch_size=1, queue_length=None, raw_wh=None, seed=0):
                               @ geometry.make_transform(c['rotation'], c['translation']), config.data.image_scale)
            for c in cams.values()]
     out['lidar2img'][:] = np.asarray(l2i, np.float32)
-    if 'bev_rot_index' in out:
-        q = out['bev_rot_index'].shape[-1]
-        out['bev_rot_index'][:] = np.arange(q, dtype=np.int32)
-        out['bev_rot_valid'][:] = True
+    for prefix in ('', 'expert_'):
+        if prefix + 'bev_rot_index' in out:
+            q = out[prefix + 'bev_rot_index'].shape[-1]
+            out[prefix + 'bev_rot_index'][:] = np.arange(q, dtype=np.int32)
+            out[prefix + 'bev_rot_valid'][:] = True
     out['valid'][:] = True
     return out

@@ -27,7 +27,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from fd3d_jax.train import loop, mesh
     mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from fd3d_jax.distill.expert import ExpertError
+    from fd3d_jax.train.checkpoint import CheckpointError
+    try:
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ExpertError, CheckpointError) as e:
+        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

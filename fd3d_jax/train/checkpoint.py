@@ -62,3 +62,35 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+PARAMS_DIR = 'params'
+
+
+def save_params(params, path):
+    """Writes a params pytree to ``path/params`` (an orbax checkpoint; e.g. a converted expert)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(os.path.abspath(path), PARAMS_DIR), params, force=True)
+
+
+def load_params(path, step=None):
+    """Detector params (nested dicts of arrays) from ``path``: a params folder of ``save_params``, or
+    a training workdir (``params['model']`` of its latest or ``step`` checkpoint; a distillation run's
+    generators in ``params['distill']`` are left out)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.join(path, PARAMS_DIR))
+    ckdir = os.path.join(path, 'checkpoints')
+    steps = ocp.utils.checkpoint_steps(ckdir) if os.path.isdir(ckdir) else []
+    if not steps:
+        raise CheckpointError(f'no checkpoint in {path} (neither {ckdir}/<step> nor {path}/{PARAMS_DIR})')
+    if step is not None and int(step) not in steps:
+        raise CheckpointError(f'no checkpoint for step {step} in {ckdir} (have {sorted(steps)})')
+    item = os.path.join(ckdir, str(max(steps) if step is None else int(step)), 'state')
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(item)
+    try:
+        return state['params']['model']
+    except (KeyError, TypeError):
+        raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None

@@ -13,6 +13,8 @@ from fd3d_jax import evaluate
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.models.build import build
 from fd3d_jax.models.inputs import dummy_batch
+from fd3d_jax.distill.distiller import build_distillation
+from fd3d_jax.distill.expert import init_head_from_expert
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.train import optim
 from fd3d_jax.train.checkpoint import Checkpointer
@@ -36,10 +38,12 @@ def steps_per_epoch(config, num_samples):
 class Trainer:
     """Everything ``train_step`` needs, built from a config: model, optimiser, mesh, state.
 
-    ``expert``/``distill`` (issue "FD3D distillation"): an expert model with its params and a
-    distillation loss with its own trainable params (``params['distill']``)."""
+    ``distiller`` (``fd3d_jax.distill.distiller.Distiller``) and ``expert_params``: distillation from a
+    frozen expert, with the distiller's own trainable params in ``params['distill']``. With
+    ``config.distill.init_apprentice_head`` the apprentice's head starts from the expert's
+    (``expert_params`` alone, without a distiller, does only that)."""
 
-    def __init__(self, config, num_train_samples, mesh=None, expert=None, expert_params=None, distill=None):
+    def __init__(self, config, num_train_samples, mesh=None, distiller=None, expert_params=None):
         self.config = config
         self.mesh = mesh or mesh_lib.make_mesh()
         self.model = build(config.model)
@@ -47,13 +51,15 @@ class Trainer:
         self.num_steps = optim.num_train_steps(config.train, self.steps_per_epoch)
         params = dict(model=init_params(self.model, dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH),
                                          config.seed))
-        distill_loss = None
-        if distill is not None:
-            params['distill'], distill_loss = distill
+        if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
+            params['model'], _, _ = init_head_from_expert(params['model'], expert_params)
+        if distiller is not None:
+            params['distill'] = distiller.init(jax.random.PRNGKey(config.seed + 2), expert_params)
         self.tx, self.schedule = optim.make_optimizer(config, params, self.steps_per_epoch, self.num_steps)
         self.state = mesh_lib.replicate(create_state(params, self.tx, config.seed), self.mesh)
-        self.expert_params = None if expert_params is None else mesh_lib.replicate(expert_params, self.mesh)
-        step = make_train_step(self.model, self.tx, config, self.schedule, expert, distill_loss)
+        self.distiller = distiller
+        self.expert_params = None if distiller is None else mesh_lib.replicate(expert_params, self.mesh)
+        step = make_train_step(self.model, self.tx, config, self.schedule, distiller)
         self.train_step = compile_train_step(step, self.mesh)
         self.eval_step = compile_eval_step(make_eval_step(self.model, config), self.mesh)
 
@@ -103,13 +109,17 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
     ``train.eval_every`` and at the end. Returns the final ``metrics_summary`` (process 0)."""
     d = config.data
     train_recs = load_split(config, d.train_split)
-    trainer = trainer or Trainer(config, len(train_recs['samples']))
+    if trainer is None:
+        distiller, expert_params = build_distillation(config)
+        trainer = Trainer(config, len(train_recs['samples']), distiller=distiller, expert_params=expert_params)
     mesh = trainer.mesh
     write_config(config, workdir)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     writer = MetricsWriter(workdir)
+    expert_bev = pipeline.bev_config(config.expert.model) if trainer.distiller is not None else None
     ds = pipeline.train_dataset(train_recs, d.dataroot, d, mesh_lib.process_batch_size(config.train.batch_size, mesh),
-                                config.seed, jax.process_index(), jax.process_count(), pipeline.bev_config(config.model))
+                                config.seed, jax.process_index(), jax.process_count(), pipeline.bev_config(config.model),
+                                expert_bev)
     data_iter = iter(ds)
     start = ckpt.latest_step()
     if start is not None:
@@ -205,3 +215,26 @@ def evaluate_params(trainer, params, out_dir, log=print):
     log(f'evaluation on {d.val_split} ({len(val["samples"])} samples, {time.time() - t:.0f} s):\n'
         + evaluate.format_metrics(summary))
     return summary
+
+
+def evaluate_checkpoint(config, workdir, step=None, log=print):
+    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
+    from fd3d_jax.distill.expert import check_shapes
+    from fd3d_jax.train.checkpoint import CheckpointError, load_params
+    trainer = Trainer(config, num_train_samples=1)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
+    named = step is not None
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+        raise CheckpointError(f'no checkpoint in {ckpt.directory}')
+    ckpt.close()
+    abstract = trainer.state.params['model']
+    params = load_params(workdir, step)
+    try:
+        check_shapes(params, abstract, f'{ckpt.directory}/{step}')
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    params = jax.tree_util.tree_map(lambda x, a: jax.numpy.asarray(x, a.dtype), params, abstract)
+    out = os.path.join(workdir, f'eval/step_{step}' if named else 'eval')
+    log(f'evaluating {ckpt.directory}/{step}')
+    return evaluate_params(trainer, mesh_lib.replicate(params, trainer.mesh), out, log=log)

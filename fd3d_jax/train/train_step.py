@@ -18,22 +18,35 @@ from fd3d_jax.train.losses import detection_loss
 from fd3d_jax.train.state import TrainState
 
 
-def make_train_step(model, tx, config, lr_fn, expert=None, distill_loss=None):
-    """Builds ``train_step``. ``distill_loss(distill_params, out, expert_out, batch, rng) -> (loss,
-    parts)`` adds the distillation term (issue "FD3D distillation"); ``lr_fn(step)`` is logged."""
+def make_loss_fn(model, config, distiller=None):
+    """``loss_fn(params, expert_params, batch, rng) -> (loss, parts)``: the apprentice's detection loss
+    [+ ``distiller.loss`` against the expert, which runs on ``distiller.expert_batch(batch)`` in inference
+    mode under ``stop_gradient``]. ``params = {'model': ..., 'distill': ...}``."""
 
     def loss_fn(params, expert_params, batch, rng):
         drop_rng, distill_rng = jax.random.split(rng)
         out = model.apply({'params': params['model']}, batch, deterministic=False, rngs={'dropout': drop_rng})
         loss, parts = detection_loss(out, batch, config.loss)
         parts = dict(parts, loss_det=loss)
-        if expert_params is not None and distill_loss is not None:
-            expert_out = expert.apply({'params': jax.lax.stop_gradient(expert_params)}, batch, deterministic=True)
-            expert_out = jax.lax.stop_gradient(expert_out)
-            d_loss, d_parts = distill_loss(params.get('distill'), out, expert_out, batch, distill_rng)
+        if distiller is not None:
+            if expert_params is None:
+                raise ValueError(f'config.distill.method={distiller.method!r} needs the expert params')
+            expert_params = jax.lax.stop_gradient(expert_params)
+            expert_out = distiller.expert.apply({'params': expert_params}, distiller.expert_batch(batch),
+                                                deterministic=True)
+            d_loss, d_parts = distiller.loss(params.get('distill'), expert_params, out,
+                                             jax.lax.stop_gradient(expert_out), batch, distill_rng)
             loss = loss + d_loss
             parts.update(d_parts, loss_distill=d_loss)
         return loss, parts
+
+    return loss_fn
+
+
+def make_train_step(model, tx, config, lr_fn, distiller=None):
+    """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a
+    ``fd3d_jax.distill.distiller.Distiller`` (issue "FD3D distillation"), or None."""
+    loss_fn = make_loss_fn(model, config, distiller)
 
     def train_step(state: TrainState, expert_params, batch, rng):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng)

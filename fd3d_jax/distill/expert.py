@@ -1,0 +1,133 @@
+"""The frozen expert: its inputs, its checkpoint, and what the apprentice may take from it.
+
+Released facts (``configs/distiller/base_distill_small_with_pv-cwd_bev-l2-heatmap.py`` of the
+FocalDistiller codebase): the expert sees the apprentice's (0.5-scaled, padded) images bilinearly
+upsampled x2 with ``lidar2img`` pre-multiplied by diag(2, 2, 1, 1) (``config.distill.expert_upsample``);
+``duplicate_student_head=True`` loads the expert's head into the apprentice where shapes agree
+(``config.distill.init_apprentice_head``). When the two models normalise images differently (the R50
+apprentices use torchvision RGB, the R101 experts caffe BGR), the expert's images are renormalised
+here; the padding (0 after the apprentice's normalisation) then holds the apprentice's mean in the
+expert's normalisation instead of 0.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+IGNORED_MODEL_KEYS = ('remat', 'grid_mask', 'max_num', 'dropout')  # do not change the params or outputs
+
+
+class ExpertError(ValueError):
+    """An expert checkpoint that does not fit ``config.expert``; names the path and the mismatches."""
+
+
+def expert_batch(batch, data_cfg, expert_cfg, upsample):
+    """The apprentice's batch as the expert sees it: images renormalised (``expert_cfg.image_mean`` /
+    ``image_std`` / ``to_rgb`` from the apprentice's ``data_cfg``) and upsampled ``upsample`` x
+    (bilinear, half-pixel centres like ``F.interpolate(align_corners=False)``), ``lidar2img`` scaled,
+    and the BEV alignment of the expert's grid (``expert_bev_*`` keys) in place of the apprentice's."""
+    img = batch['img']
+    same_norm = (tuple(data_cfg.image_mean) == tuple(expert_cfg.image_mean)
+                 and tuple(data_cfg.image_std) == tuple(expert_cfg.image_std)
+                 and bool(data_cfg.to_rgb) == bool(expert_cfg.to_rgb))
+    if not same_norm:
+        raw = img * jnp.asarray(data_cfg.image_std, img.dtype) + jnp.asarray(data_cfg.image_mean, img.dtype)
+        if bool(data_cfg.to_rgb) != bool(expert_cfg.to_rgb):
+            raw = raw[..., ::-1]
+        img = (raw - jnp.asarray(expert_cfg.image_mean, img.dtype)) / jnp.asarray(expert_cfg.image_std, img.dtype)
+    out = dict(batch)
+    for k in ('bev_shift', 'bev_rot_index', 'bev_rot_valid'):   # the expert's BEV grid (pipeline ``expert_bev``)
+        if 'expert_' + k in batch:
+            out[k] = batch['expert_' + k]
+    if upsample != 1:
+        k = int(upsample)
+        shape = img.shape[:-3] + (img.shape[-3] * k, img.shape[-2] * k, img.shape[-1])
+        img = jax.image.resize(img, shape, 'bilinear')
+        scale = jnp.asarray([k, k, 1.0, 1.0], batch['lidar2img'].dtype)
+        out['lidar2img'] = batch['lidar2img'] * scale[:, None]
+    out['img'] = img
+    return out
+
+
+def _model_differences(saved, wanted, prefix='model'):
+    diffs = []
+    for key in sorted(set(saved) | set(wanted)):
+        if key in IGNORED_MODEL_KEYS:
+            continue
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _model_differences(a, b, f'{prefix}.{key}')
+        elif json.dumps(a) != json.dumps(_jsonable(b)):
+            diffs.append(f'{prefix}.{key}: checkpoint {a!r}, config {b!r}')
+    return diffs
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=list)) if x is not None else None
+
+
+def check_shapes(params, abstract, source):
+    """Raises ``ExpertError`` listing missing, unexpected and mismatched leaves of ``params``
+    (nested dicts) against ``abstract`` (the expert model's params, arrays or shape structs)."""
+    have = traverse_util.flatten_dict(params, sep='/')
+    want = traverse_util.flatten_dict(abstract, sep='/')
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = sorted(f'{k}: checkpoint {tuple(np.shape(have[k]))}, model {tuple(want[k].shape)}'
+                   for k in set(have) & set(want) if tuple(np.shape(have[k])) != tuple(want[k].shape))
+    if missing or unexpected or wrong:
+        lines = ([f'missing: {k}' for k in missing] + [f'unexpected: {k}' for k in unexpected]
+                 + [f'shape: {k}' for k in wrong])
+        shown = '\n  '.join(lines[:30]) + (f'\n  ... {len(lines) - 30} more' if len(lines) > 30 else '')
+        raise ExpertError(f'expert params in {source} do not fit config.expert.model '
+                          f'({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another '
+                          f'shape):\n  {shown}')
+
+
+def load_expert_params(path, expert_cfg, abstract):
+    """The expert's params from ``path`` (``config.distill.expert_checkpoint``): a workdir of
+    ``python -m fd3d_jax.train`` (its latest checkpoint's ``params['model']``; its ``config.json`` must
+    describe the same model as ``expert_cfg.model``) or a params folder written by
+    ``fd3d_jax.train.checkpoint.save_params`` (e.g. by the converter). Checked leaf by leaf against
+    ``abstract`` (``ExpertError`` lists every mismatch)."""
+    from fd3d_jax.train import checkpoint
+    if not path:
+        raise ExpertError('config.distill.expert_checkpoint is empty: give the workdir of a trained expert '
+                          '(python -m fd3d_jax.train --config <expert config> --workdir W) or a converted '
+                          'checkpoint')
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ExpertError(f'config.distill.expert_checkpoint={path} is not a directory')
+    saved_cfg = os.path.join(path, 'config.json')
+    if os.path.exists(saved_cfg):
+        with open(saved_cfg) as f:
+            saved_model = json.load(f).get('model', {})
+        diffs = _model_differences(saved_model, _jsonable(expert_cfg.model.to_dict()))
+        if diffs:
+            raise ExpertError(f'the expert in {path} was trained with another model than config.expert.model:\n  '
+                              + '\n  '.join(diffs))
+    try:
+        params = checkpoint.load_params(path)
+    except checkpoint.CheckpointError as e:
+        raise ExpertError(str(e)) from None
+    check_shapes(params, abstract, path)
+    return jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
+
+
+def init_head_from_expert(params, expert_params):
+    """``duplicate_student_head``: every leaf of the apprentice's ``head`` whose path and shape exist in
+    the expert's head takes the expert's value (non-strict, like ``load_state_dict(strict=False)``).
+    Returns (new params, list of copied paths, list of kept paths)."""
+    head = traverse_util.flatten_dict(params['head'])
+    src = traverse_util.flatten_dict(expert_params['head'])
+    copied, kept = [], []
+    for k, v in head.items():
+        if k in src and tuple(src[k].shape) == tuple(v.shape):
+            head[k] = jnp.array(src[k], v.dtype)  # a copy: the state is donated, the expert is not
+            copied.append('/'.join(k))
+        else:
+            kept.append('/'.join(k))
+    return dict(params, head=traverse_util.unflatten_dict(head)), copied, kept

@@ -1,0 +1,163 @@
+"""Feature-distillation losses: pure, jit-able functions of channels-last arrays.
+
+Conventions: features are ``(..., H, W, C)``; "spatial" means the two axes before ``C``. Every
+function computes in float32 and returns a float32 scalar. Loss weights (α, β, …) are applied by
+the caller, and so is ``jax.lax.stop_gradient`` on the expert's features.
+
+Sources (read, not paraphrased from papers):
+- MGD: ``yzd-v/MGD`` ``det/mmdet/distillation/losses/mgd.py`` (``FeatureLoss.get_dis_loss``).
+- Released FocalDistiller baseline: ``OpenDriveLab/Birds-eye-view-Perception``
+  ``nuScenes_playground/FocalDistiller/projects/mmdet3d_plugin/kd/losses/{cwd,l2loss}.py`` and
+  ``.../kd/distillers/heatmap_detection_distiller.py`` (``forward_train``), commit 705b01f.
+- FD3D's own focal loss was never released: ``focal_loss`` is a reconstruction (fd3d.md §4, §8).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _f32(*xs):
+    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+
+
+def _spatial_region(region, ndim):
+    """(..., H, W) or (..., H, W, 1) -> (..., H, W, 1), broadcastable over the channel axis."""
+    region = jnp.asarray(region, jnp.float32)
+    if region.ndim == ndim - 1:
+        region = region[..., None]
+    if region.ndim != ndim:
+        raise ValueError(f'region of rank {region.ndim} does not fit features of rank {ndim}')
+    return region
+
+
+def random_mask(rng, shape, ratio):
+    """MGD's random spatial mask, shared over channels.
+
+    ``mat = rand(N, 1, H, W); mat = where(mat > 1 - lambda_mgd, 0, 1)`` (mgd.py ``get_dis_loss``):
+    a fraction ``ratio`` of the positions is dropped (0), the rest kept (1).
+
+    Args:
+      rng: a ``jax.random`` key.
+      shape: the features' shape ``(..., H, W, C)`` (the last axis is replaced by 1, so passing
+        ``(..., H, W, 1)`` works too).
+      ratio: λ, the expected fraction of dropped positions.
+    Returns:
+      float32 mask ``(..., H, W, 1)``.
+    """
+    mask_shape = tuple(shape[:-1]) + (1,)
+    u = jax.random.uniform(rng, mask_shape, jnp.float32)
+    return jnp.where(u > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
+
+
+def generative_loss(generated, target, region=None, normalize='instance'):
+    """Masked-generation loss between the generator's output and the expert's features.
+
+    Args:
+      generated: ``G(align(S) * M)``, ``(N, ..., H, W, C)``.
+      target: expert features, same shape.
+      region: loss region ``(..., H, W)`` or ``(..., H, W, 1)`` (broadcast over C), or None.
+      normalize:
+        - ``'mgd'``: MGD exactly, ``MSELoss(reduction='sum')(new_fea, preds_T) / N`` with
+          ``N = generated.shape[0]`` (mgd.py ``get_dis_loss``; ``region`` is ignored). For FPN
+          features ``(B, N_cam, H, W, C)`` this divides by B, where a port that folds cameras into
+          the torch batch would divide by ``B * N_cam``.
+        - ``'instance'``: ``Σ region * (generated - target)² / max(Σ region * C, 1)``, the mean over
+          the masked elements (fd3d.md §8, [INFERRED]); ``region=None`` gives the plain mean.
+    Returns:
+      float32 scalar.
+    """
+    generated, target = _f32(generated, target)
+    sq = jnp.square(generated - target)
+    if normalize == 'mgd':
+        return jnp.sum(sq) / generated.shape[0]
+    if normalize != 'instance':
+        raise ValueError(f"normalize must be 'mgd' or 'instance', got {normalize!r}")
+    if region is None:
+        return jnp.mean(sq)
+    region = jnp.broadcast_to(_spatial_region(region, sq.ndim), sq.shape)
+    return jnp.sum(region * sq) / jnp.maximum(jnp.sum(region), 1.0)
+
+
+def cwd_loss(student, teacher, tau=2.0):
+    """Channel-wise distillation as the released baseline computes it (``kd/losses/cwd.py``).
+
+    Per image and channel, softmax over the H*W positions at temperature τ, then
+    ``Σ -softmax(T/τ) * log_softmax(S/τ) * τ² / (N * C)`` with N the number of images.
+    This is the cross-entropy: the released code keeps the KL line commented out and drops the
+    teacher-entropy term ``Σ p_T log p_T``, so the loss of identical features is the (positive)
+    teacher entropy, not 0; its gradient w.r.t. the student equals that of the KL (0 at S = T).
+    The loss weight (0.25 in the released config, τ = 2) is not applied here.
+
+    Args:
+      student, teacher: ``(..., H, W, C)``; every leading axis counts as images (e.g. FPN levels
+        ``(B, N_cam, H, W, C)`` give ``N = B * N_cam``, as mmdet3d's ``B*N_cam`` image batch).
+      tau: temperature τ.
+    Returns:
+      float32 scalar.
+    """
+    student, teacher = _f32(student, teacher)
+    c = student.shape[-1]
+    s = student.reshape(-1, student.shape[-3] * student.shape[-2], c) / tau  # (N, H*W, C)
+    t = teacher.reshape(-1, teacher.shape[-3] * teacher.shape[-2], c) / tau
+    p_t = jax.nn.softmax(t, axis=1)
+    loss = jnp.sum(-p_t * jax.nn.log_softmax(s, axis=1)) * tau ** 2
+    return loss / (s.shape[0] * c)
+
+
+def fitnet_loss(student, teacher):
+    """FitNet hint loss: mean squared error over all elements (``F.mse_loss``, mean reduction).
+
+    Args:
+      student, teacher: same shape, any.
+    Returns:
+      float32 scalar.
+    """
+    student, teacher = _f32(student, teacher)
+    return jnp.mean(jnp.square(student - teacher))
+
+
+def masked_l2_loss(student, teacher, mask):
+    """The released baseline's heatmap-masked BEV L2 (``heatmap_detection_distiller.py``).
+
+    ``(1 / mask_heatmap.sum()) * L2Loss(bevFeats_stu * mask, bevFeats_tch * mask)`` with
+    ``L2Loss = ((S - T)**2).sum()`` (``kd/losses/l2loss.py``); the mask is (B, 1, H, W), so the
+    numerator sums ``M² (S - T)²`` over (B, C, H, W) and the denominator ΣM runs over (B, H, W)
+    only (no factor C). M is the soft Gaussian heatmap, so ``M² ≠ M``. The weight (0.1) is not
+    applied here. Deviations: an empty mask gives 0 here (the original divides 0 by 0 -> NaN), and
+    under jit ΣM is over the global batch (the original: per GPU with 1 sample, then averaged).
+
+    Args:
+      student, teacher: ``(B, H, W, C)`` (any leading dims).
+      mask: ``(B, H, W)`` or ``(B, H, W, 1)``, broadcast over C.
+    Returns:
+      float32 scalar.
+    """
+    student, teacher = _f32(student, teacher)
+    mask = _spatial_region(mask, student.ndim)
+    num = jnp.sum(jnp.square(student * mask - teacher * mask))
+    den = jnp.sum(mask)
+    return num / jnp.where(den > 0, den, 1.0)
+
+
+def focal_loss(feat_t, feat_s, weights=None, eps=1e-6):
+    """FD3D focal distillation: L2 between expert and apprentice features aggregated at the
+    distillation queries' deformable sampling points. [INFERRED] reconstruction (fd3d.md §4, §8):
+    the loss itself was never released; only the feature pairs are (``distill_branch/
+    decoderDistiller.py`` appends ``(nan_to_num(output_T), nan_to_num(output_S))`` per layer).
+
+    ``Σ_{l,b,q} w[b,q] ‖T[l,b,q] - S[l,b,q]‖² / max(L Σ_{b,q} w[b,q], eps)``.
+
+    Args:
+      feat_t, feat_s: ``(L, B, Q, C)`` per-layer aggregated features (NaN/inf cleaned with
+        ``nan_to_num`` as in the released branch).
+      weights: ``(B, Q)`` query weights (e.g. 0/1 selection or scores); None = all ones.
+      eps: floor of the normaliser (all-zero weights give 0).
+    Returns:
+      float32 scalar.
+    """
+    feat_t, feat_s = (jnp.nan_to_num(x) for x in _f32(feat_t, feat_s))
+    num_layers = feat_t.shape[0]
+    dist = jnp.sum(jnp.square(feat_t - feat_s), axis=-1)  # (L, B, Q)
+    if weights is None:
+        weights = jnp.ones(dist.shape[1:], jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(weights[None] * dist) / jnp.maximum(num_layers * jnp.sum(weights), eps)

@@ -1,0 +1,166 @@
+"""The distillation term of train_step (distill/distiller.py) for every method, on the toy pairs.
+
+Most tests feed random model outputs of the right shapes (fast); one test per pair differentiates the
+whole training loss through both real models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
+from fd3d_jax.distill.distiller import Distiller, level_pairs
+from fd3d_jax.models.build import build
+from fd3d_jax.models.inputs import dummy_batch
+from fd3d_jax.train.state import init_params
+from fd3d_jax.train.train_step import make_loss_fn
+
+PAIRS = {'bevformer': fd3d_bevformer_base_to_tiny, 'detr3d': fd3d_detr3d_r101_to_r50}
+
+
+def _config(kind, method='fd3d', **distill):
+    config = PAIRS[kind].get_config('toy')
+    config.data.queue_length = 1
+    config.distill.method = method
+    for key, value in distill.items():
+        section, name = key.split('__')
+        config.distill[section][name] = value
+    return config
+
+
+def _batch(config):
+    batch = dummy_batch(config, 1)
+    boxes = [[5, 5, 0, 2, 4, 1.5, 0.3, 0, 0], [-10, 3, 0, 1, 1, 1.7, 0, 0, 0], [0, -20, 0, 2, 5, 2, 1, 0, 0]]
+    batch['gt_boxes'][0, :3] = boxes
+    batch['gt_labels'][0, :3] = [0, 8, 1]
+    batch['gt_mask'][0, :3] = True
+    return batch
+
+
+def _random_like(tree, seed):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    rng = np.random.default_rng(seed)
+    out = []
+    for x in leaves:
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            out.append(jnp.asarray(rng.normal(size=x.shape), x.dtype))
+        else:
+            out.append(jnp.ones(x.shape, x.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@pytest.fixture(scope='module', params=['bevformer', 'detr3d'])
+def fake(request):
+    """Shapes of both models' outputs (abstract), filled with random numbers; sampling locations in [0, 1]."""
+    config = _config(request.param)
+    d = Distiller(config)
+    batch = _batch(config)
+    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)}
+    out = jax.eval_shape(lambda b: build(config.model).init_with_output(rngs, b)[0], batch)
+    exp_out = jax.eval_shape(lambda b: d.expert.init_with_output(rngs, d.expert_batch(b))[0], batch)
+    out, exp_out = _random_like(out, 1), _random_like(exp_out, 2)
+    for smp in exp_out['sampling']:
+        for k in ('sampling_locations', 'points'):
+            if k in smp:
+                smp[k] = jax.nn.sigmoid(smp[k])
+    return request.param, batch, out, exp_out, _random_like(d.expert_abstract_params, 3)
+
+
+EXPECTED = {
+    'fitnet': {'bevformer': {'distill/fitnet_bev', 'distill/fitnet_pv'}, 'detr3d': {'distill/fitnet_pv'}},
+    'mgd': {'bevformer': {'distill/mgd_bev', 'distill/mgd_pv'}, 'detr3d': {'distill/mgd_pv'}},
+    'heatmap': {'bevformer': {'distill/heatmap_bev', 'distill/cwd_pv'}, 'detr3d': {'distill/cwd_pv'}},
+    'fd3d': {'bevformer': {'distill/gen_bev', 'distill/gen_pv', 'distill/focal'},
+             'detr3d': {'distill/gen_pv', 'distill/focal'}},
+}
+
+
+@pytest.mark.parametrize('method', sorted(EXPECTED))
+def test_every_method_gives_finite_nonzero_terms(fake, method):
+    kind, batch, out, exp_out, exp_params = fake
+    d = Distiller(_config(kind, method))
+    params = d.init(jax.random.PRNGKey(0), exp_params)
+    loss, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
+    terms = {k for k in parts if k in EXPECTED[method][kind]}
+    assert terms == EXPECTED[method][kind], sorted(parts)
+    for k in terms:
+        assert np.isfinite(float(parts[k])) and float(parts[k]) > 0, (k, parts[k])
+    np.testing.assert_allclose(float(loss), sum(float(parts[k]) for k in terms), rtol=1e-5)
+
+
+def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
+    kind, batch, out, exp_out, exp_params = fake
+    d = Distiller(_config(kind, mask__select='score', mask__score_thresh=1.1))
+    params = d.init(jax.random.PRNGKey(0), exp_params)
+    _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
+    assert float(parts['distill/selected']) == 0.0
+    for k in ('distill/gen_bev', 'distill/gen_pv'):
+        if k in parts:
+            assert float(parts[k]) == 0.0
+    assert float(parts['distill/focal']) > 0           # 'all' queries: the focal term does not depend on masks
+
+
+@pytest.mark.parametrize('options', [dict(mask__mode='random', focal__source='generated', focal__queries='selected'),
+                                     dict(mask__select='gt', generative__normalize='mgd', mask__box_scale=1.5)],
+                         ids=['random-generated-selected', 'gt-mgd-scaled'])
+def test_fd3d_switches(fake, options):
+    kind, batch, out, exp_out, exp_params = fake
+    d = Distiller(_config(kind, **options))
+    params = d.init(jax.random.PRNGKey(0), exp_params)
+    _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
+    for k in EXPECTED['fd3d'][kind]:
+        assert np.isfinite(float(parts[k])) and float(parts[k]) > 0, (k, parts[k])
+
+
+def test_trained_head_gets_gradient_only_from_its_gt_loss(fake):
+    kind, batch, out, exp_out, exp_params = fake
+    d = Distiller(_config(kind, head__train=True))
+    params = d.init(jax.random.PRNGKey(0), exp_params)
+    assert set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                                                params['head'], exp_params['head']))) == {True}
+
+    def terms(p):
+        parts = d.loss(p, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))[1]
+        return jnp.stack([parts['distill/focal'], parts['distill/head']])
+
+    g = jax.jit(jax.jacrev(terms))(params)['head']
+    focal_leaves = [np.asarray(x)[0] for x in jax.tree_util.tree_leaves(g)]
+    head_leaves = [np.asarray(x)[1] for x in jax.tree_util.tree_leaves(g)]
+    assert not any(np.any(x) for x in focal_leaves)
+    assert sum(float(np.abs(x).sum()) for x in head_leaves) > 0
+
+
+def test_level_pairs_match_equal_sizes():
+    assert level_pairs([(15, 25)], [(120, 200), (60, 100), (30, 50), (15, 25)]) == [(0, 3)]
+    assert level_pairs([(6, 10), (3, 5), (2, 3)], [(12, 20), (6, 10), (3, 5)]) == [(0, 1), (1, 2)]
+    assert level_pairs([(7, 7)], [(8, 8)]) == []
+
+
+def test_mismatched_pairs_fail_with_the_config_keys():
+    config = _config('bevformer')
+    config.expert.model.bev_h = 12
+    with pytest.raises(ValueError, match='config.expert.model.bev_h'):
+        Distiller(config)
+    config = _config('bevformer')
+    config.expert.model = fd3d_detr3d_r101_to_r50.get_config('toy').expert.model
+    with pytest.raises(ValueError, match='same kind of detector'):
+        Distiller(config)
+
+
+@pytest.mark.parametrize('kind', ['bevformer', 'detr3d'])
+def test_gradients_of_the_training_loss(kind):
+    """Through both real models: exactly zero for the expert (frozen head included), non-zero for the
+    apprentice and for every distillation module."""
+    config = _config(kind, generative__normalize='instance')
+    d = Distiller(config)
+    batch = _batch(config)
+    exp_params = jax.jit(lambda b: d.expert.init({'params': jax.random.PRNGKey(1)}, b)['params'])(d.expert_batch(batch))
+    model = build(config.model)
+    params = dict(model=init_params(model, batch, 0), distill=d.init(jax.random.PRNGKey(3), exp_params))
+    loss_fn = make_loss_fn(model, config, d)
+    (loss, parts), (g, g_exp) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
+        params, exp_params, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss)) and float(parts['loss_distill']) > 0
+    assert not any(np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(g_exp))
+    assert sum(float(jnp.abs(x).sum()) for x in jax.tree_util.tree_leaves(g['model'])) > 0
+    for name, sub in g['distill'].items():
+        assert sum(float(jnp.abs(x).sum()) for x in jax.tree_util.tree_leaves(sub)) > 0, name

@@ -1,0 +1,94 @@
+"""Distillation runs end to end: a toy expert's workdir -> ``train_and_evaluate`` of a pair config
+(trains, checkpoints, logs ``distill/*``, evaluates with the devkit) -> ``fd3d_jax.eval`` of the run."""
+import os
+
+import numpy as np
+import pytest
+
+from configs import bevformer_base, detr3d_r101, fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
+from fd3d_jax.distill.expert import ExpertError
+from fd3d_jax.train import loop
+from fd3d_jax.train.checkpoint import Checkpointer
+from fd3d_jax.train.metrics_writer import read_metrics
+
+PAIRS = {'bevformer': (fd3d_bevformer_base_to_tiny, bevformer_base), 'detr3d': (fd3d_detr3d_r101_to_r50, detr3d_r101)}
+
+
+def _with_data(config, data_cfg):
+    queue = config.data.queue_length
+    for key in ('image_mean', 'image_std', 'to_rgb', 'image_scale'):
+        data_cfg = data_cfg.copy_and_resolve_references()
+        data_cfg[key] = config.data[key]
+    config.data = data_cfg
+    config.data.queue_length = min(queue, 2)
+    config.train.update(batch_size=1, num_steps=2, checkpoint_every=1, log_every=1)
+    config.optim.warmup_iters = 1
+    return config
+
+
+@pytest.fixture(scope='module')
+def experts(data_cfg, tmp_path_factory):
+    """``experts[kind]``: workdir of a toy expert (its initial state saved as a checkpoint, with the
+    run's config.json), made on first use."""
+    class Experts(dict):
+        def __missing__(self, kind):
+            config = _with_data(PAIRS[kind][1].get_config('toy'), data_cfg)
+            workdir = str(tmp_path_factory.mktemp(f'expert_{kind}'))
+            trainer = loop.Trainer(config, num_train_samples=10)
+            loop.write_config(config, workdir)
+            ckpt = Checkpointer(workdir, async_save=False)
+            ckpt.save(0, trainer.state)
+            ckpt.close()
+            self[kind] = workdir
+            return workdir
+    return Experts()
+
+
+def _distill(kind, method, data_cfg, experts, workdir):
+    config = _with_data(PAIRS[kind][0].get_config('toy'), data_cfg)
+    config.distill.method = method
+    config.distill.expert_checkpoint = experts[kind]
+    summary = loop.train_and_evaluate(config, workdir, log=lambda *a: None)
+    assert 0.0 <= summary['nd_score'] <= 1.0
+    metrics = [m for m in read_metrics(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in m]
+    assert [m['step'] for m in metrics] == [1, 2]
+    terms = [k for k in metrics[0] if k.startswith('distill/')]
+    assert terms, sorted(metrics[0])
+    for m in metrics:
+        for k in terms:
+            assert np.isfinite(m[k]), (k, m)
+        assert m['loss_distill'] > 0 and np.isclose(m['loss'], m['loss_det'] + m['loss_distill'], rtol=1e-4)
+    assert sorted(Checkpointer(workdir).all_steps())[-1] == 2
+    assert os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json'))
+    return config
+
+
+def test_fd3d_distillation_trains_checkpoints_and_evaluates(data_cfg, experts, tmp_path):
+    config = _distill('bevformer', 'fd3d', data_cfg, experts, str(tmp_path))
+    # the exported apprentice is params['model']: fd3d_jax.eval restores it without the generators
+    summary = loop.evaluate_checkpoint(config, str(tmp_path), step=1, log=lambda *a: None)
+    assert os.path.exists(tmp_path / 'eval' / 'step_1' / 'metrics_summary.json') and 'nd_score' in summary
+
+
+def test_expert_checkpoint_of_another_model_is_refused(data_cfg, tmp_path):
+    other = tmp_path / 'other_expert'
+    loop.write_config(_with_data(detr3d_r101.get_config('toy'), data_cfg), str(other))
+    config = _with_data(fd3d_bevformer_base_to_tiny.get_config('toy'), data_cfg)
+    config.distill.expert_checkpoint = str(other)
+    with pytest.raises(ExpertError, match='another model'):
+        loop.train_and_evaluate(config, str(tmp_path), log=lambda *a: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind,method', [(k, m) for k in PAIRS for m in ('none', 'fitnet', 'mgd', 'heatmap', 'fd3d')
+                                         if (k, m) != ('bevformer', 'fd3d')])
+def test_every_method_trains_checkpoints_and_evaluates(kind, method, data_cfg, experts, tmp_path):
+    if method == 'none':
+        config = _with_data(PAIRS[kind][0].get_config('toy'), data_cfg)
+        config.distill.method = 'none'
+        config.distill.expert_checkpoint = experts[kind]
+        loop.train_and_evaluate(config, str(tmp_path), log=lambda *a: None)
+        m = read_metrics(os.path.join(str(tmp_path), 'metrics.jsonl'))[0]
+        assert not any(k.startswith('distill/') for k in m)
+        return
+    _distill(kind, method, data_cfg, experts, str(tmp_path))
