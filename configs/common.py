@@ -223,6 +223,8 @@ def distill_config(method='fd3d', expert_upsample=1):
     d.expert_checkpoint = ''              # workdir of fd3d_jax.train (or a converted params folder)
     d.expert_upsample = expert_upsample   # [R] expert input = apprentice images x2 (lidar2img scaled)
     d.init_apprentice_head = True         # [R] duplicate_student_head: apprentice head <- expert head
+    d.feature_norm = 'none'               # none | expert | both: standardise (BN, no affine) the expert's
+                                          # features [R: bev_feats_norm] | and the apprentice's FPN levels
     d.head = ml_collections.ConfigDict(dict(
         train=False,                      # [I] False: the expert's head, frozen; True: a copy trained on GT
         loss_weight=1.0))

@@ -40,6 +40,16 @@ from fd3d_jax.train.losses import detection_loss
 _sg = jax.lax.stop_gradient
 
 
+def standardize(x, eps=1e-5):
+    """BatchNorm without affine params, batch statistics (``distill.feature_norm``): per channel over
+    all other axes. The released distiller offers ``bev_feats_norm='bn'`` on the expert BEV (its config
+    sets None); without learned scale/shift it cannot be shrunk to fake a small loss."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.var(x, axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 def level_pairs(app_hws, exp_hws):
     """[(apprentice level, expert level)] with equal (H, W), each apprentice level paired with the first
     expert level of its size. (With the released x2-upsampled expert input, e.g. BEVFormer-tiny's one
@@ -149,8 +159,18 @@ class Distiller:
             s = self._apply(params, 'bev_align', Align(self.bev_c), out['bev'].reshape(b, a.bev_h, a.bev_w, a.embed_dims))
             feats['bev_s'] = self._apply(params, 'bev_up', BEVUpsampler(self.bev_c, self.factor), s) if self.factor > 1 else s
         feats['pv_t'] = [expert_out['img_feats'][e] for _, e in self.pairs]
-        feats['pv_s'] = [self._apply(params, f'pv_align_{k}', Align(c), out['img_feats'][a])
-                         for k, ((a, _), c) in enumerate(zip(self.pairs, self.pv_c))]
+        norm = self.cfg.feature_norm
+        if norm not in ('none', 'expert', 'both'):
+            raise ValueError(f"config.distill.feature_norm must be 'none', 'expert' or 'both', got {norm!r}")
+        if norm != 'none':
+            feats['pv_t'] = [standardize(t) for t in feats['pv_t']]
+            if self.is_bev:
+                feats['bev_t'] = standardize(feats['bev_t'])
+        app_pv = [out['img_feats'][a] for a, _ in self.pairs]
+        if norm == 'both':  # the apprentice's FPN levels too, before they are aligned
+            app_pv = [standardize(x) for x in app_pv]
+        feats['pv_s'] = [self._apply(params, f'pv_align_{k}', Align(c), x)
+                         for k, (x, c) in enumerate(zip(app_pv, self.pv_c))]
         fn = dict(fitnet=self._fitnet, mgd=self._mgd, heatmap=self._heatmap, fd3d=self._fd3d)[self.method]
         terms, diagnostics = fn(params, expert_params, feats, expert_out, batch, rng)
         total = sum(terms.values()) if terms else jnp.zeros((), jnp.float32)
@@ -170,7 +190,8 @@ class Distiller:
         c, terms = self.cfg.mgd, {}
         keys = iter(jax.random.split(rng, 1 + len(self.pairs)))
 
-        def mgd(s, t, name):
+        def mgd(s, t, name):  # images (B or B*N_cams, H, W, C): the sum is divided by their number
+            s, t = s.reshape((-1,) + s.shape[-3:]), t.reshape((-1,) + t.shape[-3:])
             mat = losses.random_mask(next(keys), s.shape[:-1] + (1,), c.ratio)
             gen = self._apply(params, name, Generator(t.shape[-1]), s * mat)
             return c.alpha * losses.generative_loss(gen, t, normalize='mgd')
@@ -269,10 +290,11 @@ class Distiller:
                 value_s = gen_bev if generated else f['bev_s']
                 ft, fs = bev_focal_features(head_params, head_out['sampling'], f['bev_t'], value_s, e.num_heads)
             else:
-                feats_s = [None] * self.num_exp_levels
+                feats_t, feats_s = list(expert_out['img_feats']), [None] * self.num_exp_levels
                 for k, (_, lvl) in enumerate(self.pairs):
+                    feats_t[lvl] = f['pv_t'][k]
                     feats_s[lvl] = gen_pv[k] if generated else f['pv_s'][k]
-                ft, fs = pv_focal_features(head_out['sampling'], expert_out['img_feats'], feats_s)
+                ft, fs = pv_focal_features(head_out['sampling'], feats_t, feats_s)
             terms['distill/focal'] = c.focal.weight * losses.focal_loss(ft, fs, weights)
         return terms, diag
 

@@ -54,7 +54,9 @@ class Trainer:
         if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
             params['model'], _, _ = init_head_from_expert(params['model'], expert_params)
         if distiller is not None:
-            params['distill'] = distiller.init(jax.random.PRNGKey(config.seed + 2), expert_params)
+            distill_params = distiller.init(jax.random.PRNGKey(config.seed + 2), expert_params)
+            if distill_params:  # e.g. FitNet between equal grids and channels has none
+                params['distill'] = distill_params
         self.tx, self.schedule = optim.make_optimizer(config, params, self.steps_per_epoch, self.num_steps)
         self.state = mesh_lib.replicate(create_state(params, self.tx, config.seed), self.mesh)
         self.distiller = distiller

@@ -22,8 +22,11 @@ def _config(kind, method='fd3d', **distill):
     config.data.queue_length = 1
     config.distill.method = method
     for key, value in distill.items():
-        section, name = key.split('__')
-        config.distill[section][name] = value
+        if '__' in key:
+            section, name = key.split('__')
+            config.distill[section][name] = value
+        else:
+            config.distill[key] = value
     return config
 
 
@@ -100,8 +103,9 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
 
 
 @pytest.mark.parametrize('options', [dict(mask__mode='random', focal__source='generated', focal__queries='selected'),
-                                     dict(mask__select='gt', generative__normalize='mgd', mask__box_scale=1.5)],
-                         ids=['random-generated-selected', 'gt-mgd-scaled'])
+                                     dict(mask__select='gt', generative__normalize='mgd', mask__box_scale=1.5),
+                                     dict(feature_norm='both')],
+                         ids=['random-generated-selected', 'gt-mgd-scaled', 'standardised'])
 def test_fd3d_switches(fake, options):
     kind, batch, out, exp_out, exp_params = fake
     d = Distiller(_config(kind, **options))
@@ -146,7 +150,7 @@ def test_mismatched_pairs_fail_with_the_config_keys():
         Distiller(config)
 
 
-@pytest.mark.parametrize('kind', ['bevformer', 'detr3d'])
+@pytest.mark.parametrize('kind', ['bevformer', pytest.param('detr3d', marks=pytest.mark.slow)])
 def test_gradients_of_the_training_loss(kind):
     """Through both real models: exactly zero for the expert (frozen head included), non-zero for the
     apprentice and for every distillation module."""
