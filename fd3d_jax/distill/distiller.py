@@ -82,7 +82,7 @@ class Distiller:
         self.expert_abstract_params = var_e['params']
         if abstract_only:
             return
-        self.exp_img_hw = tuple(self.expert_batch_shape(batch)['img'].shape[-3:-1])
+        self.exp_img_hw = tuple(jax.eval_shape(self.expert_batch, batch)['img'].shape[-3:-1])
         app_hws = [f.shape[2:4] for f in out_a['img_feats']]
         exp_hws = [f.shape[2:4] for f in out_e['img_feats']]
         self.pairs = level_pairs(app_hws, exp_hws)
@@ -95,7 +95,8 @@ class Distiller:
             a, e = self.app_cfg, self.exp_cfg
             self.bev_c = e.embed_dims
             self.factor = e.bev_h // a.bev_h
-            if e.bev_h != self.factor * a.bev_h or e.bev_w != self.factor * a.bev_w:
+            if (e.bev_h != self.factor * a.bev_h or e.bev_w != self.factor * a.bev_w
+                    or self.factor & (self.factor - 1)):
                 raise ValueError(f'the expert BEV {e.bev_h}x{e.bev_w} must be a power-of-two multiple of the '
                                  f'apprentice BEV {a.bev_h}x{a.bev_w} (config.expert.model.bev_h/bev_w, '
                                  f'config.model.bev_h/bev_w)')
@@ -103,9 +104,6 @@ class Distiller:
     # -- inputs and params ----------------------------------------------------------------------
     def expert_batch(self, batch):
         return expert_batch(batch, self.config.data, self.config.expert, self.upsample)
-
-    def expert_batch_shape(self, batch):
-        return jax.eval_shape(self.expert_batch, batch)
 
     def _gen_bev(self):
         c = self.cfg

@@ -144,6 +144,9 @@ def test_mismatched_pairs_fail_with_the_config_keys():
     config.expert.model.bev_h = 12
     with pytest.raises(ValueError, match='config.expert.model.bev_h'):
         Distiller(config)
+    config.expert.model.bev_h, config.expert.model.bev_w = 24, 30     # x3: not a power of two
+    with pytest.raises(ValueError, match='power-of-two'):
+        Distiller(config)
     config = _config('bevformer')
     config.expert.model = fd3d_detr3d_r101_to_r50.get_config('toy').expert.model
     with pytest.raises(ValueError, match='same kind of detector'):
