@@ -1,15 +1,17 @@
 """DETR3D-R101: R101-DCN (caffe), FPN P3-P6 from C3-C5, 1600x900, 6 decoder layers. The FD3D expert.
-Arguments: ``:full`` (official detr3d_res101_gridmask.py), ``:toy``."""
+Arguments: ``:full`` (official detr3d_res101_gridmask.py), ``:toy``, ``:demo`` (the expert of
+``fd3d_detr3d_r101_to_r50.py:demo``: detr3d_r50:demo grown to two blocks per stage, 96 channels and
+6 decoder layers)."""
 import ml_collections
 
 from configs import common
 
 
 def get_config(arg='full'):
-    common.check_arg('detr3d_r101', arg, ('full', 'toy'))
+    common.check_arg('detr3d_r101', arg, ('full', 'toy', 'demo'))
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.data = common.data_config(toy=arg == 'toy')
+    config.data = common.data_config(toy=arg in ('toy', 'demo'))
     config.data.update(common.CAFFE_NORM)
     config.data.image_scale = 1.0
     config.data.queue_length = 1
@@ -20,4 +22,11 @@ def get_config(arg='full'):
         # 48 channels (the toy apprentice detr3d_r50:toy has 32): fd3d_detr3d_r101_to_r50.py:toy aligns them
         config.model.neck.out_channels = config.model.embed_dims = 48
         config.model.ffn_dims = 96
-    return common.add_training(config, toy=arg == 'toy')
+    if arg == 'demo':
+        common.demo_model(config)
+        config.model.backbone.stage_blocks = (2, 2, 2, 2)
+        config.model.neck.out_channels = config.model.embed_dims = 96
+        config.model.ffn_dims = 192
+        config.model.decoder_layers = 6
+    config = common.add_training(config, toy=arg in ('toy', 'demo'))
+    return common.demo_training(config) if arg == 'demo' else config

@@ -41,7 +41,7 @@ def test_bad_config_argument_and_key_are_reported():
         _parse(f'{path}:toy', '--config.data.no_such_key=1')
 
 
-@pytest.mark.parametrize('name', ['bevformer_tiny', 'detr3d_r50'])
+@pytest.mark.parametrize('name', ['bevformer_tiny', 'bevformer_base', 'detr3d_r50', 'detr3d_r101'])
 def test_demo_configs_build(name):
     """The ``:demo`` sizes (README results) are consistent: the model initialises on their inputs."""
     import jax
@@ -53,3 +53,12 @@ def test_demo_configs_build(name):
     params = jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
     assert sum(x.size for x in jax.tree_util.tree_leaves(params)) > 0
     assert config.train.num_steps > 0 and not config.model.grid_mask and not config.data.photometric
+
+
+@pytest.mark.parametrize('name', ['fd3d_bevformer_base_to_tiny', 'fd3d_detr3d_r101_to_r50'])
+def test_demo_pairs_fit(name):
+    """The ``:demo`` distillation pairs (experiments/distill_table.py) pair levels and BEVs."""
+    from fd3d_jax.distill.distiller import Distiller
+    config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
+    distiller = Distiller(config)  # eval_shape only: checks level pairing and the BEV factor
+    assert distiller.pairs and config.distill.feature_norm == 'both'

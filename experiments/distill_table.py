@@ -1,0 +1,242 @@
+"""The paper's distillation tables in miniature, trained and evaluated end to end on a synthetic
+nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionEval`` per cell).
+
+    python experiments/distill_table.py --table table1 [--seeds 0 1 2] [--steps 2000] [--rows alone fd3d]
+        [--dataroot data/synthetic40] [--expert DIR] [--runs runs/tables] [--name NAME]
+    python experiments/distill_table.py --table table1 --short      # the README's main job (minutes)
+
+Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
+``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
+no ablation table, see ``fd3d.md`` §6). Every row x seed is one training run in ``RUNS/NAME/ROW/seed_S``;
+finished runs are reused, so an interrupted table resumes. Writes ``experiments/results/NAME.json``,
+``NAME.md`` and ``NAME.png`` (mean +- std over seeds; the expert's own score from its folder's
+``metrics_summary.json``). The expert is a folder of ``experiments/export_expert.py`` or a training workdir.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
+
+# Rows: (key, label, config overrides). Every distillation row starts the apprentice's head from the
+# expert's (the released duplicate_student_head); "apprentice alone" never sees the expert.
+_METHOD_ROWS = [
+    ('alone', 'apprentice alone', NONE),
+    ('fitnet', 'FitNet (BEV + FPN)', {'distill.method': 'fitnet'}),
+    ('mgd', 'MGD (random masks)', {'distill.method': 'mgd'}),
+    ('fd3d_gen', 'FD3D generative (query masks)', {'distill.method': 'fd3d', 'distill.focal.weight': 0.0}),
+    ('fd3d', 'FD3D generative + focal', {'distill.method': 'fd3d'}),
+]
+FD3D = {'distill.method': 'fd3d'}
+TABLES = {
+    'table1': dict(title='BEVFormer base -> tiny (fd3d_bevformer_base_to_tiny.py:demo)',
+                   config='configs/fd3d_bevformer_base_to_tiny.py:demo',
+                   expert='experiments/experts/bevformer_base_demo', rows=_METHOD_ROWS),
+    'table2': dict(title='DETR3D R101 -> R50 (fd3d_detr3d_r101_to_r50.py:demo)',
+                   config='configs/fd3d_detr3d_r101_to_r50.py:demo',
+                   expert='experiments/experts/detr3d_r101_demo', rows=_METHOD_ROWS),
+    'table3': dict(title='FD3D ablations, BEVFormer base -> tiny (:demo)',
+                   config='configs/fd3d_bevformer_base_to_tiny.py:demo',
+                   expert='experiments/experts/bevformer_base_demo', rows=[
+                       ('alone', 'apprentice alone', NONE),
+                       ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
+                       ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, focal on all queries)', FD3D),
+                       ('topk', 'mask source: top-30 queries', {**FD3D, 'distill.mask.select': 'topk'}),
+                       ('gt', 'mask source: GT-matched queries', {**FD3D, 'distill.mask.select': 'gt'}),
+                       ('random_mask', 'mask mode: MGD random mask inside the boxes',
+                        {**FD3D, 'distill.mask.mode': 'random'}),
+                       ('focal_selected', 'focal: selected queries only', {**FD3D, 'distill.focal.queries': 'selected'}),
+                       ('focal_generated', 'focal: on the generated BEV', {**FD3D, 'distill.focal.source': 'generated'}),
+                       ('focal_x0.25', 'focal weight x0.25', {**FD3D, 'distill.focal.weight': 0.25}),
+                       ('gen_x0.25', 'generative weights x0.25',
+                        {**FD3D, 'distill.generative.bev_weight': 0.25, 'distill.generative.pv_weight': 0.25}),
+                       ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
+                   ]),
+}
+SHORT = dict(rows=('alone', 'fd3d'), seeds=(0,), steps=600)
+
+
+class TableError(ValueError):
+    """A run folder that holds another run, or a run that failed; names the folder."""
+
+
+def dataset_split(dataroot):
+    """(version, train split, val split) of a synthetic set (``fd3d_jax.data.synthetic``: 10 scenes give
+    v1.0-mini, more give v1.0-trainval)."""
+    if os.path.isdir(os.path.join(dataroot, 'v1.0-trainval')):
+        return 'v1.0-trainval', 'train', 'val'
+    if os.path.isdir(os.path.join(dataroot, 'v1.0-mini')):
+        return 'v1.0-mini', 'mini_train', 'mini_val'
+    raise TableError(f'{dataroot} holds no v1.0-trainval or v1.0-mini tables: generate it with '
+                     f'python -m fd3d_jax.data.synthetic --out {dataroot} --scenes 40')
+
+
+def run_command(table, overrides, seed, steps, dataroot, expert, workdir):
+    version, train, val = dataset_split(dataroot)
+    sets = {'data.dataroot': dataroot, 'data.version': version, 'data.train_split': train,
+            'data.val_split': val, 'seed': seed, 'distill.expert_checkpoint': expert, **overrides}
+    if steps:
+        sets['train.num_steps'] = steps
+    return [sys.executable, '-m', 'fd3d_jax.train', '--config', table['config'], '--workdir', workdir,
+            *[f'--config.{k}={v}' for k, v in sets.items()]]
+
+
+def run_cell(cmd, workdir, log=print):
+    """Runs (or reuses) one training run; returns its devkit summary and timing."""
+    os.makedirs(workdir, exist_ok=True)
+    spec_path, summary_path = os.path.join(workdir, 'run.json'), os.path.join(workdir, 'eval', 'metrics_summary.json')
+    argv = cmd[1:]
+    if os.path.exists(spec_path):
+        with open(spec_path) as f:
+            if json.load(f)['argv'] != argv:
+                raise TableError(f'{workdir} holds a run with other settings (see its run.json): remove it or '
+                                 f'pass another --runs folder')
+    with open(spec_path, 'w') as f:
+        json.dump(dict(argv=argv), f, indent=1)
+    if not os.path.exists(summary_path):
+        log(f'  training: {" ".join(argv)}')
+        t0 = time.time()
+        with open(os.path.join(workdir, 'train.log'), 'a') as out:
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        if rc or not os.path.exists(summary_path):
+            raise TableError(f'training in {workdir} failed (exit {rc}): see {workdir}/train.log')
+        with open(os.path.join(workdir, 'wall.json'), 'w') as f:
+            json.dump(dict(seconds=time.time() - t0), f)
+    with open(summary_path) as f:
+        s = json.load(f)
+    wall = None
+    if os.path.exists(os.path.join(workdir, 'wall.json')):
+        with open(os.path.join(workdir, 'wall.json')) as f:
+            wall = json.load(f)['seconds']
+    return dict(nds=s['nd_score'], map=s['mean_ap'], tp_errors=s['tp_errors'], wall_s=wall)
+
+
+def _stats(values):
+    v = np.asarray(values, np.float64)
+    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0, values=v.tolist())
+
+
+def expert_score(expert):
+    path = os.path.join(expert, 'metrics_summary.json')
+    if not os.path.exists(path):
+        path = os.path.join(expert, 'eval', 'metrics_summary.json')   # a training workdir
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        s = json.load(f)
+    return dict(nds=s['nd_score'], map=s['mean_ap'])
+
+
+def _pm(stats):
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if len(stats['values']) > 1 else f"{stats['mean']:.4f}"
+
+
+def markdown(result):
+    lines = [f"**{result['title']}** — {result['steps']} steps, seeds {result['seeds']}, "
+             f"{result['dataset']} ({result['machine']})", '',
+             '| row | NDS | mAP | ΔNDS | ΔmAP | min/run |', '|---|---|---|---|---|---|']
+    e = result['expert']
+    if e:
+        lines.append(f"| expert ({os.path.basename(result['expert_path'])}) | {e['nds']:.4f} | {e['map']:.4f} | | | |")
+    base = result['rows'][0]
+    for r in result['rows']:
+        dn, dm = r['nds']['mean'] - base['nds']['mean'], r['map']['mean'] - base['map']['mean']
+        wall = [c['wall_s'] for c in r['cells'] if c['wall_s']]
+        minutes = f'{np.mean(wall) / 60:.1f}' if wall else ''
+        lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} |")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = result['rows']
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 3.6))
+    x = np.arange(len(rows))
+    for ax, key, name in ((axes[0], 'nds', 'NDS'), (axes[1], 'map', 'mAP')):
+        ax.bar(x, [r[key]['mean'] for r in rows], yerr=[r[key]['std'] for r in rows], capsize=3,
+               color=['0.6'] + ['C0'] * (len(rows) - 1))
+        for i, r in enumerate(rows):
+            ax.plot([i] * len(r[key]['values']), r[key]['values'], 'k.', ms=4)
+        if result['expert']:
+            ax.axhline(result['expert'][key], color='C3', ls='--', label='expert')
+            ax.legend(loc='lower right', fontsize=7)
+        ax.set_xticks(x, [r['key'] for r in rows], rotation=30, ha='right', fontsize=8)
+        ax.set_ylabel(name)
+    fig.suptitle(result['title'], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, log=print):
+    rows = [r for r in table['rows'] if not row_keys or r[0] in row_keys]
+    if row_keys and len(rows) != len(row_keys):
+        known = ', '.join(r[0] for r in table['rows'])
+        raise TableError(f'unknown rows {sorted(set(row_keys) - {r[0] for r in rows})} (rows: {known})')
+    results = []
+    for key, label, overrides in rows:
+        cells = []
+        for seed in seeds:
+            workdir = os.path.join(runs, name, key, f'seed_{seed}')
+            log(f'{name}: {label}, seed {seed}')
+            cells.append(run_cell(run_command(table, overrides, seed, steps, dataroot, expert, workdir), workdir, log))
+            log(f'  NDS {cells[-1]["nds"]:.4f}  mAP {cells[-1]["map"]:.4f}')
+        results.append(dict(key=key, label=label, overrides=overrides, cells=cells,
+                            nds=_stats([c['nds'] for c in cells]), map=_stats([c['map'] for c in cells])))
+    from fd3d_jax.benchmark import machine_info
+    m = machine_info()
+    result = dict(table=name, title=table['title'], config=table['config'], expert_path=expert,
+                  expert=expert_score(expert), dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
+                  steps=steps, machine=f"{m['cpu_count']}-core {m['backend']}, {m['date']}", versions=m['versions'],
+                  rows=results)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+        f.write(markdown(result))
+    plot(result, os.path.join(out_dir, f'{name}.png'))
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--table', choices=sorted(TABLES), default='table1')
+    p.add_argument('--rows', nargs='*', help='row keys (default: all)')
+    p.add_argument('--seeds', nargs='*', type=int, default=[0, 1, 2])
+    p.add_argument('--steps', type=int, default=0, help='training steps per run (0: the config\'s)')
+    p.add_argument('--short', action='store_true', help=f'the main job: rows {SHORT["rows"]}, seed 0, '
+                   f'{SHORT["steps"]} steps, written as NAME_short')
+    p.add_argument('--dataroot', default='data/synthetic40')
+    p.add_argument('--expert', help='expert folder or workdir (default: the table\'s committed expert)')
+    p.add_argument('--runs', default='runs/tables', help='training runs (reused when finished)')
+    p.add_argument('--out', default=os.path.join('experiments', 'results'))
+    p.add_argument('--name', help='result name (default: the table name)')
+    args = p.parse_args()
+    table = TABLES[args.table]
+    rows, seeds, steps, name = args.rows, args.seeds, args.steps, args.name or args.table
+    if args.short:
+        rows, seeds, steps, name = list(SHORT['rows']), list(SHORT['seeds']), args.steps or SHORT['steps'], \
+            args.name or f'{args.table}_short'
+    expert = os.path.abspath(args.expert or os.path.join(REPO, table['expert']))
+    try:
+        if not os.path.isdir(expert):
+            raise TableError(f'expert {expert} not found: train and export one (make expert) or pass --expert')
+        result = run_table(name, table, seeds, steps, os.path.abspath(args.dataroot), expert,
+                           os.path.abspath(args.runs), args.out, rows)
+    except TableError as e:
+        sys.exit(f'error: {e}')
+    print()
+    print(markdown(result))
+    print(f'wrote {args.out}/{name}.json, .md, .png')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,115 @@
+"""Shared helpers of the benchmarks in ``experiments/bench_*.py``: wall-clock statistics, compiled
+memory, the machine/versions record, and the JSON result files (``experiments/results/bench_*.json``).
+
+Every benchmark measures what it compares in one run (ratios side by side, medians and spread), since
+machines are noisy; nothing here asserts a speed.
+"""
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+RESULTS_DIR = os.path.join('experiments', 'results')
+
+
+def _version(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes():
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError):
+        return None
+
+
+def machine_info():
+    """Where and with what a figure was measured (goes into every result file)."""
+    devices = jax.devices()
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        cpu=_cpu_model(), cpu_count=os.cpu_count(),
+        affinity=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+        memory_gb=None if _memory_bytes() is None else round(_memory_bytes() / 1e9, 1),
+        backend=jax.default_backend(), devices=f'{len(devices)} x {devices[0].device_kind}',
+        python=platform.python_version(),
+        versions={d: _version(d) for d in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'grain')})
+
+
+def summarize_times(seconds):
+    """Median and spread (min, quartiles, max) in milliseconds of a list of durations in seconds."""
+    ms = 1e3 * np.asarray(seconds, np.float64)
+    q25, q50, q75 = np.percentile(ms, [25, 50, 75])
+    return dict(median_ms=round(float(q50), 3), p25_ms=round(float(q25), 3), p75_ms=round(float(q75), 3),
+                min_ms=round(float(ms.min()), 3), max_ms=round(float(ms.max()), 3), n=int(ms.size))
+
+
+def time_call(fn, *args, warmup=1, iters=5, sync=jax.block_until_ready):
+    """Times ``sync(fn(*args))`` ``iters`` times after ``warmup`` untimed calls; ``summarize_times``."""
+    for _ in range(warmup):
+        sync(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return summarize_times(times)
+
+
+def interleaved(fns, warmup=1, iters=5):
+    """Times several zero-argument callables round-robin (``{name: fn}``, each returning when done), so
+    that a slow spell of the machine hits all of them alike; ``{name: summarize_times}``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: summarize_times(t) for name, t in times.items()}
+
+
+def memory(compiled):
+    """XLA's buffer sizes of a compiled executable (bytes): arguments, outputs, temporaries, aliased,
+    and peak = arguments + outputs + temporaries - aliased (the figure ``models/summary.py`` reports)."""
+    m = compiled.memory_analysis()
+    out = dict(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
+               temp=int(m.temp_size_in_bytes), alias=int(m.alias_size_in_bytes))
+    out['peak'] = out['argument'] + out['output'] + out['temp'] - out['alias']
+    return out
+
+
+def write_result(name, result, out_dir=RESULTS_DIR, echo=True):
+    """Writes ``{machine, **result}`` to ``out_dir/NAME.json`` (and prints it); returns the path."""
+    payload = dict(benchmark=name, machine=machine_info(), **result)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f'{name}.json')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(payload, f, indent=2, default=float)
+        f.write('\n')
+    os.replace(tmp, path)
+    if echo:
+        print(json.dumps(payload, default=float), flush=True)
+    return path

@@ -1,0 +1,112 @@
+"""experiments/distill_table.py: cells are run once and reused, other settings in a run folder are
+refused, failures name the folder, and the table files (json, md, png) hold mean +- std per row."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'experiments', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dt = _load('distill_table')
+
+# Stands in for `python -m fd3d_jax.train`: writes the evaluation a finished run leaves, with an NDS
+# read from the command line (`--config.seed=S` -> NDS 0.1 * (S + 1)), and counts its calls.
+FAKE_TRAIN = '''
+import json, os, sys
+argv = sys.argv[1:]
+workdir = argv[argv.index('--workdir') + 1]
+seed = int([a for a in argv if a.startswith('--config.seed=')][0].split('=')[1])
+os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+with open(os.path.join(workdir, 'calls'), 'a') as f:
+    f.write('x')
+if '--config.distill.method=fail' in argv:
+    sys.exit(3)
+with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
+    json.dump(dict(nd_score=0.1 * (seed + 1), mean_ap=0.05 * (seed + 1), tp_errors=dict(trans_err=1.0)), f)
+'''
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    script = tmp_path / 'fake_train.py'
+    script.write_text(FAKE_TRAIN)
+    real = dt.run_command
+
+    def command(*args):
+        cmd = real(*args)
+        assert cmd[1:3] == ['-m', 'fd3d_jax.train']
+        return [sys.executable, str(script)] + cmd[3:]
+    monkeypatch.setattr(dt, 'run_command', command)
+    root = tmp_path / 'data'
+    (root / 'v1.0-mini').mkdir(parents=True)
+    expert = tmp_path / 'expert'
+    expert.mkdir()
+    (expert / 'metrics_summary.json').write_text(json.dumps(dict(nd_score=0.5, mean_ap=0.4)))
+    return tmp_path, str(root), str(expert)
+
+
+def _table(rows):
+    return dict(title='test table', config='configs/fd3d_bevformer_base_to_tiny.py:toy', expert='', rows=rows)
+
+
+def test_table_runs_cells_once_and_writes_mean_and_std(fake):
+    tmp, root, expert = fake
+    rows = [('alone', 'apprentice alone', dt.NONE), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    args = ('t', _table(rows), [0, 1], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'))
+    result = dt.run_table(*args, log=lambda *a: None)
+    assert result['expert'] == dict(nds=0.5, map=0.4)
+    assert [r['key'] for r in result['rows']] == ['alone', 'fd3d']
+    nds = result['rows'][1]['nds']
+    assert nds['values'] == pytest.approx([0.1, 0.2]) and nds['mean'] == pytest.approx(0.15)
+    assert nds['std'] == pytest.approx(0.0707107, rel=1e-5)
+    md = (tmp / 'out' / 't.md').read_text()
+    assert '| FD3D | 0.1500 ± 0.0707 | 0.0750 ± 0.0354 | +0.0000 |' in md and '| expert (expert) | 0.5000 |' in md
+    assert (tmp / 'out' / 't.png').stat().st_size > 0
+    saved = json.loads((tmp / 'out' / 't.json').read_text())
+    assert saved['steps'] == 7 and saved['seeds'] == [0, 1]
+    run = json.loads((tmp / 'runs' / 't' / 'fd3d' / 'seed_1' / 'run.json').read_text())['argv']
+    for arg in ('--config.seed=1', '--config.train.num_steps=7', '--config.distill.method=fd3d',
+                f'--config.distill.expert_checkpoint={expert}', '--config.data.version=v1.0-mini',
+                '--config.data.val_split=mini_val'):
+        assert arg in run
+    dt.run_table(*args, log=lambda *a: None)   # finished cells are reused, not retrained
+    assert (tmp / 'runs' / 't' / 'fd3d' / 'seed_1' / 'calls').read_text() == 'x'
+
+
+def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
+    tmp, root, expert = fake
+    runs, out = str(tmp / 'runs'), str(tmp / 'out')
+    dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
+    with pytest.raises(dt.TableError, match=r'runs/t/a/seed_0 holds a run with other settings'):
+        dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 6, root, expert, runs, out, log=lambda *a: None)
+    with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/seed_0 failed \(exit 3\)'):
+        dt.run_table('t', _table([('b', 'b', {'distill.method': 'fail'})]), [0], 5, root, expert, runs, out,
+                     log=lambda *a: None)
+    with pytest.raises(dt.TableError, match=r'unknown rows'):
+        dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 5, root, expert, runs, out, ['zzz'])
+    with pytest.raises(dt.TableError, match='holds no v1.0-trainval or v1.0-mini'):
+        dt.dataset_split(str(tmp))
+
+
+def test_every_table_row_is_a_valid_override():
+    """Each row's overrides name existing keys of its pair config with values of the key's type."""
+    from tests.test_configs import _parse
+    for name, table in dt.TABLES.items():
+        path, arg = table['config'].split(':')
+        for key, _, overrides in table['rows']:
+            config = _parse(f'{os.path.join(REPO, path)}:{arg}', *[f'--config.{k}={v}' for k, v in overrides.items()])
+            for k, v in overrides.items():
+                node = config
+                for part in k.split('.'):
+                    node = node[part]
+                assert node == v, (name, key, k)
