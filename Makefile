@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= data/synthetic
-SCENES ?= 10
+DATA ?= data/synthetic40
+SCENES ?= 40
+TRAINVAL = --config.data.dataroot=$(DATA) --config.data.version=v1.0-trainval --config.data.train_split=train --config.data.val_split=val
 MODEL ?= detr3d_r50
 WORKDIR ?= runs/$(MODEL)_demo
+EXPERT ?= bevformer_base
+EXPERT_STEPS ?= 3000
 DEMO_ARGS ?=
 
-.PHONY: venv demo test test-slow test-all clean-data
+.PHONY: venv data demo expert detector-demo data-demo bench test test-slow test-all clean-data
 
 venv: $(STAMP)
 
@@ -22,12 +25,39 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps nuscenes-devkit==1.2.0
 	touch $(STAMP)
 
-# The main job: synthetic set -> data checks and pictures -> train the demo detector (resumes if
-# WORKDIR holds a checkpoint) -> devkit evaluation (NDS table).
-demo: venv
-	test -f $(DATA)/v1.0-mini/sample.json || $(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
-	$(PY) experiments/data_demo.py --config configs/data.py:toy --config.data.dataroot=$(DATA) --out data/demo
-	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) --config.data.dataroot=$(DATA) $(DEMO_ARGS)
+# The synthetic nuScenes-format set of the experiments (40 scenes: v1.0-trainval, 32 train / 8 val).
+data: venv
+	test -f $(DATA)/fd3d_synthetic.json || $(PY) -m fd3d_jax.data.synthetic --out $(DATA) --scenes $(SCENES) --seed 0
+
+# The main job: the short table 1 (BEVFormer base -> tiny on the synthetic set, from the committed demo
+# expert): the apprentice alone and with FD3D, trained, evaluated with the devkit, NDS table printed.
+# The full tables: python experiments/distill_table.py --table table1|table2|table3 (README Experiments).
+demo: data
+	$(PY) experiments/distill_table.py --table table1 --short --dataroot $(DATA)
+
+# Trains a demo expert on the synthetic set and exports it to experiments/experts/ (how the committed
+# one was made): make expert [EXPERT=bevformer_base|detr3d_r101] [EXPERT_STEPS=3000]
+expert: data
+	$(PY) -m fd3d_jax.train --config configs/$(EXPERT).py:demo --workdir runs/expert_$(EXPERT)_demo $(TRAINVAL) \
+		--config.train.num_steps=$(EXPERT_STEPS)
+	$(PY) experiments/export_expert.py --workdir runs/expert_$(EXPERT)_demo --out experiments/experts/$(EXPERT)_demo
+
+# One detector alone on the synthetic set (README "Results on the synthetic set").
+detector-demo: data
+	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) $(TRAINVAL) $(DEMO_ARGS)
+
+# The data path check: devkit tables -> records -> batches, GT through DetectionEval, pictures.
+data-demo: data
+	$(PY) experiments/data_demo.py --config configs/data.py:toy $(TRAINVAL) --out data/demo
+
+# Benchmarks (torch is the optional reference of bench_msda): results in experiments/results/bench_*.json
+bench: venv
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) experiments/bench_msda.py
+	$(PY) experiments/bench_train_step.py
+	$(PY) experiments/bench_pipeline.py
+	$(PY) experiments/bench_inference.py
+	$(PY) experiments/bench_memory.py
 
 test: venv
 	$(PY) -m pytest -q
