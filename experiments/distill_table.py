@@ -7,7 +7,7 @@ nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionE
 
 Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
 ``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
-no ablation table, see ``fd3d.md`` §6). Every row x seed is one training run in ``RUNS/NAME/ROW/seed_S``;
+no ablation table, see ``fd3d.md`` §6). Every row x seed is one training run in ``RUNS/TABLE/ROW/stepsN_seedS``;
 finished runs are reused, so an interrupted table resumes. Writes ``experiments/results/NAME.json``,
 ``NAME.md`` and ``NAME.png`` (mean +- std over seeds; the expert's own score from its folder's
 ``metrics_summary.json``). The expert is a folder of ``experiments/export_expert.py`` or a training workdir.
@@ -25,9 +25,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
 
 # Rows: (key, label, config overrides). Every distillation row starts the apprentice's head from the
-# expert's (the released duplicate_student_head); "apprentice alone" never sees the expert.
+# expert's (the released duplicate_student_head); "apprentice alone" never sees the expert, "expert head
+# only" separates that initialisation from the distillation losses.
 _METHOD_ROWS = [
     ('alone', 'apprentice alone', NONE),
+    ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
     ('fitnet', 'FitNet (BEV + FPN)', {'distill.method': 'fitnet'}),
     ('mgd', 'MGD (random masks)', {'distill.method': 'mgd'}),
     ('fd3d_gen', 'FD3D generative (query masks)', {'distill.method': 'fd3d', 'distill.focal.weight': 0.0}),
@@ -42,10 +44,9 @@ TABLES = {
                    config='configs/fd3d_detr3d_r101_to_r50.py:demo',
                    expert='experiments/experts/detr3d_r101_demo', rows=_METHOD_ROWS),
     'table3': dict(title='FD3D ablations, BEVFormer base -> tiny (:demo)',
-                   config='configs/fd3d_bevformer_base_to_tiny.py:demo',
+                   config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',   # shares its runs
                    expert='experiments/experts/bevformer_base_demo', rows=[
-                       ('alone', 'apprentice alone', NONE),
-                       ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
+                       *_METHOD_ROWS[:2],
                        ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, focal on all queries)', FD3D),
                        ('topk', 'mask source: top-30 queries', {**FD3D, 'distill.mask.select': 'topk'}),
                        ('gt', 'mask source: GT-matched queries', {**FD3D, 'distill.mask.select': 'gt'}),
@@ -59,7 +60,7 @@ TABLES = {
                        ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
                    ]),
 }
-SHORT = dict(rows=('alone', 'fd3d'), seeds=(0,), steps=600)
+SHORT = dict(rows=('alone', 'head', 'fd3d'), seeds=(0,), steps=600)
 
 
 class TableError(ValueError):
@@ -177,6 +178,8 @@ def plot(result, path):
 
 
 def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, log=print):
+    """Runs (or reuses) every row x seed in ``runs/<table folder>/<row>/steps<N>_seed<S>`` and writes
+    ``out_dir/NAME.{json,md,png}``; returns the result dict."""
     rows = [r for r in table['rows'] if not row_keys or r[0] in row_keys]
     if row_keys and len(rows) != len(row_keys):
         known = ', '.join(r[0] for r in table['rows'])
@@ -185,7 +188,7 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
     for key, label, overrides in rows:
         cells = []
         for seed in seeds:
-            workdir = os.path.join(runs, name, key, f'seed_{seed}')
+            workdir = os.path.join(runs, table.get('folder', name), key, f'steps{steps}_seed{seed}')
             log(f'{name}: {label}, seed {seed}')
             cells.append(run_cell(run_command(table, overrides, seed, steps, dataroot, expert, workdir), workdir, log))
             log(f'  NDS {cells[-1]["nds"]:.4f}  mAP {cells[-1]["map"]:.4f}')
@@ -220,7 +223,8 @@ def main():
     p.add_argument('--out', default=os.path.join('experiments', 'results'))
     p.add_argument('--name', help='result name (default: the table name)')
     args = p.parse_args()
-    table = TABLES[args.table]
+    table = dict(TABLES[args.table])
+    table.setdefault('folder', args.table)   # the short table reuses the full table's runs
     rows, seeds, steps, name = args.rows, args.seeds, args.steps, args.name or args.table
     if args.short:
         rows, seeds, steps, name = list(SHORT['rows']), list(SHORT['seeds']), args.steps or SHORT['steps'], \

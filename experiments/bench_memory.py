@@ -1,0 +1,94 @@
+"""Compiled peak memory of the real train step, per config, beside PyTorch's published training memory.
+
+    python experiments/bench_memory.py [--configs bevformer_tiny fd3d_bevformer_base_to_tiny ...] [--remat on|off]
+
+For each config (``NAME[:ARG]``, ``ARG`` default ``full``; default: the five detectors and the three FD3D
+pairs) it compiles, from abstract shapes only (``loop.abstract_train_step``: nothing is initialised or
+run), the train step that ``fd3d_jax.train`` runs: detection loss [+ the distillation loss against the
+frozen expert], AdamW update, batch 1 per device, the whole temporal queue, float32. Reports XLA's
+``memory_analysis()`` (peak = arguments + outputs + temporaries - aliased, ``benchmark.memory``), the
+compile seconds (wall, and this process's CPU seconds: robust to a busy machine) and the parameter
+counts (apprentice, distillation modules, expert). The PyTorch column is the BEVFormer README's training
+memory (nvidia-smi, fp32, batch 1 per GPU) for the official configs: a process-level figure (CUDA context
+and caching allocator included), not the same definition.
+``--remat on|off`` overrides the layers' and the backbone's rematerialisation (apprentice and expert).
+"""
+import argparse
+import importlib
+import time
+
+import jax
+
+from fd3d_jax import benchmark
+from fd3d_jax.distill import uses_expert
+from fd3d_jax.distill.distiller import Distiller
+from fd3d_jax.train import loop
+
+CONFIGS = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101',
+           'fd3d_bevformer_base_to_tiny', 'fd3d_bevformer_base_to_small', 'fd3d_detr3d_r101_to_r50')
+PYTORCH_TRAIN_GB = {'bevformer_tiny:full': 6.5, 'bevformer_small:full': 10.5, 'bevformer_base:full': 28.5}
+
+
+def load_config(spec):
+    """``NAME[:ARG]`` or ``configs/NAME.py[:ARG]`` -> ``configs.NAME.get_config(ARG or 'full')``."""
+    path, _, arg = spec.partition(':')
+    name = path.rsplit('/', 1)[-1].removesuffix('.py')
+    return f'{name}:{arg or "full"}', importlib.import_module(f'configs.{name}').get_config(arg or 'full')
+
+
+def set_remat(config, on):
+    for model in [config.model] + ([config.expert.model] if 'expert' in config else []):
+        model.remat = model.backbone.remat = on
+
+
+def count(tree):
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def measure(config):
+    distiller = Distiller(config) if uses_expert(config) else None
+    jitted, args = loop.abstract_train_step(config, distiller)
+    c0, t0 = time.process_time(), time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    params = args[0].params
+    return dict(memory_bytes=benchmark.memory(compiled), compile_s=round(time.perf_counter() - t0, 1),
+                compile_cpu_s=round(time.process_time() - c0, 1),
+                params=count(params['model']), distill_params=count(params.get('distill', {})),
+                expert_params=count(args[1]), batch=int(args[2]['img'].shape[0]),
+                queue_length=int(args[2]['img'].shape[1]),
+                image_hw=list(args[2]['img'].shape[3:5]), remat=bool(config.model.remat),
+                backbone_remat=bool(config.model.backbone.remat))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--configs', nargs='+', default=CONFIGS, help='NAME[:ARG] (ARG default full)')
+    parser.add_argument('--remat', choices=('config', 'on', 'off'), default='config')
+    parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
+    parser.add_argument('--name', default='', help='result name (default bench_memory[_remat_on|off])')
+    args = parser.parse_args(argv)
+    args.name = args.name or 'bench_memory' + ('' if args.remat == 'config' else f'_remat_{args.remat}')
+    rows = []
+    for spec in args.configs:
+        name, config = load_config(spec)
+        if args.remat != 'config':
+            set_remat(config, args.remat == 'on')
+        print(f'compiling {name} ...', flush=True)
+        try:
+            row = dict(config=name, **measure(config))
+        except Exception as e:   # noqa: BLE001 (e.g. out of host memory: recorded, the others go on)
+            row = dict(config=name, error=f'{type(e).__name__}: {e}'[:500])
+        row['peak_gb'] = round(row['memory_bytes']['peak'] / 1e9, 3) if 'memory_bytes' in row else None
+        row['pytorch_train_gb'] = PYTORCH_TRAIN_GB.get(name)
+        rows.append(row)
+        print(f"  {name}: peak {row['peak_gb']} GB, compile {row.get('compile_s')} s", flush=True)
+        benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir, echo=False)
+    print('| config | params | peak GB (XLA) | PyTorch GB (nvidia-smi) | compile s (CPU s) |')
+    for r in rows:
+        print(f"| {r['config']} | {r.get('params', 0) / 1e6:.2f} M | {r['peak_gb']} | {r['pytorch_train_gb'] or '-'} "
+              f"| {r.get('compile_s', r.get('error'))} ({r.get('compile_cpu_s')}) |")
+    return benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir)
+
+
+if __name__ == '__main__':
+    main()

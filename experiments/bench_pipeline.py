@@ -1,0 +1,165 @@
+"""Is training input-bound? The grain training pipeline's samples/s against the train step's steps/s.
+
+    python experiments/bench_pipeline.py --config configs/bevformer_tiny.py:demo [--workers 0 1 2]
+        [--batches 20] [--steps 10] [--loop-steps 20] [--out-dir experiments/results] [--config.key=value ...]
+
+For the config's training split (default ``config.data``: the synthetic set of ``make demo``):
+
+* ``train_step``: the ``Trainer``'s compiled step (batch ``train.batch_size``, whole temporal queue)
+  on batches already in memory: median step time, steps/s and the samples/s it consumes.
+* ``pipeline[w]``: the real ``pipeline.train_dataset`` (JPEG decode, photometric distortion when the
+  config has it, resize, normalise, queue of frames, can_bus, BEV alignment, GT) with
+  ``config.data.num_threads = w`` grain read threads (0: read in the calling thread), after
+  ``--warmup`` batches, over ``--batches`` batches: samples/s (a sample is one queue of ``T`` frames of
+  6 cameras), the ``headroom`` = pipeline samples/s / train-step samples/s (< 1: input-bound when the
+  two are measured apart), and a short real training loop (``--loop-steps``; ``next(iterator)`` then the
+  asynchronously dispatched step, as ``loop.train_and_evaluate`` does): loop steps/s, the fraction of
+  wall time spent in ``next`` and the device idle fraction ``1 - steps x step time / wall``.
+
+The two share the CPU when training runs on it, so the loop figures are the ones that decide.
+Writes ``experiments/results/bench_pipeline_<config>.json`` (``fd3d_jax.benchmark.write_result``).
+"""
+import argparse
+import itertools
+import os
+import time
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from fd3d_jax import benchmark
+from fd3d_jax.data import pipeline
+from fd3d_jax.distill import uses_expert
+from fd3d_jax.distill.distiller import build_distillation
+from fd3d_jax.train import loop
+from fd3d_jax.train import mesh as mesh_lib
+
+
+def parse_args(parser, argv, default_config):
+    """argparse options plus the project's ``--config FILE[:ARG] --config.key=value`` (absl, private flags).
+    Returns (args, config, name) with name like ``bevformer_tiny:demo``."""
+    args, rest = parser.parse_known_args(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', default_config, 'config file[:arg]', flag_values=fv,
+                                    sys_argv=['bench'] + rest)
+    fv(['bench'] + rest)
+    path, _, arg = fv['config'].config_filename.partition(':')
+    name = os.path.splitext(os.path.basename(path))[0]
+    return args, fv.config, name + (':' + arg if arg else '')
+
+
+def train_iter(recs, config, batch_size, workers, bev, expert_bev):
+    """A live iterator of the real training pipeline with ``workers`` grain read threads."""
+    d = config.data.copy_and_resolve_references()
+    d.num_threads = workers
+    return iter(pipeline.train_dataset(recs, d.dataroot, d, batch_size, config.seed, bev=bev,
+                                       expert_bev=expert_bev))
+
+
+def measure_pipeline(it, batch_size, warmup, batches):
+    """Samples/s of ``batches`` batches of ``it`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        next(it)
+    times = []
+    t_all = time.perf_counter()
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        next(it)
+        times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t_all
+    return dict(batch=benchmark.summarize_times(times), samples_per_s=batches * batch_size / wall)
+
+
+def measure_loop(trainer, it, steps, step_s):
+    """A real training loop on a live iterator: next() then the (asynchronous) step."""
+    wait = 0.0
+    t_all = time.perf_counter()
+    metrics = None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        wait += time.perf_counter() - t0
+        metrics = trainer.step(batch)
+    jax.block_until_ready((metrics, trainer.state))
+    wall = time.perf_counter() - t_all
+    return dict(steps=steps, wall_s=round(wall, 3), steps_per_s=steps / wall, wait_s=round(wait, 3),
+                wait_fraction=wait / wall, device_idle_fraction=max(0.0, 1.0 - steps * step_s / wall))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='grain read threads to try')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed batches / steps first')
+    parser.add_argument('--batches', type=int, default=20, help='timed pipeline batches per worker count')
+    parser.add_argument('--steps', type=int, default=10, 
+                        help='timed train steps on in-memory batches (0: pipeline only)')
+    parser.add_argument('--loop-steps', type=int, default=20, help='real-loop steps per worker count (0: none)')
+    parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
+    args, config, name = parse_args(parser, argv, 'configs/bevformer_tiny.py:demo')
+    load_avg = os.getloadavg()[0]
+    print(f'{name}: device {jax.devices()[0].device_kind} ({jax.default_backend()}), load average {load_avg:.2f}',
+          flush=True)
+
+    d = config.data
+    recs = loop.load_split(config, d.train_split)
+    b = mesh_lib.process_batch_size(config.train.batch_size, mesh_lib.make_mesh())
+    bev = pipeline.bev_config(config.model)
+    expert_bev = pipeline.bev_config(config.expert.model) if uses_expert(config) else None
+
+    train_step, needed, trainer, step_s = None, None, None, None
+    if args.steps:  # the train step on batches already in memory (read with the config's thread count)
+        distiller, expert_params = build_distillation(config)
+        trainer = loop.Trainer(config, len(recs['samples']), distiller=distiller, expert_params=expert_params)
+        it = train_iter(recs, config, b, d.num_threads, bev, expert_bev)
+        cycle = itertools.cycle([next(it) for _ in range(min(4, args.steps + args.warmup + 1))])
+        it.close()
+        t0 = time.perf_counter()
+        jax.block_until_ready(trainer.step(next(cycle)))
+        compile_s = time.perf_counter() - t0
+        step = benchmark.time_call(lambda: trainer.step(next(cycle)), warmup=args.warmup, iters=args.steps)
+        step_s = step['median_ms'] / 1e3
+        needed = b / step_s
+        t, n = d.queue_length, config.model.num_cams
+        train_step = dict(compile_s=round(compile_s, 2), step=step, steps_per_s=1 / step_s,
+                          samples_per_s_needed=needed, frames_per_s=needed * t, images_per_s=needed * t * n)
+        print(f'train step: {step["median_ms"]:.1f} ms median ({1 / step_s:.2f} steps/s, consumes {needed:.2f} '
+              f'samples/s); first step (compile) {compile_s:.1f} s', flush=True)
+
+    rows = []
+    for w in args.workers:
+        it = train_iter(recs, config, b, w, bev, expert_bev)
+        row = dict(workers=w, **measure_pipeline(it, b, args.warmup, args.batches))
+        row['images_per_s'] = row['samples_per_s'] * d.queue_length * config.model.num_cams
+        msg = f'workers {w}: pipeline {row["samples_per_s"]:.2f} samples/s'
+        if train_step:
+            row['headroom'] = row['samples_per_s'] / needed
+            row['input_bound'] = row['headroom'] < 1
+            msg += f', headroom x{row["headroom"]:.2f}' + (' (input-bound)' if row['input_bound'] else '')
+        if train_step and args.loop_steps:
+            lp = row['loop'] = measure_loop(trainer, it, args.loop_steps, step_s)
+            msg += (f'; loop {lp["steps_per_s"]:.2f} steps/s, waiting for data {100 * lp["wait_fraction"]:.0f} %, '
+                    f'device idle {100 * lp["device_idle_fraction"]:.0f} %')
+        it.close()
+        rows.append(row)
+        print(msg, flush=True)
+
+    fine = [r['workers'] for r in rows if r.get('input_bound') is False]
+    result = dict(
+        config=name, dataroot=d.dataroot, split=d.train_split, num_samples=len(recs['samples']), batch_size=b,
+        queue_length=d.queue_length, cameras=config.model.num_cams, image_hw=pipeline.output_image_hw(recs, d),
+        photometric=bool(d.get('photometric', False)), load_avg_1m=load_avg, train_step=train_step,
+        pipeline=rows,
+        min_workers_not_input_bound=min(fine) if fine else None,
+        notes=('workers = config.data.num_threads (grain ReadOptions.num_threads; 0 reads in the calling thread); '
+               'a sample is one training queue of queue_length frames x cameras images; headroom = pipeline '
+               'samples/s / samples/s the train step consumes, measured apart (<1: input-bound); loop = the '
+               'real loop with both sharing the machine'))
+    slug = name.replace(':', '_')
+    benchmark.write_result(f'bench_pipeline_{slug}', result, args.out_dir)
+    return result
+
+
+if __name__ == '__main__':
+    main()
