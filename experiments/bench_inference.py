@@ -25,8 +25,6 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from fd3d_jax import benchmark
 from fd3d_jax.data import pipeline, records
@@ -48,19 +46,6 @@ PUBLISHED = {
                     dict(fps=2.0, source="BEVDet paper Table 2", hardware="GPU", config="detr3d_r101:full")],
     'detr3d_r50': [dict(fps=4.0, source=_FD3D[0], hardware=_FD3D[1], config='detr3d_r50:full')],
 }
-
-
-def parse_args(parser, argv, default_config):
-    """argparse options plus the project's ``--config FILE[:ARG] --config.key=value`` (absl, private flags).
-    Returns (args, config, name) with name like ``bevformer_tiny:demo``."""
-    args, rest = parser.parse_known_args(argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', default_config, 'config file[:arg]', flag_values=fv,
-                                    sys_argv=['bench'] + rest)
-    fv(['bench'] + rest)
-    path, _, arg = fv['config'].config_filename.partition(':')
-    name = os.path.splitext(os.path.basename(path))[0]
-    return args, fv.config, name + (':' + arg if arg else '')
 
 
 def data_batches(config, n):
@@ -104,7 +89,7 @@ def main(argv=None):
     parser.add_argument('--workdir', default='', help='training workdir / params folder (default: random init)')
     parser.add_argument('--inputs', choices=('auto', 'data', 'dummy'), default='auto')
     parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
-    args, config, name = parse_args(parser, argv, 'configs/bevformer_tiny.py:demo')
+    args, config, name = benchmark.parse_config_args(parser, argv, 'configs/bevformer_tiny.py:demo')
     device = jax.devices()[0]
     load_avg = os.getloadavg()[0]
     print(f'{name}: device {device.device_kind} ({jax.default_backend()}), load average {load_avg:.2f}', flush=True)

@@ -25,8 +25,6 @@ import os
 import time
 
 import jax
-from absl import flags
-from ml_collections import config_flags
 
 from fd3d_jax import benchmark
 from fd3d_jax.data import pipeline
@@ -34,19 +32,6 @@ from fd3d_jax.distill import uses_expert
 from fd3d_jax.distill.distiller import build_distillation
 from fd3d_jax.train import loop
 from fd3d_jax.train import mesh as mesh_lib
-
-
-def parse_args(parser, argv, default_config):
-    """argparse options plus the project's ``--config FILE[:ARG] --config.key=value`` (absl, private flags).
-    Returns (args, config, name) with name like ``bevformer_tiny:demo``."""
-    args, rest = parser.parse_known_args(argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', default_config, 'config file[:arg]', flag_values=fv,
-                                    sys_argv=['bench'] + rest)
-    fv(['bench'] + rest)
-    path, _, arg = fv['config'].config_filename.partition(':')
-    name = os.path.splitext(os.path.basename(path))[0]
-    return args, fv.config, name + (':' + arg if arg else '')
 
 
 def train_iter(recs, config, batch_size, workers, bev, expert_bev):
@@ -97,7 +82,7 @@ def main(argv=None):
                         help='timed train steps on in-memory batches (0: pipeline only)')
     parser.add_argument('--loop-steps', type=int, default=20, help='real-loop steps per worker count (0: none)')
     parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
-    args, config, name = parse_args(parser, argv, 'configs/bevformer_tiny.py:demo')
+    args, config, name = benchmark.parse_config_args(parser, argv, 'configs/bevformer_tiny.py:demo')
     load_avg = os.getloadavg()[0]
     print(f'{name}: device {jax.devices()[0].device_kind} ({jax.default_backend()}), load average {load_avg:.2f}',
           flush=True)

@@ -100,6 +100,21 @@ def memory(compiled):
     return out
 
 
+def parse_config_args(parser, argv, default_config):
+    """``parser``'s (argparse) options plus the project's ``--config FILE[:ARG] --config.key=value``
+    (absl, private flag values). Returns (args, config, name), name like ``bevformer_tiny:demo``."""
+    from absl import flags
+    from ml_collections import config_flags
+    args, rest = parser.parse_known_args(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', default_config, 'config file[:arg]', flag_values=fv,
+                                    sys_argv=['bench'] + rest)
+    fv(['bench'] + rest)
+    path, _, arg = fv['config'].config_filename.partition(':')
+    name = os.path.splitext(os.path.basename(path))[0]
+    return args, fv.config, name + (':' + arg if arg else '')
+
+
 def write_result(name, result, out_dir=RESULTS_DIR, echo=True):
     """Writes ``{machine, **result}`` to ``out_dir/NAME.json`` (and prints it); returns the path."""
     payload = dict(benchmark=name, machine=machine_info(), **result)

@@ -6,16 +6,15 @@ import os
 
 import pytest
 
+from tests.experiments import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PASSES = ('fwd', 'fwd_bwd')
 FIELDS = ('out', 'd_value', 'd_loc', 'd_attn')
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location('bench_msda', os.path.join(ROOT, 'experiments', 'bench_msda.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench_msda')
 
 
 @pytest.fixture(scope='module')

@@ -1,26 +1,21 @@
 """Smoke tests of experiments/bench_pipeline.py and experiments/bench_inference.py on the toy configs
 over the tests' synthetic set (``synthetic_root``: 2 scenes, 160x90 images)."""
 import functools
-import importlib.util
 import json
 import os
 
 import pytest
 
+from tests.experiments import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(root, name, config, out_dir, *args):
-    result = _script(name).main(['--config', os.path.join(ROOT, 'configs', config),
-                                 f'--config.data.dataroot={root}', '--config.data.raw_image_wh=(160, 90)',
-                                 f'--config.data.records_dir={out_dir / "records"}', '--out-dir', str(out_dir), *args])
+    result = load_script(name).main(['--config', os.path.join(ROOT, 'configs', config),
+                                     f'--config.data.dataroot={root}', '--config.data.raw_image_wh=(160, 90)',
+                                     f'--config.data.records_dir={out_dir / "records"}', '--out-dir', str(out_dir),
+                                     *args])
     slug = os.path.basename(config).replace('.py', '').replace(':', '_')
     with open(os.path.join(out_dir, f'{name}_{slug}.json')) as f:
         written = json.load(f)

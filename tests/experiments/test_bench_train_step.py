@@ -1,11 +1,12 @@
 """Smoke tests of experiments/bench_train_step.py and experiments/bench_memory.py on :toy configs (one
 toy compile in the fast test; the train-step benchmark compiles three steps and is marked slow)."""
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+
+from tests.experiments import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATAROOT = os.path.join(ROOT, 'data', 'synthetic')
@@ -13,10 +14,7 @@ HAVE_DATA = os.path.isdir(os.path.join(DATAROOT, 'v1.0-mini'))
 
 
 def _main(name, *args):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with open(module.main(list(args))) as f:
+    with open(load_script(name).main(list(args))) as f:
         return json.load(f)
 
 

@@ -1,23 +1,17 @@
 """experiments/distill_table.py: cells are run once and reused, other settings in a run folder are
 refused, failures name the folder, and the table files (json, md, png) hold mean +- std per row."""
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
 
+from tests.experiments import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'experiments', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dt = _load('distill_table')
+dt = load_script('distill_table')
 
 # Stands in for `python -m fd3d_jax.train`: writes the evaluation a finished run leaves, with an NDS
 # read from the command line (`--config.seed=S` -> NDS 0.1 * (S + 1)), and counts its calls.
