@@ -70,17 +70,6 @@ def data_batches(config, n):
         load_s=round(load_s, 3), load_samples_per_s=k / load_s)
 
 
-def restore_params(trainer, workdir):
-    """``params['model']`` of a workdir or params folder, checked against the config's model."""
-    from fd3d_jax.distill.expert import check_shapes
-    from fd3d_jax.train.checkpoint import load_params
-    abstract = trainer.state.params['model']
-    params = load_params(workdir)
-    check_shapes(params, abstract, workdir)
-    params = jax.tree_util.tree_map(lambda x, a: jax.numpy.asarray(x, a.dtype), params, abstract)
-    return mesh_lib.replicate(params, trainer.mesh)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -109,7 +98,7 @@ def main(argv=None):
     print(f'inputs: {inputs}', flush=True)
 
     trainer = loop.Trainer(config, num_train_samples=1)
-    params = restore_params(trainer, args.workdir) if args.workdir else trainer.state.params['model']
+    params = loop.restore_model_params(trainer, args.workdir) if args.workdir else trainer.state.params['model']
     m = config.model
     prev_shape = (1, m.bev_h * m.bev_w, m.embed_dims) if m.name == 'bevformer' else (1, 1, 1)
     prev0 = mesh_lib.shard_batch(np.zeros(prev_shape, np.float32), trainer.mesh)

@@ -14,7 +14,6 @@ and caching allocator included), not the same definition.
 ``--remat on|off`` overrides the layers' and the backbone's rematerialisation (apprentice and expert).
 """
 import argparse
-import importlib
 import time
 
 import jax
@@ -27,13 +26,6 @@ from fd3d_jax.train import loop
 CONFIGS = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101',
            'fd3d_bevformer_base_to_tiny', 'fd3d_bevformer_base_to_small', 'fd3d_detr3d_r101_to_r50')
 PYTORCH_TRAIN_GB = {'bevformer_tiny:full': 6.5, 'bevformer_small:full': 10.5, 'bevformer_base:full': 28.5}
-
-
-def load_config(spec):
-    """``NAME[:ARG]`` or ``configs/NAME.py[:ARG]`` -> ``configs.NAME.get_config(ARG or 'full')``."""
-    path, _, arg = spec.partition(':')
-    name = path.rsplit('/', 1)[-1].removesuffix('.py')
-    return f'{name}:{arg or "full"}', importlib.import_module(f'configs.{name}').get_config(arg or 'full')
 
 
 def set_remat(config, on):
@@ -70,7 +62,7 @@ def main(argv=None):
     args.name = args.name or 'bench_memory' + ('' if args.remat == 'config' else f'_remat_{args.remat}')
     rows = []
     for spec in args.configs:
-        name, config = load_config(spec)
+        name, config = benchmark.load_config(spec)
         if args.remat != 'config':
             set_remat(config, args.remat == 'on')
         print(f'compiling {name} ...', flush=True)

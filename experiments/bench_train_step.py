@@ -19,7 +19,7 @@ expert is random unless ``--expert-checkpoint`` (timing does not depend on its w
 initialised or run) and report seconds and XLA's peak bytes, for full-size configs.
 """
 import argparse
-import importlib
+import functools
 import time
 
 import jax
@@ -32,14 +32,7 @@ from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train import loop
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.train.state import init_params, step_rng
-
-
-def load_config(spec):
-    """``configs/NAME.py[:ARG]`` -> ``configs.NAME.get_config(ARG)``."""
-    path, _, arg = spec.partition(':')
-    name = path.rsplit('/', 1)[-1].removesuffix('.py')
-    module = importlib.import_module(f'configs.{name}')
-    return module.get_config(arg) if arg else module.get_config()
+from fd3d_jax.train.train_step import expert_forward
 
 
 def with_gt(batch, config, num=10, seed=0):
@@ -143,7 +136,7 @@ def run(config, args):
     batch = mesh_lib.shard_batch(host_batch, mesh)
     app_batch = {k: v for k, v in batch.items() if not k.startswith('expert_')}
     rng = step_rng(fd3d.state.rng, 0)
-    expert = jax.jit(lambda p, b: distiller.expert.apply({'params': p}, distiller.expert_batch(b), deterministic=True))
+    expert = jax.jit(functools.partial(expert_forward, distiller))   # as inside the FD3D step
 
     compile_s = {}
     _, compile_s['apprentice'] = aot_compile(alone.train_step, alone.state, None, app_batch, rng)
@@ -186,7 +179,7 @@ def main(argv=None):
     parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
     parser.add_argument('--name', default='', help='result name (default bench_train_step[_compile]_CONFIG_ARG)')
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    _, config = benchmark.load_config(args.config)
     if 'distill' not in config or config.distill.method == 'none':
         raise SystemExit(f'error: {args.config} is not a distillation pair config')
     config.distill.expert_checkpoint = args.expert_checkpoint or config.distill.expert_checkpoint

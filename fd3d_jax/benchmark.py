@@ -100,6 +100,15 @@ def memory(compiled):
     return out
 
 
+def load_config(spec):
+    """``NAME[:ARG]`` or ``configs/NAME.py[:ARG]`` -> (``'NAME:ARG'``, ``configs.NAME.get_config(ARG)``), ARG
+    default ``full`` (a plain import: no command-line overrides; see ``parse_config_args`` for those)."""
+    import importlib
+    path, _, arg = spec.partition(':')
+    name = os.path.basename(path).removesuffix('.py')
+    return f'{name}:{arg or "full"}', importlib.import_module(f'configs.{name}').get_config(arg or 'full')
+
+
 def parse_config_args(parser, argv, default_config):
     """``parser``'s (argparse) options plus the project's ``--config FILE[:ARG] --config.key=value``
     (absl, private flag values). Returns (args, config, name), name like ``bevformer_tiny:demo``."""

@@ -254,10 +254,25 @@ def evaluate_params(trainer, params, out_dir, log=print):
     return summary
 
 
-def evaluate_checkpoint(config, workdir, step=None, log=print):
-    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
+def restore_model_params(trainer, path, step=None):
+    """``params['model']`` of ``path`` (a workdir's latest or ``step`` checkpoint, or a params folder),
+    checked leaf by leaf against ``trainer``'s model (``CheckpointError`` lists mismatches), cast to its
+    dtypes and replicated on its mesh."""
     from fd3d_jax.distill.expert import check_shapes
     from fd3d_jax.train.checkpoint import CheckpointError, load_params
+    abstract = trainer.state.params['model']
+    params = load_params(path, step)
+    try:
+        check_shapes(params, abstract, path if step is None else f'{path} (step {step})')
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    params = jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
+    return mesh_lib.replicate(params, trainer.mesh)
+
+
+def evaluate_checkpoint(config, workdir, step=None, log=print):
+    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
+    from fd3d_jax.train.checkpoint import CheckpointError
     trainer = Trainer(config, num_train_samples=1)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     named = step is not None
@@ -265,13 +280,7 @@ def evaluate_checkpoint(config, workdir, step=None, log=print):
     if step is None:
         raise CheckpointError(f'no checkpoint in {ckpt.directory}')
     ckpt.close()
-    abstract = trainer.state.params['model']
-    params = load_params(workdir, step)
-    try:
-        check_shapes(params, abstract, f'{ckpt.directory}/{step}')
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    params = jax.tree_util.tree_map(lambda x, a: jax.numpy.asarray(x, a.dtype), params, abstract)
+    params = restore_model_params(trainer, workdir, step)
     out = os.path.join(workdir, f'eval/step_{step}' if named else 'eval')
     log(f'evaluating {ckpt.directory}/{step}')
-    return evaluate_params(trainer, mesh_lib.replicate(params, trainer.mesh), out, log=log)
+    return evaluate_params(trainer, params, out, log=log)
