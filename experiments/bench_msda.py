@@ -67,13 +67,6 @@ def _gb(n):
     return n / 1e9
 
 
-def _physical_memory():
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError):
-        return 1 << 62
-
-
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +326,7 @@ def main(argv=None):
         threads['torch'] = torch.get_num_threads()
     print(f'backend {jax.default_backend()}, {cores} cores; torch: {torch_note or "threads %d" % threads["torch"]}')
 
-    limit = _physical_memory() // 2
+    limit = (benchmark.physical_memory_bytes() or 1 << 62) // 2
     load_start = [round(x, 2) for x in os.getloadavg()]
     shapes = {name: run_shape(name, args, use_torch, limit) for name in args.shapes}
     result = dict(shapes=shapes, threads=threads, torch=torch_note or 'ran', compile_only=args.compile_only,

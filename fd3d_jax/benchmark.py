@@ -35,7 +35,8 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _memory_bytes():
+def physical_memory_bytes():
+    """This machine's physical memory in bytes, or None when the OS does not say."""
     try:
         return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     except (ValueError, OSError):
@@ -49,7 +50,7 @@ def machine_info():
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         cpu=_cpu_model(), cpu_count=os.cpu_count(),
         affinity=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
-        memory_gb=None if _memory_bytes() is None else round(_memory_bytes() / 1e9, 1),
+        memory_gb=None if physical_memory_bytes() is None else round(physical_memory_bytes() / 1e9, 1),
         backend=jax.default_backend(), devices=f'{len(devices)} x {devices[0].device_kind}',
         python=platform.python_version(),
         versions={d: _version(d) for d in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'grain')})
