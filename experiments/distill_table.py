@@ -4,6 +4,7 @@ nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionE
     python experiments/distill_table.py --table table1 [--seeds 0 1 2] [--steps 2000] [--rows alone fd3d]
         [--dataroot data/synthetic40] [--expert DIR] [--runs runs/tables] [--name NAME]
     python experiments/distill_table.py --table table1 --short      # the README's main job (minutes)
+    python experiments/distill_table.py --table table1 --seeds 0 1 2 --reuse experiments/results/table1.json
 
 Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
 ``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
@@ -151,6 +152,9 @@ def markdown(result):
         wall = [c['wall_s'] for c in r['cells'] if c['wall_s']]
         minutes = f'{np.mean(wall) / 60:.1f}' if wall else ''
         lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} |")
+    sources = sorted({os.path.basename(c['reused_from']) for r in result['rows'] for c in r['cells'] if 'reused_from' in c})
+    if sources:
+        lines += ['', f"Some cells are the recorded runs of {', '.join(sources)} (same config, steps and expert)."]
     return '\n'.join(lines) + '\n'
 
 
@@ -177,9 +181,27 @@ def plot(result, path):
     plt.close(fig)
 
 
-def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, log=print):
+def recorded_cells(paths, table, steps, expert):
+    """{(row key, seed): cell} from earlier result files of the same table config, step count and expert
+    (e.g. when their run folders are gone); each cell names the file it came from."""
+    cells = {}
+    for path in paths or ():
+        with open(path) as f:
+            r = json.load(f)
+        if (r['config'], r['steps'], os.path.basename(r['expert_path'])) != (table['config'], steps, os.path.basename(expert)):
+            raise TableError(f'{path} holds another table (config {r["config"]}, {r["steps"]} steps, expert '
+                             f'{r["expert_path"]}), not {table["config"]}, {steps} steps, {expert}')
+        for row in r['rows']:
+            for seed, cell in zip(r['seeds'], row['cells']):
+                cells[(row['key'], seed, json.dumps(row['overrides'], sort_keys=True))] = dict(cell, reused_from=path)
+    return cells
+
+
+def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, reuse=(), log=print):
     """Runs (or reuses) every row x seed in ``runs/<table folder>/<row>/steps<N>_seed<S>`` and writes
-    ``out_dir/NAME.{json,md,png}``; returns the result dict."""
+    ``out_dir/NAME.{json,md,png}``; returns the result dict. ``reuse``: earlier result files whose cells
+    stand in for run folders that hold no finished run."""
+    recorded = recorded_cells(reuse, table, steps, expert)
     rows = [r for r in table['rows'] if not row_keys or r[0] in row_keys]
     if row_keys and len(rows) != len(row_keys):
         known = ', '.join(r[0] for r in table['rows'])
@@ -190,7 +212,12 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         for seed in seeds:
             workdir = os.path.join(runs, table.get('folder', name), key, f'steps{steps}_seed{seed}')
             log(f'{name}: {label}, seed {seed}')
-            cells.append(run_cell(run_command(table, overrides, seed, steps, dataroot, expert, workdir), workdir, log))
+            old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True)))
+            if old and not os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json')):
+                log(f'  recorded in {old["reused_from"]}')
+                cells.append(old)
+            else:
+                cells.append(run_cell(run_command(table, overrides, seed, steps, dataroot, expert, workdir), workdir, log))
             log(f'  NDS {cells[-1]["nds"]:.4f}  mAP {cells[-1]["map"]:.4f}')
         results.append(dict(key=key, label=label, overrides=overrides, cells=cells,
                             nds=_stats([c['nds'] for c in cells]), map=_stats([c['map'] for c in cells])))
@@ -222,6 +249,8 @@ def main():
     p.add_argument('--runs', default='runs/tables', help='training runs (reused when finished)')
     p.add_argument('--out', default=os.path.join('experiments', 'results'))
     p.add_argument('--name', help='result name (default: the table name)')
+    p.add_argument('--reuse', nargs='*', default=[], help='earlier result JSON files whose cells stand in for '
+                   'runs that are not in --runs (same config, steps and expert)')
     args = p.parse_args()
     table = dict(TABLES[args.table])
     table.setdefault('folder', args.table)   # the short table reuses the full table's runs
@@ -234,7 +263,7 @@ def main():
         if not os.path.isdir(expert):
             raise TableError(f'expert {expert} not found: train and export one (make expert) or pass --expert')
         result = run_table(name, table, seeds, steps, os.path.abspath(args.dataroot), expert,
-                           os.path.abspath(args.runs), args.out, rows)
+                           os.path.abspath(args.runs), args.out, rows, args.reuse)
     except TableError as e:
         sys.exit(f'error: {e}')
     print()

@@ -105,3 +105,23 @@ def test_every_table_row_is_a_valid_override():
                 for part in k.split('.'):
                     node = node[part]
                 assert node == v, (name, key, k)
+
+
+def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
+    tmp, root, expert = fake
+    rows = [('alone', 'apprentice alone', dt.NONE), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    quiet = dict(log=lambda *a: None)
+    dt.run_table('old', _table(rows), [0], 7, root, expert, str(tmp / 'runs_old'), str(tmp / 'out'), **quiet)
+    old = str(tmp / 'out' / 'old.json')
+    result = dt.run_table('new', _table(rows), [0, 1], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                          reuse=[old], **quiet)
+    cells = result['rows'][1]['cells']
+    assert cells[0]['reused_from'] == old and 'reused_from' not in cells[1]
+    assert not (tmp / 'runs' / 'new' / 'fd3d' / 'steps7_seed0').exists()   # not retrained
+    assert (tmp / 'runs' / 'new' / 'fd3d' / 'steps7_seed1' / 'calls').read_text() == 'x'
+    assert result['rows'][1]['nds']['values'] == pytest.approx([0.1, 0.2])
+    other = [('fd3d', 'FD3D', {'distill.method': 'fd3d', 'distill.focal.weight': 0.5})]   # other overrides: rerun
+    dt.run_table('w', _table(other), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), reuse=[old], **quiet)
+    assert (tmp / 'runs' / 'w' / 'fd3d' / 'steps7_seed0' / 'calls').exists()
+    with pytest.raises(dt.TableError, match='holds another table'):   # other step count
+        dt.run_table('x', _table(rows), [0], 8, root, expert, str(tmp / 'runs'), str(tmp / 'out'), reuse=[old], **quiet)
