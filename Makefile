@@ -12,7 +12,7 @@ EXPERT ?= bevformer_base
 EXPERT_STEPS ?= 3000
 DEMO_ARGS ?=
 
-.PHONY: venv data demo expert detector-demo data-demo bench test test-slow test-all clean-data
+.PHONY: venv data demo expert detector-demo data-demo bench test test-scaleout test-slow test-all clean-data
 
 venv: $(STAMP)
 
@@ -59,9 +59,11 @@ bench: venv
 	$(PY) experiments/bench_inference.py
 	$(PY) experiments/bench_memory.py
 
-# Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15.
+# Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15; then
+# the scale-out/reliability tests (kill/SIGTERM and resume, 2 processes vs 1), which start their own processes.
 test: venv
 	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -m scaleout
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

@@ -28,6 +28,8 @@ def data_config(toy=False):
     c.use_valid_flag = True           # drop GT without lidar/radar points
     c.filter_empty_gt = True          # resample training queues with a GT-less frame
     c.photometric = True              # PhotoMetricDistortionMultiViewImage on training images
+    c.skip_bad_samples = False        # training only: log and redraw a sample that fails to load
+                                      # (missing/corrupt image); evaluation never skips
     c.num_threads = 2                 # grain read threads (image decoding)
     c.prefetch = 2                    # grain prefetch buffer (batches)
     return c
@@ -137,6 +139,8 @@ def add_training(config, toy=False):
     t.log_every = 50                    # steps between metric lines
     t.eval_every = 0                    # steps between evaluations (0: only at the end)
     t.eval_batch_size = 1
+    t.nonfinite = 'stop'                # non-finite loss/gradient: 'stop' (name the step, keep the last good
+                                        # checkpoint) or 'skip' (no update; counted in metrics skipped_steps)
     t.profile = False
     config.train = t
     o = ml_collections.ConfigDict()

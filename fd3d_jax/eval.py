@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fd3d_jax import evaluate
+from fd3d_jax.cli import ConfigError, exit_on, parse_flags
 
 config_flags.DEFINE_config_file('config', None, 'config file (checkpoint mode)')
 flags.DEFINE_string('workdir', None, 'training folder with checkpoints/ (checkpoint mode)')
@@ -31,12 +32,12 @@ def main(argv):
         if not (FLAGS.workdir and FLAGS.config):
             sys.exit('error: checkpoint mode needs both --config and --workdir')
         logging.set_verbosity(logging.WARNING)
+        from fd3d_jax.data.pipeline import DataError
+        from fd3d_jax.data.records import RecordsError
         from fd3d_jax.train.checkpoint import CheckpointError
-        try:
-            from fd3d_jax.train.loop import evaluate_checkpoint
-            evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
-        except CheckpointError as e:
-            sys.exit(f'error: {e}')
+        from fd3d_jax.train.loop import evaluate_checkpoint
+        exit_on((ConfigError, DataError, RecordsError, CheckpointError), evaluate_checkpoint, FLAGS.config,
+                FLAGS.workdir, FLAGS.step)
         return
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]
     if missing:
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -20,11 +20,17 @@ With ``expert_bev`` (distillation from a BEVFormer expert) the same three for th
 ``expert_bev_shift``, ``expert_bev_rot_index``, ``expert_bev_rot_valid``.
 Batches add a leading batch axis. T = ``queue_length`` for training and 1 for evaluation; G =
 ``max_gt``; GT is of the current (last) frame, filtered by ``valid_flag``, class and BEV range.
+
+Bad input raises ``DataError`` naming the file, sample token or config key: missing or corrupt
+images, GT boxes with a non-finite centre/size/yaw or a non-positive size, more GT than
+``data.max_gt``, a split without GT when training with ``data.filter_empty_gt``. In training only,
+``data.skip_bad_samples`` turns a sample that fails to load into a logged warning and another draw.
 """
 import os
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from fd3d_jax.data import geometry
@@ -34,6 +40,11 @@ from fd3d_jax.data.geometry import can_bus_delta
 
 class DataError(ValueError):
     """Unusable input data; the message names the file, sample token or config key."""
+
+
+class _ConfigError(DataError):
+    """A mismatch of the data and the config (too many GT for ``data.max_gt``, no GT for
+    ``data.filter_empty_gt``): never skipped by ``data.skip_bad_samples``."""
 
 
 def output_image_hw(records, cfg):
@@ -85,9 +96,21 @@ def load_frame(record, dataroot, cfg, out_hw, rng=None):
     return imgs, l2i
 
 
+def check_boxes(boxes, sample_token):
+    """DataError naming the sample and the annotation index of the first box (N, 7) with a
+    non-finite centre/size/yaw or a non-positive size."""
+    bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 3:6] <= 0).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f'sample {sample_token}: GT box of annotation {i} is invalid (non-finite or non-positive '
+                        f'size): (x, y, z, w, l, h, yaw) = {boxes[i].tolist()}')
+
+
 def ground_truth(record, cfg):
-    """Filtered and padded GT of one record: boxes (G, 9), labels (G,), mask (G,)."""
+    """Filtered and padded GT of one record: boxes (G, 9), labels (G,), mask (G,). Boxes whose centre
+    is outside ``cfg.point_cloud_range`` in BEV are dropped; invalid boxes raise (``check_boxes``)."""
     boxes = np.asarray(record['gt_boxes'], np.float64).reshape(-1, 7)
+    check_boxes(boxes, record['token'])
     vel = np.asarray(record['gt_velocity'], np.float64).reshape(-1, 2)
     names = list(record['gt_names'])
     keep = np.array([n in cfg.class_names for n in names], bool).reshape(-1)
@@ -97,7 +120,7 @@ def ground_truth(record, cfg):
     keep &= (boxes[:, 0] > x0) & (boxes[:, 1] > y0) & (boxes[:, 0] < x1) & (boxes[:, 1] < y1)
     idx = np.flatnonzero(keep)
     if len(idx) > cfg.max_gt:
-        raise DataError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
+        raise _ConfigError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
                         f'config data.max_gt={cfg.max_gt}; raise data.max_gt')
     out = np.zeros((cfg.max_gt, 9), np.float32)
     labels = np.full((cfg.max_gt,), -1, np.int32)
@@ -148,11 +171,17 @@ def bev_config(model_cfg):
                 rotate_prev_bev=model_cfg.rotate_prev_bev)
 
 
+MAX_DRAWS = 100  # training: draws for a queue with GT, and consecutive skipped samples, before giving up
+
+
 class SampleLoader:
-    """Turns record indices into samples (see the module docstring)."""
+    """Turns record indices into samples (see the module docstring). ``skipped``: training samples
+    skipped so far because they failed to load (``data.skip_bad_samples``)."""
 
     def __init__(self, records, dataroot, cfg, bev=None, expert_bev=None):
         self.samples = records['samples']
+        self.split = records.get('split', '?')
+        self.skipped = 0
         self.dataroot = dataroot
         self.cfg = cfg
         self.bev = bev
@@ -173,18 +202,51 @@ class SampleLoader:
 
     def train(self, index, rng):
         """A training queue ending at ``index``; queues with a GT-less frame are resampled at a
-        random index, as mmdet's ``filter_empty_gt`` loop does. ``cfg.photometric``: every image of
-        every queue frame gets its own photometric distortion drawn from ``rng``."""
-        for _ in range(100):
+        random index, as mmdet's ``filter_empty_gt`` loop does (a DataError after ``MAX_DRAWS``
+        draws without GT in every frame). ``cfg.photometric``: every image of every queue frame gets
+        its own photometric distortion drawn from ``rng``. With ``cfg.skip_bad_samples`` a queue
+        that fails to load (DataError: missing or corrupt image, invalid GT box) is logged, counted
+        in ``skipped`` and replaced by a queue at another index drawn from ``rng``; otherwise, after
+        ``MAX_DRAWS`` consecutive failures, and for config mismatches (``data.max_gt``, no GT) the
+        DataError propagates."""
+        for _ in range(MAX_DRAWS):
+            try:
+                return self._train_queue(index, rng)
+            except _ConfigError:
+                raise
+            except DataError as e:
+                if not self.cfg.get('skip_bad_samples', False):
+                    raise
+                self.skipped += 1
+                logging.warning('data.skip_bad_samples: skipping training index %d (%d skipped so far): %s',
+                                int(index), self.skipped, e)
+            index = rng.integers(len(self.samples))
+        raise DataError(f"{MAX_DRAWS} consecutive training samples of split '{self.split}' failed to load with "
+                        f'config data.skip_bad_samples=True (see the warnings); check the data')
+
+    def _train_queue(self, index, rng):
+        for _ in range(MAX_DRAWS):
             indices = train_queue_indices(int(index), self.cfg.queue_length, rng)
             if not self.cfg.filter_empty_gt or all(ground_truth(self.samples[i], self.cfg)[2].any() for i in indices):
                 break
             index = rng.integers(len(self.samples))
+        else:
+            raise self._no_gt_error()
         can_bus, exists = _queue_can_bus(self.samples, indices)
         return self._sample(indices, can_bus, exists, rng=rng if self.cfg.get('photometric', False) else None)
 
+    def _no_gt_error(self):
+        with_gt = sum(bool(ground_truth(rec, self.cfg)[2].any()) for rec in self.samples)
+        what = (f'no sample of split {self.split!r} has' if not with_gt else
+                f'only {with_gt} of {len(self.samples)} samples of split {self.split!r} have')
+        return _ConfigError(f'{what} GT within config data.point_cloud_range / data.class_names (with '
+                          f'data.use_valid_flag={self.cfg.use_valid_flag}): {MAX_DRAWS} draws found no training '
+                          f'queue with GT in every frame; set data.filter_empty_gt=False to train without GT')
+
     def eval(self, index, valid=True):
-        """One frame; deltas w.r.t. the previous sample of its scene (BEVFormer ``forward_test``)."""
+        """One frame; deltas w.r.t. the previous sample of its scene (BEVFormer ``forward_test``).
+        Never skips a sample (``data.skip_bad_samples`` is for training only): the devkit's
+        evaluation needs results for every sample of the split, so a DataError propagates."""
         index = int(index)
         prev = [index - 1] if index > 0 and valid else []
         can_bus, exists = _queue_can_bus(self.samples, prev + [index])
@@ -195,13 +257,20 @@ def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard
                   expert_bev=None):
     """Infinite, shuffled (reshuffled every epoch), batched training data of this process's shard.
 
+    One global stream (shuffle, repeat, per-element augmentation RNG keyed by the global position) is cut
+    into global batches of ``batch_size * shard_count``; shard ``p`` gets rows ``[p * batch_size, (p + 1) *
+    batch_size)`` of each. So the global batch, and the training run, does not depend on how many processes
+    feed it, and every shard's iterator is at the same position (one saved iterator state serves all).
     Deterministic for a seed; ``iter(...)`` gives an iterator with ``get_state``/``set_state``.
     ``expert_bev``: also the BEV alignment of a distillation expert's grid (``expert_bev_*`` keys).
     """
     loader = SampleLoader(records, dataroot, cfg, bev, expert_bev)
-    ds = grain.MapDataset.range(len(records['samples']))[shard_index::shard_count]
-    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.range(len(records['samples'])).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda i, rng: loader.train(i, rng), seed=seed)
+    if shard_count > 1:
+        stream, per_batch = ds, batch_size * shard_count
+        ds = grain.MapDataset.range(len(stream) // shard_count).map(
+            lambda k: stream[(k // batch_size) * per_batch + shard_index * batch_size + k % batch_size])
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
 

@@ -6,6 +6,13 @@ paths with intrinsics and camera->LiDAR transforms, LiDAR->ego and ego->global p
 from ego poses), prev/next/scene links, and the ground truth in the LiDAR frame (boxes
 ``(x, y, z, w, l, h, yaw)`` with gravity-centre z, velocities, names, point counts, valid flags).
 
+Bad input fails with a ``RecordsError``: a non-finite number in a calibrated_sensor or ego_pose row
+(named with the sample and row tokens) or in the can_bus vector, when building; a non-finite
+calibration, pose or can_bus array of a sample (named with the file and sample token), when loading.
+Scenes without annotations are kept (their records have no GT); scenes without samples are skipped
+with a warning on stderr, and a split left without samples is an error. Invalid GT boxes are the
+pipeline's to reject (``pipeline.ground_truth``).
+
     python -m fd3d_jax.data.records --dataroot D --version V --split S [--out F.json]
 """
 import argparse
@@ -52,6 +59,37 @@ def split_scene_names(nusc, split):
 
 def _transform(record):
     return geometry.make_transform(record['rotation'], record['translation'])
+
+
+def _checked_row(nusc, sample_token, table, token, keys=('rotation', 'translation')):
+    """Row ``token`` of ``table``; a RecordsError naming the sample, table and row when one of its
+    ``keys`` holds a non-finite number."""
+    row = nusc.get(table, token)
+    for key in keys:
+        if not np.isfinite(np.asarray(row[key], np.float64)).all():
+            raise RecordsError(f"sample {sample_token}: non-finite {key} in {table} {token}: {row[key]}")
+    return row
+
+
+def _lidar_ego2global(nusc, sample):
+    lidar_sd = nusc.get('sample_data', sample['data'][LIDAR_NAME])
+    return _transform(_checked_row(nusc, sample['token'], 'ego_pose', lidar_sd['ego_pose_token']))
+
+
+def _array_fields(rec):
+    """(name, value) of a record's calibration, pose and can_bus arrays."""
+    fields = [('lidar2ego', rec['lidar2ego']), ('ego2global', rec['ego2global']), ('can_bus', rec['can_bus'])]
+    return fields + [(f"{cam['channel']} {key}", cam[key])
+                     for cam in rec['cams'] for key in ('intrinsic', 'sensor2lidar')]
+
+
+def non_finite_field(rec):
+    """Name of the first calibration/pose/can_bus array of a record with a non-finite number (one
+    vectorised check when all are finite), or None."""
+    fields = _array_fields(rec)
+    if np.isfinite(np.concatenate([np.ravel(np.asarray(v, np.float64)) for _, v in fields])).all():
+        return None
+    return next(name for name, v in fields if not np.isfinite(np.asarray(v, np.float64)).all())
 
 
 def _can_bus_messages(dataroot, scene_name):
@@ -103,9 +141,10 @@ def _pose_motion(ego2globals, timestamps, k):
 
 def _sample_record(nusc, sample, frame_idx, scene, can_pose):
     from nuscenes.eval.detection.utils import category_to_detection_name
+    token = sample['token']
     lidar_sd = nusc.get('sample_data', sample['data'][LIDAR_NAME])
-    lidar2ego = _transform(nusc.get('calibrated_sensor', lidar_sd['calibrated_sensor_token']))
-    ego2global = _transform(nusc.get('ego_pose', lidar_sd['ego_pose_token']))
+    lidar2ego = _transform(_checked_row(nusc, token, 'calibrated_sensor', lidar_sd['calibrated_sensor_token']))
+    ego2global = _lidar_ego2global(nusc, sample)
     lidar2global = ego2global @ lidar2ego
     global2lidar = geometry.invert_transform(lidar2global)
     cams = []
@@ -113,8 +152,9 @@ def _sample_record(nusc, sample, frame_idx, scene, can_pose):
         if channel not in sample['data']:
             raise RecordsError(f"sample {sample['token']} has no {channel} key frame")
         sd = nusc.get('sample_data', sample['data'][channel])
-        cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
-        cam2global = _transform(nusc.get('ego_pose', sd['ego_pose_token'])) @ _transform(cs)
+        cs = _checked_row(nusc, token, 'calibrated_sensor', sd['calibrated_sensor_token'],
+                          ('rotation', 'translation', 'camera_intrinsic'))
+        cam2global = _transform(_checked_row(nusc, token, 'ego_pose', sd['ego_pose_token'])) @ _transform(cs)
         cams.append(dict(channel=channel, path=sd['filename'], timestamp=sd['timestamp'],
                          width=sd['width'], height=sd['height'],
                          intrinsic=np.asarray(cs['camera_intrinsic']).tolist(),
@@ -136,39 +176,77 @@ def _sample_record(nusc, sample, frame_idx, scene, can_pose):
         nradar.append(ann['num_radar_pts'])
         instances.append(ann['instance_token'])
     velocity = np.asarray(velocity, dtype=np.float64).reshape(-1, 2)
-    return dict(
-        token=sample['token'], scene_token=scene['token'], scene_name=scene['name'],
+    can_bus = geometry.can_bus_vector(ego2global, can_pose)
+    if not np.isfinite(can_bus).all():
+        source = (f"message utime {can_pose['utime']} of {scene['name']}_pose.json of the CAN-bus expansion"
+                  if can_pose is not None and 'utime' in can_pose else f"ego poses of {scene['name']}")
+        raise RecordsError(f'sample {token}: non-finite can_bus vector from the {source}: {can_bus.tolist()}')
+    rec = dict(
+        token=token, scene_token=scene['token'], scene_name=scene['name'],
         frame_idx=frame_idx, timestamp=sample['timestamp'], prev=sample['prev'], next=sample['next'],
         lidar_path=lidar_sd['filename'], lidar2ego=lidar2ego.tolist(), ego2global=ego2global.tolist(),
-        cams=cams, can_bus=geometry.can_bus_vector(ego2global, can_pose).tolist(),
+        cams=cams, can_bus=can_bus.tolist(),
         gt_boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 7).tolist(),
         # NaN velocities (single-annotation instances) are stored as 0 with valid_velocity False.
         gt_velocity=np.nan_to_num(velocity).tolist(),
         valid_velocity=(~np.isnan(velocity).any(axis=1)).tolist(),
         gt_names=names, gt_attributes=attrs, num_lidar_pts=npts, num_radar_pts=nradar,
         valid_flag=[a + b > 0 for a, b in zip(npts, nradar)], instance_tokens=instances)
+    bad = non_finite_field(rec)  # finite rows can still give NaN (a zero quaternion)
+    if bad:
+        raise RecordsError(f'sample {token}: non-finite {bad} computed from its calibrated_sensor and ego_pose rows')
+    return rec
+
+
+def _scene_chain(nusc, scene):
+    """The samples of a scene in time order ([] when it has no first sample)."""
+    chain, token = [], scene['first_sample_token']
+    while token:
+        try:
+            chain.append(nusc.get('sample', token))
+        except KeyError:
+            raise RecordsError(f"scene {scene['name']} links to sample {token}, which is not in the sample "
+                               f'table') from None
+        token = chain[-1]['next']
+    return chain
+
+
+def _scene_records(nusc, scene, chain):
+    messages = _can_bus_messages(nusc.dataroot, scene['name'])
+    ego2globals = [_lidar_ego2global(nusc, s) for s in chain]
+    timestamps = [s['timestamp'] for s in chain]
+    for a, b in zip(chain, chain[1:]):
+        if b['timestamp'] <= a['timestamp']:
+            raise RecordsError(f"scene {scene['name']}: sample {b['token']} (timestamp {b['timestamp']}) does not come "
+                               f"after the sample before it, {a['token']} (timestamp {a['timestamp']})")
+    out = []
+    for k, sample in enumerate(chain):
+        can_pose = (_can_pose(messages, sample['timestamp']) if messages is not None
+                    else _pose_motion(ego2globals, timestamps, k))
+        out.append(_sample_record(nusc, sample, k, scene, can_pose))
+    return out
 
 
 def build_records(nusc, split):
-    """Records of every sample of ``split`` (scenes in table order, samples in time order)."""
+    """Records of every sample of ``split`` (scenes in table order, samples in time order). Scenes
+    without samples are skipped with a warning on stderr; a split without samples is an error."""
     names = set(split_scene_names(nusc, split))
-    samples = []
+    samples, empty = [], []
     for scene in nusc.scene:
         if scene['name'] not in names:
             continue
-        chain, token = [], scene['first_sample_token']
-        while token:
-            chain.append(nusc.get('sample', token))
-            token = chain[-1]['next']
-        messages = _can_bus_messages(nusc.dataroot, scene['name'])
-        ego2globals = [_transform(nusc.get('ego_pose', nusc.get('sample_data', s['data'][LIDAR_NAME])['ego_pose_token']))
-                       for s in chain]
-        timestamps = [s['timestamp'] for s in chain]
-        for k, sample in enumerate(chain):
-            can_pose = (_can_pose(messages, sample['timestamp']) if messages is not None
-                        else _pose_motion(ego2globals, timestamps, k))
-            samples.append(_sample_record(nusc, sample, k, scene, can_pose))
+        chain = _scene_chain(nusc, scene)
+        if not chain:
+            print(f"warning: scene {scene['name']} ({scene['token']}) of split '{split}' has no samples "
+                  f"(nbr_samples {scene.get('nbr_samples')}, first_sample_token "
+                  f"{scene['first_sample_token']!r}); skipped", file=sys.stderr)
+            empty.append(scene['name'])
+            continue
+        samples.extend(_scene_records(nusc, scene, chain))
     if not samples:
+        if empty:
+            raise RecordsError(f"split '{split}' has no samples in {nusc.dataroot} ({nusc.version}): "
+                               f"its scenes {', '.join(empty)} have none")
         raise RecordsError(f"split '{split}' has no scenes in {nusc.dataroot} ({nusc.version})")
     return dict(format=FORMAT, version=nusc.version, split=split, dataroot=os.path.abspath(nusc.dataroot),
                 fingerprint=tables_fingerprint(nusc.dataroot, nusc.version), samples=samples)
@@ -186,14 +264,15 @@ def tables_fingerprint(dataroot, version):
 
 def save_records(records, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'   # processes of one multi-host job may build the same cache at once
     with open(tmp, 'w') as f:
         json.dump(records, f)
     os.replace(tmp, path)
 
 
 def load_records(path, version=None, split=None):
-    """Loads a records file and checks its format, version and split."""
+    """Loads a records file and checks its format, version, split and that its calibration, pose
+    and can_bus arrays are finite (JSON as Python writes it allows NaN and Infinity)."""
     try:
         with open(path) as f:
             records = json.load(f)
@@ -208,6 +287,16 @@ def load_records(path, version=None, split=None):
     for key, want in (('version', version), ('split', split)):
         if want is not None and records.get(key) != want:
             raise RecordsError(f"records file {path} is for {key} '{records.get(key)}', expected '{want}'")
+    for k, rec in enumerate(records.get('samples', [])):
+        try:
+            bad = non_finite_field(rec)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            token = rec.get('token') if isinstance(rec, dict) else None
+            raise RecordsError(f'records file {path}: sample {k} ({token}) has malformed calibration, pose or '
+                               f'can_bus arrays ({type(e).__name__}: {e}); rebuild it') from None
+        if bad:
+            raise RecordsError(f"records file {path}: sample {rec['token']} has a non-finite {bad}; check the "
+                               f'tables and rebuild it with python -m fd3d_jax.data.records')
     return records
 
 

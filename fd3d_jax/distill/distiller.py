@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fd3d_jax.cli import ConfigError
 from fd3d_jax.distill import heatmap as heatmap_lib
 from fd3d_jax.distill import losses, masks
 from fd3d_jax.distill.expert import expert_batch
@@ -65,7 +66,7 @@ class Distiller:
         self.method = cfg.method
         self.app_cfg, self.exp_cfg = config.model, config.expert.model
         if self.app_cfg.name != self.exp_cfg.name:
-            raise ValueError(f'config.model.name={self.app_cfg.name!r} and config.expert.model.name='
+            raise ConfigError(f'config.model.name={self.app_cfg.name!r} and config.expert.model.name='
                              f'{self.exp_cfg.name!r}: apprentice and expert must be the same kind of detector')
         self.is_bev = self.app_cfg.name == 'bevformer'
         self.expert = build(self.exp_cfg)
@@ -159,7 +160,7 @@ class Distiller:
         feats['pv_t'] = [expert_out['img_feats'][e] for _, e in self.pairs]
         norm = self.cfg.feature_norm
         if norm not in ('none', 'expert', 'both'):
-            raise ValueError(f"config.distill.feature_norm must be 'none', 'expert' or 'both', got {norm!r}")
+            raise ConfigError(f"config.distill.feature_norm must be 'none', 'expert' or 'both', got {norm!r}")
         if norm != 'none':
             feats['pv_t'] = [standardize(t) for t in feats['pv_t']]
             if self.is_bev:
@@ -240,7 +241,7 @@ class Distiller:
         if self.cfg.mask.mode == 'random':
             drop = drop * (1.0 - losses.random_mask(rng, drop.shape, self.cfg.mask.random_ratio))
         elif self.cfg.mask.mode != 'zero':
-            raise ValueError(f"config.distill.mask.mode must be 'zero' or 'random', got {self.cfg.mask.mode!r}")
+            raise ConfigError(f"config.distill.mask.mode must be 'zero' or 'random', got {self.cfg.mask.mode!r}")
         return x * (1.0 - drop)
 
     def _fd3d(self, params, expert_params, f, expert_out, batch, rng):
@@ -279,9 +280,9 @@ class Distiller:
                     losses.generative_loss(g, t, r, c.generative.normalize) for g, t, r in zip(gen_pv, f['pv_t'], regions))
         if c.focal.weight:
             if c.focal.source not in ('raw', 'generated'):
-                raise ValueError(f"config.distill.focal.source must be 'raw' or 'generated', got {c.focal.source!r}")
+                raise ConfigError(f"config.distill.focal.source must be 'raw' or 'generated', got {c.focal.source!r}")
             if c.focal.queries not in ('all', 'selected'):
-                raise ValueError(f"config.distill.focal.queries must be 'all' or 'selected', got {c.focal.queries!r}")
+                raise ConfigError(f"config.distill.focal.queries must be 'all' or 'selected', got {c.focal.queries!r}")
             weights = None if c.focal.queries == 'all' else keep * scores
             generated = c.focal.source == 'generated'
             if self.is_bev:

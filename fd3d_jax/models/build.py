@@ -1,6 +1,8 @@
 """``build(config.model)``: the detector module named by ``config.model.name``."""
 import dataclasses
 
+from fd3d_jax.cli import ConfigError
+
 
 def from_config(cls, model_cfg):
     """``cls(**fields)`` from a model config section (keys that are not fields are ignored)."""
@@ -18,7 +20,7 @@ def build(model_cfg):
     if model_cfg.name == 'detr3d':
         from fd3d_jax.models.detr3d import DETR3D
         return from_config(DETR3D, model_cfg)
-    raise ValueError(f"config.model.name must be 'bevformer' or 'detr3d', got {model_cfg.name!r}")
+    raise ConfigError(f"config.model.name must be 'bevformer' or 'detr3d', got {model_cfg.name!r}")
 
 
 def build_head(model_cfg, img_hw=None):
@@ -37,6 +39,6 @@ def build_head(model_cfg, img_hw=None):
         cross = functools.partial(Detr3DCrossAttention, tuple(img_hw), m.embed_dims, m.num_cams, m.num_levels,
                                   m.dropout, tuple(m.pc_range))
     else:
-        raise ValueError(f"config.model.name must be 'bevformer' or 'detr3d', got {m.name!r}")
+        raise ConfigError(f"config.model.name must be 'bevformer' or 'detr3d', got {m.name!r}")
     return DetectionHead(m.num_query, m.embed_dims, m.num_heads, m.ffn_dims, m.decoder_layers, m.num_classes,
                          m.dropout, tuple(m.pc_range), cross, m.remat)

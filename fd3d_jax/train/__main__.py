@@ -4,18 +4,25 @@
 
 Resumes from the latest checkpoint in ``W``; writes ``W/config.json``, ``W/metrics.jsonl``,
 ``W/tensorboard/``, ``W/checkpoints/<step>/`` and, at the end, ``W/eval/metrics_summary.json``.
-Multi-host: pass ``--coordinator_address/--num_processes/--process_id`` (or nothing on TPU pods).
+Multi-host (the same command on every host): ``--distributed`` lets ``jax.distributed`` find its peers
+(TPU pod slices, SLURM, Open MPI), or pass ``--coordinator_address/--num_processes/--process_id``.
+On SIGTERM the run saves a checkpoint and exits with status 0; rerunning the command resumes it. A
+non-finite loss stops it with status 1 and a message naming the step (``train.nonfinite``).
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fd3d_jax.cli import ConfigError, exit_on, parse_flags
+
 config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/bevformer_tiny.py:toy')
 flags.DEFINE_string('workdir', None, 'output folder (checkpoints, metrics, evaluation)')
 flags.DEFINE_string('coordinator_address', None, 'jax.distributed coordinator (multi-host)')
 flags.DEFINE_integer('num_processes', None, 'jax.distributed process count (multi-host)')
 flags.DEFINE_integer('process_id', None, 'jax.distributed process id (multi-host)')
+flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() from the cluster environment '
+                  '(TPU pod slice, SLURM, Open MPI)')
 FLAGS = flags.FLAGS
 
 
@@ -26,15 +33,15 @@ def main(argv):
         sys.exit('error: --config and --workdir are required')
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from fd3d_jax.train import loop, mesh
-    mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
+    from fd3d_jax.data.pipeline import DataError
+    from fd3d_jax.data.records import RecordsError
     from fd3d_jax.distill.expert import ExpertError
     from fd3d_jax.train.checkpoint import CheckpointError
-    try:
-        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ExpertError, CheckpointError) as e:
-        sys.exit(f'error: {e}')
+    errors = (ConfigError, DataError, RecordsError, ExpertError, CheckpointError, loop.TrainingError)
+    exit_on(errors, loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -3,6 +3,8 @@ checkpoints and devkit evaluation. ``python -m fd3d_jax.train`` / ``fd3d_jax.eva
 import functools
 import json
 import os
+import signal
+import threading
 import time
 import types
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fd3d_jax import evaluate
+from fd3d_jax.cli import ConfigError
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.models.build import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
@@ -141,10 +144,76 @@ def write_config(config, workdir):
             f.write(config.to_json_best_effort(indent=2))
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss under ``train.nonfinite='stop'``); names the step and the last
+    good checkpoint."""
+
+
+class Preemption:
+    """SIGTERM -> save a checkpoint at the next step boundary and stop. One process: a Python signal handler;
+    several: JAX's preemption notifier (``jax.distributed`` installs it), so that all processes agree on the
+    step (``multihost_utils.reached_preemption_sync_point``)."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def check_finite(metrics, first_step, mode, last_checkpoint):
+    """Raises ``TrainingError`` at the first step of ``metrics`` (host dicts of steps ``first_step, ...``) with a
+    non-finite loss or gradient, unless ``mode`` (``config.train.nonfinite``) is ``'skip'``."""
+    if mode == 'skip':
+        return
+    for i, m in enumerate(metrics):
+        if m['nonfinite']:
+            kept = f'the last good checkpoint is {last_checkpoint}' if last_checkpoint else 'no checkpoint was saved'
+            raise TrainingError(f"non-finite loss or gradient at step {first_step + i} (loss {float(m['loss'])}, "
+                                f"grad_norm {float(m['grad_norm'])}): stopped; {kept}. Set "
+                                f"--config.train.nonfinite=skip to skip such steps instead")
+
+
+def _window_line(metrics, elapsed, num):
+    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0] if k not in ('lr', 'skipped_steps')}
+    mean['lr'] = float(metrics[-1]['lr'])
+    mean['skipped_steps'] = float(metrics[-1]['skipped_steps'])
+    mean['steps_per_second'] = num / max(elapsed, 1e-9)
+    return mean
+
+
 def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(print, flush=True)):
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluates at
-    ``train.eval_every`` and at the end. Returns the final ``metrics_summary`` (process 0)."""
+    ``train.eval_every`` and at the end. Returns the final ``metrics_summary`` (process 0; None on the others
+    and when a SIGTERM stopped the run after saving a checkpoint). Raises ``TrainingError`` on a non-finite
+    loss (``train.nonfinite='stop'``) after making sure that no checkpoint holds its update."""
+    preemption = Preemption()   # from the start: a SIGTERM while compiling still ends with a checkpoint
+    try:
+        return _train_and_evaluate(config, workdir, trainer, log, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(config, workdir, trainer, log, preemption):
+    if jax.process_index() != 0:
+        log = lambda *a, **k: None  # noqa: E731
     d = config.data
+    mode = config.train.get('nonfinite', 'stop')
+    if mode not in ('stop', 'skip'):
+        raise ConfigError(f"config train.nonfinite={mode!r}: expected 'stop' or 'skip'")
     train_recs = load_split(config, d.train_split)
     if trainer is None:
         distiller, expert_params = build_distillation(config)
@@ -169,28 +238,43 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
     step = trainer.host_step
     num_steps = trainer.num_steps
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
-        f'global batch {config.train.batch_size}, {mesh.devices.size} devices) in {workdir}')
+        f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
+        f'processes) in {workdir}')
     t0, t_log, s_log, pending = time.time(), time.time(), step, []
-    summary = None
-    while step < num_steps:
-        batch = next(data_iter)
-        pending.append(trainer.step(batch))
-        step += 1
-        if step % config.train.log_every == 0 or step == num_steps:
-            metrics = jax.device_get(pending)
-            mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0] if k != 'lr'}
-            mean['lr'] = float(metrics[-1]['lr'])
-            now = time.time()
-            mean['steps_per_second'] = (step - s_log) / max(now - t_log, 1e-9)
-            writer.write(step, mean)
-            log(_progress(step, num_steps, mean['loss'], mean['steps_per_second'], now - t0))
-            t_log, s_log, pending = now, step, []
-        if step % config.train.checkpoint_every == 0 or step == num_steps:
-            ckpt.save(step, trainer.state, data_iter.get_state())
-        if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-            summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval', str(step)))
-            writer.write(step, _eval_scalars(summary))
-    ckpt.close()
+    saved = f'{ckpt.directory}/{start}' if start is not None else None
+    try:
+        while step < num_steps:
+            batch = next(data_iter)
+            pending.append(trainer.step(batch))
+            step += 1
+            preempted = preemption.reached(step)
+            if step % config.train.log_every == 0 or step == num_steps or preempted:
+                metrics = jax.device_get(pending)
+                check_finite(metrics, s_log + 1, mode, saved)
+                now = time.time()
+                mean = _window_line(metrics, now - t_log, step - s_log)
+                writer.write(step, mean)
+                log(_progress(step, num_steps, mean['loss'], mean['steps_per_second'], now - t0))
+                t_log, s_log, pending = now, step, []
+            if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
+                pending = jax.device_get(pending)  # no checkpoint holds a non-finite update ('stop')
+                check_finite(pending, s_log + 1, mode, saved)
+                ckpt.save(step, trainer.state, data_iter.get_state())
+                saved = f'{ckpt.directory}/{step}'
+            if preempted:
+                log(f'SIGTERM: saved {saved} and stopped; run the same command again to resume')
+                break
+            if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+                summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval', str(step)))
+                writer.write(step, _eval_scalars(summary))
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        ckpt.close()   # waits for the last asynchronous save: an error or SIGTERM never loses a started save
+    if step < num_steps:   # preempted
+        writer.close()
+        return None
     summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval'), log=log)
     writer.write(step, _eval_scalars(summary))
     writer.close()
@@ -212,7 +296,7 @@ def predict(trainer, params, recs):
     d = config.data
     batch_size = config.train.eval_batch_size
     if batch_size % mesh.devices.size:
-        raise ValueError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
+        raise ConfigError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
                          f'{mesh.devices.size} devices of the mesh')
     local = batch_size // jax.process_count()
     ds = pipeline.eval_dataset(recs, d.dataroot, d, local, jax.process_index(), jax.process_count(),
@@ -225,7 +309,7 @@ def predict(trainer, params, recs):
     for batch in ds:
         out = trainer.eval_step(params, mesh_lib.shard_batch(batch, mesh), prev)
         prev = out.pop('bev')
-        host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out)
+        host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
         for j in range(host['boxes'].shape[0]):
             keep = host['valid'][j]
             if not keep.any():

@@ -8,14 +8,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fd3d_jax.cli import ConfigError
+
 DATA = 'data'
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """``jax.distributed.initialize`` when running on several hosts (no-op for one process unless
-    an address is given; on TPU pods and SLURM/OpenMPI clusters JAX discovers the arguments)."""
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, auto=False):
+    """``jax.distributed.initialize`` when running on several hosts: with explicit arguments, or with ``auto``
+    from the cluster's environment (TPU pod slices, SLURM, Open MPI: JAX discovers the coordinator, process
+    count and id). No-op otherwise (one process)."""
     if coordinator_address or num_processes:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()
 
 
 def make_mesh(devices=None):
@@ -37,7 +42,7 @@ def process_batch_size(global_batch_size, mesh):
     """This process's share of the global batch (must divide evenly over the mesh's devices)."""
     n = mesh.devices.size
     if global_batch_size % n:
-        raise ValueError(f'config train.batch_size={global_batch_size} must be a multiple of the '
+        raise ConfigError(f'config train.batch_size={global_batch_size} must be a multiple of the '
                          f'{n} devices of the mesh')
     return global_batch_size // jax.process_count()
 

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 class TrainState:
     """step () int32; params {'model': detector params[, 'distill': generator params]};
     opt_state: optax state of the trainable leaves; rng (2,) uint32 base key (step keys are
-    ``fold_in(rng, step)``)."""
+    ``fold_in(rng, step)``); skipped () int32 steps whose non-finite update was skipped
+    (``train.nonfinite='skip'``)."""
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    skipped: jax.Array
 
 
 def init_params(model, batch, seed):
@@ -26,7 +28,8 @@ def init_params(model, batch, seed):
 
 def create_state(params, tx, seed):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32))
+                      rng=jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32),
+                      skipped=jnp.zeros((), jnp.int32))
 
 
 def step_rng(state_rng, step):

@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 
@@ -7,7 +8,9 @@ import pytest
 from PIL import Image
 
 from fd3d_jax.data import geometry, pipeline
+from fd3d_jax.data import records as records_lib
 from tests.conftest import SYNTH_IMAGE_WH
+from tests.data.tables import copy_images, copy_set, drop_annotations, set_splits
 
 
 def _batches(records, cfg, n, seed=0, batch_size=2):
@@ -156,13 +159,145 @@ def test_missing_and_corrupt_images_name_the_file_and_sample(train_records, data
     assert SYNTH_IMAGE_WH == (rec['cams'][2]['width'], rec['cams'][2]['height'])
 
 
-def test_train_shards_are_disjoint_and_cover_the_split(train_records, data_cfg):
-    cfg = data_config_copy(data_cfg, queue_length=1, filter_empty_gt=False)
+def test_train_shards_are_slices_of_one_global_batch(train_records, data_cfg):
+    """Two processes with 2 samples each see exactly the 4-sample batches of one process (images with
+    their photometric distortion included), and their iterators are at the same position."""
+    cfg = data_config_copy(data_cfg, queue_length=1, filter_empty_gt=False, photometric=True)
     n = len(train_records['samples'])
-    seen = []
-    for shard in range(2):
-        it = iter(pipeline.train_dataset(train_records, cfg.dataroot, cfg, batch_size=1, seed=0,
-                                         shard_index=shard, shard_count=2))
-        seen.append({int(next(it)['sample_idx'][0]) for _ in range(n // 2)})
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) >= 2 * (n // 2)
+
+    def batches(batch_size, shard=0, count=1, steps=n // 4 + 1):
+        it = iter(pipeline.train_dataset(train_records, cfg.dataroot, cfg, batch_size=batch_size, seed=0,
+                                         shard_index=shard, shard_count=count))
+        return [next(it) for _ in range(steps)], it.get_state()
+
+    whole, state = batches(4)
+    shards = [batches(2, p, 2) for p in range(2)]
+    assert shards[0][1] == shards[1][1] == state
+    for t, b in enumerate(whole):
+        for key in b:
+            np.testing.assert_array_equal(np.concatenate([shards[0][0][t][key], shards[1][0][t][key]]), b[key])
+    first_epoch = [int(i) for b in whole for i in b['sample_idx']][:n]
+    assert sorted(first_epoch) == list(range(n))   # one epoch covers the split once
+
+
+def _gt_record(boxes, names=None, token='sample-tok'):
+    n = len(boxes)
+    return dict(token=token, gt_boxes=boxes, gt_velocity=[[1.0, -1.0]] * n, gt_names=names or ['car'] * n,
+                valid_flag=[True] * n)
+
+
+def test_ground_truth_drops_boxes_outside_the_point_cloud_range(data_cfg):
+    """mmdet3d's ObjectRangeFilter: centres strictly inside the BEV range are kept (z is not filtered)."""
+    x0, y0, _, x1, y1, _ = data_cfg.point_cloud_range
+    size = [2.0, 4.0, 1.5, 0.3]
+    boxes = [[0.0, 0.0, 0.0, *size], [x1 + 1.0, 0.0, 0.0, *size], [0.0, y0 - 5.0, 0.0, *size],
+             [x1 - 0.1, y0 + 0.1, 0.0, *size], [x1, 0.0, 0.0, *size], [0.0, 0.0, 100.0, *size],
+             [x0 - 0.01, y1 - 1.0, 0.0, *size]]
+    names = ['car', 'car', 'truck', 'pedestrian', 'car', 'barrier', 'car']
+    out, labels, mask = pipeline.ground_truth(_gt_record(boxes, names), data_cfg)
+    kept = [0, 3, 5]
+    assert mask.tolist() == [True] * len(kept) + [False] * (data_cfg.max_gt - len(kept))
+    np.testing.assert_allclose(out[:3, :7], np.asarray(boxes, np.float32)[kept])
+    np.testing.assert_allclose(out[:3, 7:], [[1.0, -1.0]] * 3)
+    assert labels[:3].tolist() == [data_cfg.class_names.index(names[i]) for i in kept]
+    assert (out[3:] == 0).all() and (labels[3:] == -1).all()
+    _, _, mask = pipeline.ground_truth(_gt_record(boxes[1:3]), data_cfg)
+    assert not mask.any()
+
+
+@pytest.mark.parametrize('column,value', [(0, float('nan')), (2, float('inf')), (3, 0.0), (5, -1.0),
+                                          (6, float('nan'))])
+def test_invalid_gt_boxes_name_the_sample_and_annotation(data_cfg, column, value):
+    """Non-finite centre/size/yaw or non-positive size: checked on every box, kept or not."""
+    boxes = [[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3] for _ in range(3)]
+    boxes[1][column] = value
+    rec = _gt_record(boxes, names=['car', 'animal', 'car'])
+    with pytest.raises(pipeline.DataError, match='sample sample-tok: GT box of annotation 1 is invalid'):
+        pipeline.ground_truth(rec, data_cfg)
+
+
+@pytest.fixture(scope='module')
+def no_gt_set(synthetic_root, tmp_path_factory):
+    """A copy of the set whose scene-0103 has no annotations: its root and records of mini_val
+    (scene-0103 alone) and of the custom split 'both' (scene-0061, then scene-0103)."""
+    from nuscenes import NuScenes
+    root = copy_set(synthetic_root, tmp_path_factory.mktemp('nogt'))
+    drop_annotations(root, 'scene-0103')
+    set_splits(root, {'both': ['scene-0061', 'scene-0103']})
+    nusc = NuScenes('v1.0-mini', root, verbose=False)
+    return root, {split: records_lib.build_records(nusc, split) for split in ('mini_val', 'both')}
+
+
+def test_scene_without_gt_is_resampled_in_training_and_evaluated(no_gt_set, data_cfg, tmp_path):
+    """Training queues ending in the GT-less scene are redrawn (filter_empty_gt); evaluation
+    streams it with no GT, has no GT detections for it, and the devkit evaluates the split."""
+    from fd3d_jax import evaluate
+    root, recs = no_gt_set
+    both, cfg = recs['both'], data_config_copy(data_cfg, photometric=False)
+    no_gt = [i for i, r in enumerate(both['samples']) if r['scene_name'] == 'scene-0103']
+    assert no_gt and not any(both['samples'][i]['gt_boxes'] for i in no_gt)
+    loader = pipeline.SampleLoader(both, cfg.dataroot, cfg)
+    rng = np.random.default_rng(0)
+    for index in (no_gt[3], no_gt[-1]):
+        out = loader.train(index, rng)
+        assert out['sample_idx'] not in no_gt and out['gt_mask'].any()
+    batches = list(pipeline.eval_dataset(recs['mini_val'], cfg.dataroot, cfg, batch_size=2))
+    assert sorted(int(i) for b in batches for i, v in zip(b['sample_idx'], b['valid']) if v) == \
+        list(range(len(recs['mini_val']['samples'])))
+    assert not any(b['gt_mask'].any() for b in batches)
+    detections = evaluate.gt_as_detections(both, cfg.class_names)
+    assert not any(detections[both['samples'][i]['token']] for i in no_gt)
+    results = str(tmp_path / 'results.json')
+    evaluate.write_results(evaluate.results_json(both, detections), results)
+    summary = evaluate.run_detection_eval(results, root, 'v1.0-mini', 'both', str(tmp_path / 'eval'))
+    assert summary['mean_ap'] > 0.9  # GT as detections: the GT-less scene adds no false positives
+
+
+def test_split_without_gt_fails_naming_the_config_keys(no_gt_set, train_records, data_cfg):
+    """filter_empty_gt on a split without GT: a DataError (also with skip_bad_samples), not a
+    silent GT-less queue; without filter_empty_gt GT-less queues are fine."""
+    val = no_gt_set[1]['mini_val']
+    cfg = data_config_copy(data_cfg, photometric=False, skip_bad_samples=True)
+    keys = 'has GT within config data.point_cloud_range / data.class_names'
+    loader = pipeline.SampleLoader(val, cfg.dataroot, cfg)
+    with pytest.raises(pipeline.DataError, match=f"no sample of split 'mini_val' {keys}.*data.filter_empty_gt"):
+        loader.train(0, np.random.default_rng(0))
+    assert loader.skipped == 0
+    far = data_config_copy(cfg, point_cloud_range=(100.0, 100.0, -5.0, 200.0, 200.0, 3.0))
+    with pytest.raises(pipeline.DataError, match=f"no sample of split 'mini_train' {keys}"):
+        pipeline.SampleLoader(train_records, far.dataroot, far).train(5, np.random.default_rng(0))
+    out = pipeline.SampleLoader(val, cfg.dataroot, data_config_copy(cfg, filter_empty_gt=False)).train(
+        4, np.random.default_rng(0))
+    assert out['sample_idx'] == 4 and not out['gt_mask'].any()
+
+
+def test_unreadable_samples_are_skipped_only_when_configured(train_records, data_cfg, tmp_path, caplog):
+    root = copy_images(data_cfg.dataroot, tmp_path / 'broken')
+    cfg = data_config_copy(data_cfg, dataroot=root, queue_length=1, filter_empty_gt=False, photometric=False)
+    index = 4
+    rec = train_records['samples'][index]
+    path = os.path.join(root, rec['cams'][0]['path'])
+    os.remove(path)
+    loader = pipeline.SampleLoader(train_records, root, cfg)
+    assert not cfg.skip_bad_samples  # the default
+    with pytest.raises(pipeline.DataError, match=f"image not found: {path} \\(sample {rec['token']}\\)"):
+        loader.train(index, np.random.default_rng(0))
+    skip_cfg = data_config_copy(cfg, skip_bad_samples=True)
+    skipping = pipeline.SampleLoader(train_records, root, skip_cfg)
+    with caplog.at_level(logging.WARNING):
+        out = skipping.train(index, np.random.default_rng(0))
+    assert out['sample_idx'] != index and skipping.skipped >= 1
+    assert 'data.skip_bad_samples' in caplog.text and f"image not found: {path} (sample {rec['token']})" in caplog.text
+    again = pipeline.SampleLoader(train_records, root, skip_cfg).train(index, np.random.default_rng(0))
+    assert again['sample_idx'] == out['sample_idx']  # the replacement comes from the same rng
+    with pytest.raises(pipeline.DataError, match='image not found'):  # evaluation never skips
+        skipping.eval(index)
+    with pytest.raises(pipeline.DataError, match='data.max_gt=1'):  # config mismatches are not skipped
+        pipeline.SampleLoader(train_records, root, data_config_copy(skip_cfg, max_gt=1)).train(
+            0, np.random.default_rng(0))
+    shutil.rmtree(os.path.join(root, 'samples', rec['cams'][0]['channel']))
+    skipped = skipping.skipped
+    with pytest.raises(pipeline.DataError, match="100 consecutive training samples of split 'mini_train' failed "
+                                                 'to load with config data.skip_bad_samples=True'):
+        skipping.train(index, np.random.default_rng(1))
+    assert skipping.skipped == skipped + 100

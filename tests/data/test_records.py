@@ -8,6 +8,7 @@ from pyquaternion import Quaternion
 
 from fd3d_jax.data import geometry, records
 from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES
+from tests.data.tables import copy_set, drop_annotations, edit_table, set_splits
 
 
 def test_records_round_trip_to_the_devkit(nusc, val_records):
@@ -112,3 +113,117 @@ def test_custom_split_from_splits_json_and_stale_cache(synthetic_root, tmp_path)
     (root / 'v1.0-mini' / 'scene.json').write_text(json.dumps(scenes[:1]))
     recs = records.get_records(str(root), 'v1.0-mini', 'both')
     assert {r['scene_name'] for r in recs['samples']} == {scenes[0]['name']}
+
+
+def _scene_samples(nusc, name):
+    scene = next(s for s in nusc.scene if s['name'] == name)
+    chain, token = [], scene['first_sample_token']
+    while token:
+        chain.append(nusc.get('sample', token))
+        token = chain[-1]['next']
+    return chain
+
+
+def _set_field(table, token, key, value):
+    def edit(rows):
+        next(r for r in rows if r['token'] == token)[key] = value
+    return table, edit
+
+
+@pytest.mark.parametrize('case', ['camera_intrinsic', 'lidar_rotation', 'lidar_ego_pose', 'camera_ego_pose'])
+def test_non_finite_calibration_or_pose_names_sample_table_and_row(case, nusc, synthetic_root, tmp_path):
+    """A NaN/inf in a calibrated_sensor or ego_pose row fails the build with the sample, table and
+    row tokens."""
+    from nuscenes import NuScenes
+    chain = _scene_samples(nusc, 'scene-0103')
+    k, channel, table, key, value = dict(
+        camera_intrinsic=(0, 'CAM_FRONT', 'calibrated_sensor', 'camera_intrinsic',
+                          [[float('nan'), 0, 80], [0, 120, 45], [0, 0, 1]]),
+        lidar_rotation=(0, 'LIDAR_TOP', 'calibrated_sensor', 'rotation', [float('inf'), 0, 0, 0]),
+        lidar_ego_pose=(3, 'LIDAR_TOP', 'ego_pose', 'translation', [float('nan'), 0.0, 0.0]),
+        camera_ego_pose=(5, 'CAM_BACK', 'ego_pose', 'rotation', [1.0, 0.0, float('-inf'), 0.0]))[case]
+    sd = nusc.get('sample_data', chain[k]['data'][channel])
+    row = sd['calibrated_sensor_token' if table == 'calibrated_sensor' else 'ego_pose_token']
+    root = copy_set(synthetic_root, tmp_path / 'bad')
+    edit_table(root, *_set_field(table, row, key, value))
+    with pytest.raises(records.RecordsError, match=f'sample {chain[k]["token"]}: non-finite {key} in {table} {row}'):
+        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+
+
+def test_samples_out_of_time_order_name_the_scene_and_samples(nusc, synthetic_root, tmp_path):
+    from nuscenes import NuScenes
+    chain = _scene_samples(nusc, 'scene-0103')
+    root = copy_set(synthetic_root, tmp_path / 'bad')
+    edit_table(root, 'sample', lambda rows: [dict(r, timestamp=chain[1]['timestamp']) if r['token'] == chain[2]['token']
+                                             else r for r in rows])
+    with pytest.raises(records.RecordsError, match=f"scene scene-0103: sample {chain[2]['token']} .* does not come "
+                       f"after the sample before it, {chain[1]['token']}"):
+        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+
+
+def test_non_finite_can_bus_names_sample_and_message(nusc, synthetic_root, tmp_path):
+    from nuscenes import NuScenes
+    root = copy_set(synthetic_root, tmp_path / 'bad', copy=('can_bus',))
+    path = os.path.join(root, 'can_bus', 'scene-0103_pose.json')
+    with open(path) as f:
+        msgs = json.load(f)
+    for m in msgs:
+        m['vel'] = [float('nan'), 0.0, 0.0]
+    with open(path, 'w') as f:
+        json.dump(msgs, f)
+    first = _scene_samples(nusc, 'scene-0103')[0]
+    with pytest.raises(records.RecordsError, match=f"sample {first['token']}: non-finite can_bus vector from the "
+                                                   f'message utime [0-9]+ of scene-0103_pose.json'):
+        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+
+
+def test_load_records_rejects_non_finite_arrays(val_records, tmp_path):
+    path = str(tmp_path / 'r.json')
+    for where, field in (('cam', f'{CAMERA_NAMES[2]} sensor2lidar'), ('can_bus', 'can_bus'), ('pose', 'ego2global')):
+        bad = json.loads(json.dumps(val_records))  # a deep copy; the fixture is shared
+        rec = bad['samples'][2]
+        if where == 'cam':
+            rec['cams'][2]['sensor2lidar'][1][3] = float('nan')
+        elif where == 'can_bus':
+            rec['can_bus'][13] = float('inf')
+        else:
+            rec['ego2global'][0][0] = float('-inf')
+        records.save_records(bad, path)
+        assert 'NaN' in open(path).read() or 'Infinity' in open(path).read()
+        with pytest.raises(records.RecordsError, match=f"{path}: sample {rec['token']} has a non-finite {field};"):
+            records.load_records(path)
+    bad = json.loads(json.dumps(val_records))
+    del bad['samples'][1]['lidar2ego']
+    records.save_records(bad, path)
+    token = bad['samples'][1]['token']
+    with pytest.raises(records.RecordsError, match=f"{path}: sample 1 \\({token}\\) has malformed.*'lidar2ego'"):
+        records.load_records(path)
+
+
+def test_scene_without_annotations_builds_records(synthetic_root, tmp_path, val_records):
+    from nuscenes import NuScenes
+    root = copy_set(synthetic_root, tmp_path / 'noann')
+    drop_annotations(root, 'scene-0103')
+    recs = records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+    assert [r['token'] for r in recs['samples']] == [r['token'] for r in val_records['samples']]
+    for rec in recs['samples']:
+        assert rec['gt_boxes'] == [] and rec['gt_names'] == [] and rec['valid_flag'] == []
+        assert rec['cams'] == next(r for r in val_records['samples'] if r['token'] == rec['token'])['cams']
+
+
+def test_scenes_without_samples_are_skipped_with_a_warning(synthetic_root, tmp_path, capsys):
+    from nuscenes import NuScenes
+    root = copy_set(synthetic_root, tmp_path / 'nosamples')
+
+    def add_empty_scene(rows):
+        rows.append(dict(rows[0], token='e' * 32, name='scene-0999', nbr_samples=0, first_sample_token='',
+                         last_sample_token=''))
+    edit_table(root, 'scene', add_empty_scene)
+    set_splits(root, {'with_empty': ['scene-0999', 'scene-0103'], 'only_empty': ['scene-0999']})
+    nusc = NuScenes('v1.0-mini', root, verbose=False)
+    recs = records.build_records(nusc, 'with_empty')
+    assert {r['scene_name'] for r in recs['samples']} == {'scene-0103'}
+    err = capsys.readouterr().err
+    assert "warning: scene scene-0999" in err and "of split 'with_empty' has no samples" in err and 'skipped' in err
+    with pytest.raises(records.RecordsError, match="split 'only_empty' has no samples .*scene-0999"):
+        records.build_records(nusc, 'only_empty')

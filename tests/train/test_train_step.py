@@ -1,11 +1,9 @@
-"""The training step on a device mesh, checkpoints, and the train/eval CLI (kill and resume)."""
+"""The training step on a device mesh and its checkpoints (the CLI, resume and multi-process: test_loop.py)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -15,7 +13,6 @@ from configs import bevformer_tiny, detr3d_r50
 from fd3d_jax.data import pipeline
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
-from fd3d_jax.train.metrics_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,45 +88,3 @@ def test_one_device_and_eight_devices_give_the_same_loss(data_cfg, train_records
     out = json.loads(res.stdout.strip().splitlines()[-1])
     # Two steps: the second also checks that the sharded update (clip, AdamW) matches.
     np.testing.assert_allclose(out['8'], out['1'], rtol=2e-5)
-
-
-def _cli(args, **kw):
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def test_cli_killed_run_resumes_and_finishes(data_cfg, tmp_path):
-    """SIGKILL after the first checkpoint; the restarted run continues from it and ends with the
-    same losses as an uninterrupted run, a final checkpoint and a devkit evaluation."""
-    common = ['--config=configs/detr3d_r50.py:toy', f'--config.data.dataroot={data_cfg.dataroot}',
-              f'--config.data.records_dir={data_cfg.records_dir}', '--config.train.num_steps=6',
-              '--config.train.checkpoint_every=2', '--config.train.log_every=1', '--config.optim.warmup_iters=2']
-    full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
-    proc = _cli(['-m', 'fd3d_jax.train', *common, f'--workdir={killed}'])
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(killed, 'checkpoints', '2')) and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(killed, 'eval', 'metrics_summary.json'))
-
-    runs = [_cli(['-m', 'fd3d_jax.train', *common, f'--workdir={w}']) for w in (killed, full)]
-    logs = [r.communicate(timeout=600)[0] for r in runs]
-    for r, log in zip(runs, logs):
-        assert r.returncode == 0, log[-3000:]
-    assert 'resumed from' in logs[0]
-    m_killed, m_full = (read_metrics(os.path.join(w, 'metrics.jsonl')) for w in (killed, full))
-    steps = [m['step'] for m in m_killed if 'loss' in m]
-    assert steps == list(range(1, 7))
-    for a, b in zip(m_killed, m_full):
-        if 'loss' in a:
-            assert a['step'] == b['step'] and a['loss'] == pytest.approx(b['loss'], rel=1e-6)
-    assert Checkpointer(killed).latest_step() == 6
-    with open(os.path.join(killed, 'eval', 'metrics_summary.json')) as f:
-        assert 0.0 <= json.load(f)['nd_score'] <= 1.0
-
-    ev = _cli(['-m', 'fd3d_jax.eval', *common, f'--workdir={killed}', '--step=4'])
-    log = ev.communicate(timeout=600)[0]
-    assert ev.returncode == 0, log[-3000:]
-    assert os.path.exists(os.path.join(killed, 'eval', 'step_4', 'metrics_summary.json'))

@@ -1,0 +1,41 @@
+"""Checkpoints survive a crash during a save: an unfinished save (orbax's ``<step>.orbax-checkpoint-tmp``
+folder, renamed into place only when complete) is never taken for the latest checkpoint."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fd3d_jax.train.checkpoint import CheckpointError, Checkpointer
+
+
+def test_a_save_cut_short_leaves_the_last_checkpoint_readable(tmp_path):
+    state = {'w': jnp.arange(6.0), 'step': jnp.int32(2)}
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, dict(state, w=state['w'] * 0))
+    ckpt.save(2, state, data_state={'next_index': 5})
+    ckpt.close()
+    # A process killed while writing step 3: a partial temporary folder with a truncated array file.
+    partial = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp' / 'state'
+    partial.mkdir(parents=True)
+    (partial / 'w').write_bytes(b'\x00' * 7)
+
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
+    restored, data = ckpt.restore(state)
+    np.testing.assert_array_equal(restored['w'], state['w'])
+    assert data == {'next_index': 5}
+    ckpt.save(3, dict(state, step=jnp.int32(3)))   # the interrupted step can be saved again
+    ckpt.close()
+    assert Checkpointer(str(tmp_path)).latest_step() == 3
+    assert not os.path.exists(tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp')
+
+
+def test_restoring_into_another_structure_names_the_folder(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, {'w': jnp.ones(3)})
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'checkpoints' / '1'} does not match"):
+        ckpt.restore({'w': jnp.ones(3), 'extra': jnp.ones(2)})
+    with pytest.raises(CheckpointError, match='no checkpoint for step 7'):
+        ckpt.restore({'w': jnp.ones(3)}, step=7)
+    ckpt.close()
