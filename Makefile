@@ -50,9 +50,9 @@ detector-demo: data
 data-demo: data
 	$(PY) experiments/data_demo.py --config configs/data.py:toy $(TRAINVAL) --out data/demo
 
-# Benchmarks (torch is the optional reference of bench_msda): results in experiments/results/bench_*.json
+# Benchmarks (torch, installed by the venv's test extra, is the reference of bench_msda): results in
+# experiments/results/bench_*.json
 bench: venv
-	$(PY) -m pip install -q torch==2.13.0
 	$(PY) experiments/bench_msda.py
 	$(PY) experiments/bench_train_step.py
 	$(PY) experiments/bench_pipeline.py

@@ -14,9 +14,13 @@ top-down, extra 3x3 stride-2 convs, ReLU before the 2nd+ extra conv), mmcv
 ``ModulatedDeformConv2dPack`` (``chunk(3)``/``cat`` of ``conv_offset``, interleaved (dy, dx) per
 kernel point, bilinear with zero padding, here with ``F.grid_sample(align_corners=False)``), mmcv's
 ``multi_scale_deformable_attn_pytorch`` and the ``torch.nn.MultiheadAttention`` that mmcv wraps.
-Stronger references would be torchvision's ``resnet50`` (backbone) and
-``torchvision.ops.deform_conv2d`` (DCNv2), but torchvision cannot be installed beside torch 2.13
-in this environment; the DCN restatement is instead pinned to ``F.conv2d`` (zero and unit offsets).
+The DCN restatement is pinned to ``F.conv2d`` (zero and unit offsets).
+
+Section 6 uses torchvision (the test extra pins torch 2.14.1 + torchvision 0.29.1) as an independent
+reference: ``torchvision.models.resnet50/101`` (pytorch style at the real 64-base widths, all four
+stages), the same ResNet-101 made caffe style with DCNv2 in stages 3-4 (the BEVFormer-base /
+DETR3D-R101 backbone) from torchvision's own ``Bottleneck`` with the stride moved to ``conv1`` and
+``conv2`` run by ``torchvision.ops.deform_conv2d``, and ``deform_conv2d`` against our DCNv2 module.
 Sizes are toys (CPU seconds); torch runs on one thread.
 """
 import functools
@@ -679,3 +683,196 @@ def test_bevformer_decoder_layer_vs_torch(toy):
     ours, _ = apply(layer, params, *(jnp.asarray(t2n(t)) for t in (query, pos, reference)),
                     dict(bev=jnp.asarray(t2n(bev))))
     check('bevformer decoder layer', ours, t2n(ref))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. torchvision references: ResNet-50/101 (pytorch style), ResNet-101 caffe + DCNv2, deform_conv2d
+# ------------------------------------------------------------------------------------------------
+
+def _torchvision():
+    return pytest.importorskip('torchvision')
+
+
+class TorchvisionDCNv2(tnn.Module):
+    """mmcv ``ModulatedDeformConv2dPack`` (same keys: ``weight``, optional ``bias``, ``conv_offset``) whose
+    deformable conv is ``torchvision.ops.deform_conv2d`` (offset channels ``2k`` = dy, ``2k + 1`` = dx
+    of kernel point ``k = i * kw + j``, as mmcv; pinned by ``test_torchvision_deform_conv2d_layout``)."""
+
+    def __init__(self, cin, cout, k=3, stride=1, padding=1, dilation=1, bias=False):
+        super().__init__()
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.weight = tnn.Parameter(torch.zeros(cout, cin, k, k))
+        self.bias = tnn.Parameter(torch.zeros(cout)) if bias else None
+        self.conv_offset = tnn.Conv2d(cin, 3 * k * k, k, stride, padding, dilation, bias=True)
+
+    def forward(self, x):
+        from torchvision.ops import deform_conv2d
+        o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
+        return deform_conv2d(x, torch.cat((o1, o2), dim=1), self.weight, self.bias, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, mask=torch.sigmoid(mask))
+
+
+def torchvision_resnet(depth, seed):
+    """``torchvision.models.resnet{depth}(weights=None)`` with its own random init (kaiming convs),
+    seeded without touching torch's global RNG; eval mode."""
+    models = _torchvision().models
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return {50: models.resnet50, 101: models.resnet101}[depth](weights=None).eval()
+
+
+def make_caffe_dcn(model, dcn_layers, seed):
+    """torchvision ResNet -> mmdet caffe style with DCNv2: in every stage's block 0 the stride moves from
+    the 3x3 ``conv2`` to the 1x1 ``conv1`` (the downsample keeps it); in ``dcn_layers`` every ``conv2``
+    becomes a ``TorchvisionDCNv2`` with the same weight and a random ``conv_offset`` (mmdet zero-initialises
+    it): bias N(0, 1) and weight 0.2 N(0, 2/fan_in), so offsets up to ~4 px (some off the map), spread masks,
+    and input-dependent offsets of ~0.2 px. With weight N(0, 2/fan_in) (~1 px input-dependent) the 26 DCN
+    blocks are chaotic: 1e-6 relative noise on the input changes torch's own C4/C5 by 2-15%, and ours and
+    torch's then differ by O(1) from float32 rounding alone; with this weight that sensitivity is < 2e-5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in range(1, 5):
+            for b, block in enumerate(getattr(model, f'layer{s}')):
+                stride = block.conv2.stride[0]
+                if stride != 1:
+                    conv1 = block.conv1
+                    block.conv1 = tnn.Conv2d(conv1.in_channels, conv1.out_channels, 1, stride, bias=False)
+                    block.conv1.weight.copy_(conv1.weight)
+                    block.conv2.stride = (1, 1)
+                if s in dcn_layers:
+                    width = block.conv2.out_channels
+                    dcn = TorchvisionDCNv2(width, width, 3, 1, 1, 1)
+                    dcn.weight.copy_(block.conv2.weight)
+                    fan_in = dcn.conv_offset.weight[0].numel()
+                    dcn.conv_offset.weight.copy_(torch.randn(dcn.conv_offset.weight.shape, generator=g)
+                                                 * 0.2 * (2.0 / fan_in) ** 0.5)
+                    dcn.conv_offset.bias.copy_(torch.randn(dcn.conv_offset.bias.shape, generator=g))
+                    block.conv2 = dcn
+    return model.eval()
+
+
+def randomise_bn(model, x, seed):
+    """Random frozen BN with O(1) activations through 33 bottlenecks: weight U(0.5, 1.5) (the residual
+    branches' ``bn3`` U(0.2, 0.5), small as in trained ResNets), bias N(0, 0.1^2); running stats = the
+    batch statistics of ``x`` (one train-mode forward, momentum 1), then perturbed (mean += 0.3 std
+    N(0, 1), var *= U(0.5, 2)); eval mode. Conditioning: with O(1) ``bn3`` the 23-block stage 3 makes
+    torch's own caffe R101 C5 move by ~1e-4 relative under 1e-6 relative input noise (no DCN; ~1e-5 with
+    these ``bn3``), which float32 rounding differences approach."""
+    g = torch.Generator().manual_seed(seed)
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, tnn.BatchNorm2d)}
+    with torch.no_grad():
+        for name, m in bns.items():
+            lo, hi = (0.2, 0.5) if name.endswith('bn3') else (0.5, 1.5)
+            m.weight.copy_(lo + (hi - lo) * torch.rand(m.weight.shape, generator=g))
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            m.reset_running_stats()
+            m.momentum = 1.0
+        model.train()(x)
+        for m in bns.values():
+            m.momentum = 0.1
+            m.running_mean.add_(0.3 * m.running_var.sqrt() * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.mul_(0.5 + 1.5 * torch.rand(m.running_var.shape, generator=g))
+    return model.eval()
+
+
+TORCHVISION_BACKBONES = {
+    # detr3d_r50's backbone (bevformer_tiny's with C2..C5 out) and its R101 twin: torchvision's own
+    'r50_pytorch': dict(depth=50, style='pytorch', dcn=False, hw=(64, 96)),
+    'r101_pytorch': dict(depth=101, style='pytorch', dcn=False, hw=(64, 96)),
+    # detr3d_r101 / bevformer_base: caffe style, DCNv2 in stages 3-4 (C4 6x8, C5 3x4 at 96x128)
+    'r101_caffe_dcn': dict(depth=101, style='caffe', dcn=True, hw=(96, 128)),
+}
+
+
+@pytest.mark.parametrize('variant', sorted(TORCHVISION_BACKBONES))
+def test_resnet_vs_torchvision(toy, variant):
+    """ResNet at the real widths (C2..C5) vs torchvision resnet50/101 (+ caffe/DCNv2 via deform_conv2d)."""
+    _torchvision()
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from configs.common import resnet
+    from fd3d_jax.models.backbone import ResNet
+    spec = TORCHVISION_BACKBONES[variant]
+    cfg, abstract = toy
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.backbone = resnet(spec['depth'], spec['style'], (0, 1, 2, 3), dcn=spec['dcn'])
+    if variant == 'r101_caffe_dcn':                   # the backbone of the detr3d_r101 / bevformer_base configs
+        ref_bb = dict(get_config('detr3d_r101', 'full').model.backbone)
+        assert dict(cfg.model.backbone) == ref_bb, ref_bb
+    bb = dict(cfg.model.backbone)
+    model = torchvision_resnet(spec['depth'], seed=30)
+    if spec['dcn']:
+        model = make_caffe_dcn(model, dcn_layers=(3, 4), seed=31)
+    g = torch.Generator().manual_seed(32)
+    x_calib = torch.randn(2, 3, *spec['hw'], generator=g)
+    x = torch.randn(1, 3, *spec['hw'], generator=g)
+    model = randomise_bn(model, x_calib, seed=33)
+    ref_mod = IntermediateLayerGetter(model, {f'layer{s}': f'C{s + 1}' for s in range(1, 5)}).eval()
+    sd = torch_sd(ref_mod, 'img_backbone.')                    # the getter drops avgpool and fc
+    assert set(torch_sd(model, 'img_backbone.')) - set(sd) == {'img_backbone.fc.weight', 'img_backbone.fc.bias'}
+    assert set(sd) == {k for k in official_shapes(cfg.model) if k.startswith('img_backbone.')}
+    x_ours = nchw_to_nhwc(x)
+    bb_abstract = jax.eval_shape(lambda: ResNet(**bb).init(jax.random.PRNGKey(0), x_ours))['params']
+    params = convert_official(cfg, with_image_features(abstract, backbone=bb_abstract), sd)
+    offsets = []                                       # max |dy|, |dx| of every DCN block
+    hooks = [m.register_forward_hook(lambda m, i, o: offsets.append(float(o[:, :18].abs().max())))
+             for name, m in model.named_modules() if name.endswith('conv2.conv_offset')]
+    with torch.no_grad():
+        refs = list(ref_mod(x).values())
+    for h in hooks:
+        h.remove()
+    assert len(offsets) == (23 + 3 if spec['dcn'] else 0)
+    assert not offsets or min(offsets) > 1.0 and max(offsets) > 3.0, offsets
+    ours = apply(ResNet(**bb), params['image_features']['backbone'], x_ours)
+    assert len(ours) == len(refs) == 4
+    for i, (o, r) in enumerate(zip(ours, refs)):
+        check(f'torchvision {variant} C{i + 2} {tuple(r.shape[1:])}', o, t2n(r).transpose(0, 2, 3, 1))
+
+
+def test_torchvision_deform_conv2d_layout():
+    """torchvision.ops.deform_conv2d's conventions = mmcv's: zero offsets + mask = masked F.conv2d, channel 2k
+    = dy and 2k+1 = dx of kernel point k (unit shifts = F.conv2d on a shifted pad), and random fractional
+    offsets agree with the mmcv restatement (bilinear, zero outside)."""
+    deform_conv2d = _torchvision().ops.deform_conv2d
+    g = torch.Generator().manual_seed(34)
+    x = torch.randn(2, 3, 9, 11, generator=g)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    b = torch.randn(4, generator=g)
+    for s, p, d in ((1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 2)):
+        ho = (9 + 2 * p - 2 * d - 1) // s + 1
+        wo = (11 + 2 * p - 2 * d - 1) // s + 1
+        zeros, ones = torch.zeros(2, 18, ho, wo), torch.ones(2, 9, ho, wo)
+        got = deform_conv2d(x, zeros, w, None, (s, s), (p, p), (d, d), mask=0.5 * ones)
+        check(f'deform_conv2d zero offset s{s} p{p} d{d}', t2n(got), t2n(0.5 * F.conv2d(x, w, None, s, p, d)), 1e-5)
+        for axis, pad in ((0, (p, p, p - 1, p + 1)), (1, (p - 1, p + 1, p, p))):   # F.pad: (left, right, top, bottom)
+            off = zeros.clone()
+            off[:, axis::2] = 1.0
+            got = deform_conv2d(x, off, w, None, (s, s), (p, p), (d, d), mask=ones)
+            want = F.conv2d(F.pad(x, pad), w, None, s, 0, d)
+            check(f'deform_conv2d unit {"dy" if axis == 0 else "dx"} s{s} p{p} d{d}', t2n(got), t2n(want), 1e-5)
+        off = 3.0 * torch.randn(2, 18, ho, wo, generator=g)
+        mask = torch.rand(2, 9, ho, wo, generator=g)
+        got = deform_conv2d(x, off, w, b, (s, s), (p, p), (d, d), mask=mask)
+        want = torch_modulated_deform_conv2d(x, off, mask, w, b, s, p, d)
+        check(f'deform_conv2d vs mmcv restatement s{s} p{p} d{d}', t2n(got), t2n(want), 1e-5)
+
+
+@pytest.mark.parametrize('stride,padding,dilation', [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 2)])
+def test_dcn_vs_torchvision_deform_conv2d(toy, stride, padding, dilation):
+    """ModulatedDeformConv2dPack vs conv_offset (mmcv chunk/cat/sigmoid) + torchvision.ops.deform_conv2d, conv2 DCN key mapping."""
+    _torchvision()
+    from fd3d_jax.models.dcn import ModulatedDeformConv2dPack
+    cfg, _ = toy
+    ref_mod = init_like_torch(TorchvisionDCNv2(6, 5, 3, stride, padding, dilation), seed=35)
+    with torch.no_grad():                                                  # offsets ~ +-3 px, masks spread
+        ref_mod.conv_offset.weight.mul_(3.0)
+        ref_mod.conv_offset.bias.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(36))
+    sd = torch_sd(ref_mod, 'img_backbone.layer3.0.conv2.')
+    params = via_mapping(sd, cfg.model, ('image_features', 'backbone', 'layer3_0', 'conv2'))
+    x = torch.randn(2, 6, 10, 13, generator=torch.Generator().manual_seed(37))
+    with torch.no_grad():
+        ref = ref_mod(x)
+        offsets = torch.chunk(ref_mod.conv_offset(x), 3, 1)[0]
+    assert offsets.abs().max() > 2.0                                       # some samples leave the map
+    ours = apply(ModulatedDeformConv2dPack(5, 3, stride, padding, dilation), params, nchw_to_nhwc(x))
+    check(f'dcnv2 vs torchvision s{stride} p{padding} d{dilation}', ours, t2n(ref).transpose(0, 2, 3, 1))
