@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from fd3d_jax.convert import convert, mapping, torch_to_flax
 from fd3d_jax.convert.official_keys import official_shapes
+from tests.experiments import load_script
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
@@ -334,23 +335,9 @@ class MmcvMultiheadAttention(tnn.Module):
         return identity + self.attn(query=query, key=key, value=value)[0]
 
 
-def torch_msda_core(value, spatial_shapes, sampling_locations, attention_weights):
-    """mmcv ``multi_scale_deformable_attn_pytorch``: value (B, S, M, D), locations (B, Q, M, L, P, 2),
-    weights (B, Q, M, L, P) -> (B, Q, M*D)."""
-    bs, _, num_heads, embed_dims = value.shape
-    _, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for level, (h, w) in enumerate(spatial_shapes):
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, embed_dims, h, w)
-        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampling_value_list.append(F.grid_sample(value_l, grid_l, mode='bilinear', padding_mode='zeros',
-                                                 align_corners=False))
-    attention_weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries,
-                                                                  num_levels * num_points)
-    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1)
-    return output.view(bs, num_heads * embed_dims, num_queries).transpose(1, 2).contiguous()
+# mmcv ``multi_scale_deformable_attn_pytorch``: value (B, S, M, D), locations (B, Q, M, L, P, 2), weights
+# (B, Q, M, L, P) -> (B, Q, M*D); the same torch restatement is bench_msda's reference.
+torch_msda_core = load_script('bench_msda').torch_msda
 
 
 class TorchMSDA(tnn.Module):
@@ -557,26 +544,6 @@ def test_torch_dcn_restatement_pinned_to_conv2d():
             got = torch_modulated_deform_conv2d(x, off, ones, w, None, s, p, d)
             want = F.conv2d(F.pad(x, pad), w, None, s, 0, d)
             check(f'dcn restatement unit {"dy" if axis == 0 else "dx"} s{s}', t2n(got), t2n(want), 1e-5)
-
-
-@pytest.mark.parametrize('stride,padding,dilation', [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
-def test_dcn_vs_torch_restatement(toy, stride, padding, dilation):
-    """ModulatedDeformConv2dPack vs the torch mmcv DCNv2 restatement (offsets up to a few px), conv mapping."""
-    from fd3d_jax.models.dcn import ModulatedDeformConv2dPack
-    cfg, _ = toy
-    ref_mod = init_like_torch(TorchDCNv2(6, 5, 3, stride, padding, dilation), seed=11)
-    with torch.no_grad():                                                  # offsets ~ +-3 px, masks spread
-        ref_mod.conv_offset.weight.mul_(3.0)
-        ref_mod.conv_offset.bias.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(12))
-    sd = torch_sd(ref_mod, 'img_backbone.layer3.0.conv2.')
-    params = via_mapping(sd, cfg.model, ('image_features', 'backbone', 'layer3_0', 'conv2'))
-    x = torch.randn(2, 6, 9, 12, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        ref = ref_mod(x)
-        offsets = torch.chunk(ref_mod.conv_offset(x), 3, 1)[0]
-    assert offsets.abs().max() > 2.0                                       # some samples leave the map
-    ours = apply(ModulatedDeformConv2dPack(5, 3, stride, padding, dilation), params, nchw_to_nhwc(x))
-    check(f'dcnv2 s{stride} p{padding} d{dilation}', ours, t2n(ref).transpose(0, 2, 3, 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -858,12 +825,16 @@ def test_torchvision_deform_conv2d_layout():
 
 
 @pytest.mark.parametrize('stride,padding,dilation', [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 2)])
-def test_dcn_vs_torchvision_deform_conv2d(toy, stride, padding, dilation):
-    """ModulatedDeformConv2dPack vs conv_offset (mmcv chunk/cat/sigmoid) + torchvision.ops.deform_conv2d, conv2 DCN key mapping."""
-    _torchvision()
+@pytest.mark.parametrize('reference', ['mmcv_restatement', 'torchvision'])
+def test_dcn_vs_torch(toy, reference, stride, padding, dilation):
+    """ModulatedDeformConv2dPack vs conv_offset (mmcv chunk/cat/sigmoid) + the torch mmcv restatement or
+    torchvision.ops.deform_conv2d (offsets up to a few px), conv2 DCN key mapping."""
     from fd3d_jax.models.dcn import ModulatedDeformConv2dPack
+    if reference == 'torchvision':
+        _torchvision()
     cfg, _ = toy
-    ref_mod = init_like_torch(TorchvisionDCNv2(6, 5, 3, stride, padding, dilation), seed=35)
+    module = TorchvisionDCNv2 if reference == 'torchvision' else TorchDCNv2
+    ref_mod = init_like_torch(module(6, 5, 3, stride, padding, dilation), seed=35)
     with torch.no_grad():                                                  # offsets ~ +-3 px, masks spread
         ref_mod.conv_offset.weight.mul_(3.0)
         ref_mod.conv_offset.bias.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(36))
@@ -875,4 +846,4 @@ def test_dcn_vs_torchvision_deform_conv2d(toy, stride, padding, dilation):
         offsets = torch.chunk(ref_mod.conv_offset(x), 3, 1)[0]
     assert offsets.abs().max() > 2.0                                       # some samples leave the map
     ours = apply(ModulatedDeformConv2dPack(5, 3, stride, padding, dilation), params, nchw_to_nhwc(x))
-    check(f'dcnv2 vs torchvision s{stride} p{padding} d{dilation}', ours, t2n(ref).transpose(0, 2, 3, 1))
+    check(f'dcnv2 vs {reference} s{stride} p{padding} d{dilation}', ours, t2n(ref).transpose(0, 2, 3, 1))
