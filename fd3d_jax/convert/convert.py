@@ -142,13 +142,8 @@ def torch_to_flax(state_dict, config, convert_yaw=True, abstract=None):
                 missing.append(f"{key} {shape} -> {', '.join(t.describe() for t in entry)}")
         elif _shape(sd[key]) != shape:
             mismatched.append(f'{key}: checkpoint {_shape(sd[key])}, expected {shape}')
-    if unexpected or missing or mismatched:
-        lines = ([f'unexpected (no place in the model): {k}' for k in unexpected]
-                 + [f'missing (model param left without a source): {k}' for k in missing]
-                 + [f'shape: {k}' for k in mismatched])
-        raise ConvertError(f'the checkpoint does not fit {config.model.name} of this config '
-                           f'({len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} of '
-                           f'another shape):\n  ' + '\n  '.join(lines), unexpected, missing, mismatched)
+    _check_fit('the checkpoint does', config, unexpected, 'no place in the model', missing,
+               'model param left without a source', mismatched)
     out = {path: np.empty(shape, dtype) for path, (shape, dtype) in leaves.items()}
     for key, entry in plan.items():
         if isinstance(entry, Ignored):
@@ -161,6 +156,17 @@ def torch_to_flax(state_dict, config, convert_yaw=True, abstract=None):
             else:
                 out[t.path][t.index] = y
     return traverse_util.unflatten_dict(out)
+
+
+def _check_fit(what, config, unexpected, unexpected_why, missing, missing_why, mismatched):
+    """``ConvertError`` listing every unexpected, missing and mis-shaped entry, if there is one."""
+    if unexpected or missing or mismatched:
+        lines = ([f'unexpected ({unexpected_why}): {k}' for k in unexpected]
+                 + [f'missing ({missing_why}): {k}' for k in missing]
+                 + [f'shape: {k}' for k in mismatched])
+        raise ConvertError(f'{what} not fit {config.model.name} of this config'
+                           f' ({len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} '
+                           f'of another shape):\n  ' + '\n  '.join(lines), unexpected, missing, mismatched)
 
 
 def ignored_keys(state_dict, config, convert_yaw=True) -> Dict[str, str]:
@@ -207,13 +213,8 @@ def flax_to_torch(params, config, fill=None, convert_yaw=True, abstract=None) ->
     fill = normalize_state_dict(fill) if fill is not None else {}
     mismatched += [f'{k}: fill {_shape(fill[k])}, expected {shapes[k]}'
                    for k in shapes if k in fill and _shape(fill[k]) != shapes[k]]
-    if missing or unexpected or mismatched:
-        lines = ([f'missing (no value for this model param): {k}' for k in missing]
-                 + [f'unexpected (not a param of this model): {k}' for k in unexpected]
-                 + [f'shape: {k}' for k in mismatched])
-        raise ConvertError(f'the params do not fit {config.model.name} of this config '
-                           f'({len(unexpected)} unexpected, {len(missing)} missing, {len(mismatched)} of '
-                           f'another shape):\n  ' + '\n  '.join(lines), unexpected, missing, mismatched)
+    _check_fit('the params do', config, unexpected, 'not a param of this model', missing,
+               'no value for this model param', mismatched)
     out = {}
     for key, shape in shapes.items():
         entry = plan[key]
