@@ -7,26 +7,54 @@ One mask is drawn per forward pass and shared by all B*N images and channels. Wi
 ``(int(1.5 H), int(1.5 W))`` canvas of ones, rows ``[d i + st_h, d i + st_h + l)`` for ``i < hh // d``
 (and columns likewise, ``i < ww // d``) are zeroed; the centre ``(H, W)`` crop is taken, ``mode=1``
 inverts it (only the stripes are kept) and the images are multiplied by it (``offset``: masked-out
-pixels get ``U(-1, 1)`` noise instead of 0). Rotation is only ``rotate=1`` (``randint(1) = 0``: none).
+pixels get ``U(-1, 1)`` noise instead of 0). Before the crop the canvas is rotated by ``r ~ randint[0,
+rotate)`` degrees (PIL ``Image.rotate``: counter-clockwise about the canvas centre, nearest neighbour,
+zero fill); the released configs use ``rotate=1``, i.e. never rotate.
 
 The mask is built from iota comparisons: a row ``r`` of the canvas is in a stripe iff
 ``r >= st_h``, ``(r - st_h) // d < hh // d`` and ``(r - st_h) % d < l`` (stripes never overlap
-since ``l < d``, and the ``min(., hh)`` clip is implied by ``r < hh``).
+since ``l < d``, and the ``min(., hh)`` clip is implied by ``r < hh``). With a rotation each crop pixel
+reads the canvas at its pixel centre mapped back by the inverse rotation, floored (PIL's nearest
+affine transform, which PIL computes in fixed point: equal pixel for pixel in the tests).
 """
 import jax
 import jax.numpy as jnp
 
 
-def _stripes(size, full, offset, d, st, l):
-    """(size,) bool: positions ``offset .. offset + size`` of a ``full``-long canvas axis in a stripe."""
-    r = jnp.arange(size, dtype=jnp.int32) + offset
+def _in_stripe(r, full, d, st, l):
+    """bool like ``r``: canvas positions ``r`` (int, ``0 <= r < full``) of one axis that a stripe covers."""
     rel = r - st
     return (rel >= 0) & (jnp.floor_divide(jnp.maximum(rel, 0), d) < full // d) & (jnp.mod(jnp.maximum(rel, 0), d) < l)
 
 
-def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_w=True, mode=1, offset=None):
+def _stripes(size, full, offset, d, st, l):
+    """(size,) bool: positions ``offset .. offset + size`` of a ``full``-long canvas axis in a stripe."""
+    return _in_stripe(jnp.arange(size, dtype=jnp.int32) + offset, full, d, st, l)
+
+
+def _rotated_canvas(h, w, hh, ww, d, st_h, st_w, l, use_h, use_w, angle):
+    """(h, w) bool: the centre crop of the (hh, ww) canvas (True = not in a stripe) rotated by ``angle``
+    degrees counter-clockwise about its centre, nearest neighbour, False outside (PIL ``Image.rotate``)."""
+    y = jnp.arange(h, dtype=jnp.float32)[:, None] + ((hh - h) // 2 + 0.5 - hh / 2)   # pixel centres about
+    x = jnp.arange(w, dtype=jnp.float32)[None, :] + ((ww - w) // 2 + 0.5 - ww / 2)   # the canvas centre
+    t = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
+    cos, sin = jnp.cos(t), jnp.sin(t)
+    xi = jnp.floor(cos * x - sin * y + ww / 2).astype(jnp.int32)   # PIL's inverse map for -angle
+    yi = jnp.floor(sin * x + cos * y + hh / 2).astype(jnp.int32)
+    inside = (xi >= 0) & (xi < ww) & (yi >= 0) & (yi < hh)
+    stripe = jnp.zeros((h, w), bool)
+    if use_h:
+        stripe |= _in_stripe(yi, hh, d, st_h, l)
+    if use_w:
+        stripe |= _in_stripe(xi, ww, d, st_w, l)
+    return inside & ~stripe
+
+
+def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_w=True, mode=1, offset=None,
+                          angle=None):
     """GridMask with given draws. img (M, H, W, C); d, st_h, st_w int scalars (may be traced); apply
-    bool scalar; offset: None or the (H, W) noise of ``offset=True``. Returns (M, H, W, C), img's dtype."""
+    bool scalar; offset: None or the (H, W) noise of ``offset=True``; angle: None (no rotation) or the
+    rotation in degrees (may be traced). Returns (M, H, W, C), img's dtype."""
     if mode not in (0, 1):
         raise ValueError(f'GridMask mode must be 0 or 1, got {mode}')
     h, w = img.shape[1:3]
@@ -34,10 +62,14 @@ def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_
     d = jnp.asarray(d, jnp.int32)
     l = jnp.clip(jnp.floor(d.astype(jnp.float32) * ratio + 0.5).astype(jnp.int32), 1, None)
     l = jnp.minimum(l, d - 1)
-    zero = jnp.zeros((h, w), bool)
-    rows = _stripes(h, hh, (hh - h) // 2, d, jnp.asarray(st_h, jnp.int32), l)[:, None] if use_h else zero
-    cols = _stripes(w, ww, (ww - w) // 2, d, jnp.asarray(st_w, jnp.int32), l)[None, :] if use_w else zero
-    mask = ~(rows | cols)                       # canvas of ones with zeroed stripes, centre crop
+    st_h, st_w = jnp.asarray(st_h, jnp.int32), jnp.asarray(st_w, jnp.int32)
+    if angle is None:
+        zero = jnp.zeros((h, w), bool)
+        rows = _stripes(h, hh, (hh - h) // 2, d, st_h, l)[:, None] if use_h else zero
+        cols = _stripes(w, ww, (ww - w) // 2, d, st_w, l)[None, :] if use_w else zero
+        mask = ~(rows | cols)                   # canvas of ones with zeroed stripes, centre crop
+    else:
+        mask = _rotated_canvas(h, w, hh, ww, d, st_h, st_w, l, use_h, use_w, angle)
     if mode == 1:
         mask = ~mask
     mask = mask.astype(img.dtype)[None, :, :, None]
@@ -50,16 +82,18 @@ def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_
 
 def grid_mask(img, rng, prob=0.7, ratio=0.5, use_h=True, use_w=True, mode=1, rotate=1, offset=False):
     """GridMask of one forward pass: img (M, H, W, C) (M = B*N), rng a PRNG key; one mask for all M
-    images, applied with probability ``prob``. Returns (M, H, W, C)."""
-    if rotate != 1:
-        raise NotImplementedError(f'GridMask supports only rotate=1 (no rotation), got {rotate}')
+    images, applied with probability ``prob``; rotated by ``randint[0, rotate)`` degrees when ``rotate > 1``.
+    Returns (M, H, W, C)."""
+    if rotate < 1:
+        raise ValueError(f'GridMask rotate must be >= 1 (randint(rotate) degrees), got {rotate}')
     h, w = img.shape[1:3]
     if h <= 2:
         raise ValueError(f'GridMask needs images taller than 2 pixels, got H={h}')
-    k_apply, k_d, k_h, k_w, k_off = jax.random.split(rng, 5)
+    k_apply, k_d, k_h, k_w, k_off, k_rot = jax.random.split(rng, 6)
     apply = jax.random.uniform(k_apply) < prob
     d = jax.random.randint(k_d, (), 2, h)
     st_h = jax.random.randint(k_h, (), 0, d)
     st_w = jax.random.randint(k_w, (), 0, d)
     noise = 2.0 * (jax.random.uniform(k_off, (h, w)) - 0.5) if offset else None
-    return grid_mask_from_params(img, d, st_h, st_w, apply, ratio, use_h, use_w, mode, noise)
+    angle = jax.random.randint(k_rot, (), 0, rotate) if rotate > 1 else None
+    return grid_mask_from_params(img, d, st_h, st_w, apply, ratio, use_h, use_w, mode, noise, angle)

@@ -7,8 +7,9 @@ from PIL import Image
 from fd3d_jax.models.grid_mask import grid_mask, grid_mask_from_params
 
 
-def original_mask(h, w, d, st_h, st_w, ratio=0.5, use_h=True, use_w=True, mode=1):
-    """The mask of BEVFormer's ``GridMask.forward`` (rotate=1) for given draws, as a numpy loop."""
+def original_mask(h, w, d, st_h, st_w, ratio=0.5, use_h=True, use_w=True, mode=1, r=0):
+    """The mask of BEVFormer's ``GridMask.forward`` for given draws (``r``: the rotation drawn from
+    ``randint(rotate)``, 0 for the released ``rotate=1``), as a numpy loop and PIL."""
     hh, ww = int(1.5 * h), int(1.5 * w)
     l = min(max(int(d * ratio + 0.5), 1), d - 1)
     mask = np.ones((hh, ww), np.float32)
@@ -20,7 +21,7 @@ def original_mask(h, w, d, st_h, st_w, ratio=0.5, use_h=True, use_w=True, mode=1
         for i in range(ww // d):
             s = d * i + st_w
             mask[:, s:min(s + l, ww)] *= 0
-    mask = np.asarray(Image.fromarray(np.uint8(mask)).rotate(0))  # r = randint(1) = 0
+    mask = np.asarray(Image.fromarray(np.uint8(mask)).rotate(r))
     mask = mask[(hh - h) // 2:(hh - h) // 2 + h, (ww - w) // 2:(ww - w) // 2 + w].astype(np.float32)
     return 1 - mask if mode == 1 else mask
 
@@ -72,9 +73,25 @@ def test_probability():
                                   np.asarray(img))
 
 
-def test_rotation_unsupported():
-    with pytest.raises(NotImplementedError):
-        grid_mask(jnp.ones((1, 8, 8, 3)), jax.random.PRNGKey(0), rotate=360)
+@pytest.mark.parametrize('r', [0, 7, 33, 90, 145, 180, 271, 359])
+def test_rotation_matches_pil(r):
+    """The rotated canvas is PIL's ``Image.rotate`` (nearest, zero fill), pixel for pixel."""
+    h, w = 24, 40
+    fn = jax.jit(lambda d, a, b, angle: grid_mask_from_params(jnp.ones((1, h, w, 1)), d, a, b, True, angle=angle))
+    for d, st_h, st_w in [(5, 1, 3), (9, 0, 8), (13, 6, 2)]:
+        ours = np.asarray(fn(d, st_h, st_w, r))[0, :, :, 0]
+        want = original_mask(h, w, d, st_h, st_w, r=r)
+        np.testing.assert_array_equal(ours, want, err_msg=str((r, d, st_h, st_w)))
+
+
+def test_rotation_draws_integer_degrees_below_rotate():
+    img = jnp.ones((1, 24, 40, 1))
+    with pytest.raises(ValueError, match='rotate must be >= 1'):
+        grid_mask(img, jax.random.PRNGKey(0), rotate=0)
+    fn = jax.jit(lambda k: grid_mask(img, k, prob=1.0, rotate=360))
+    masks = [np.asarray(fn(jax.random.PRNGKey(s)))[0, :, :, 0] for s in range(6)]
+    plain = {original_mask(24, 40, d, a, b).tobytes() for d in range(2, 24) for a in range(d) for b in range(d)}
+    assert sum(m.tobytes() not in plain for m in masks) >= 3      # most draws are rotated
 
 
 def test_image_features_mask_only_in_training():
