@@ -204,8 +204,11 @@ class TorchDCNv2(tnn.Module):
 
     def forward(self, x):
         o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
-        return torch_modulated_deform_conv2d(x, torch.cat((o1, o2), dim=1), torch.sigmoid(mask), self.weight,
-                                             self.bias, self.stride, self.padding, self.dilation)
+        return self.deform_conv(x, torch.cat((o1, o2), dim=1), torch.sigmoid(mask))
+
+    def deform_conv(self, x, offset, mask):
+        return torch_modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
+                                             self.dilation)
 
 
 class TorchBottleneck(tnn.Module):
@@ -660,23 +663,15 @@ def _torchvision():
     return pytest.importorskip('torchvision')
 
 
-class TorchvisionDCNv2(tnn.Module):
+class TorchvisionDCNv2(TorchDCNv2):
     """mmcv ``ModulatedDeformConv2dPack`` (same keys: ``weight``, optional ``bias``, ``conv_offset``) whose
     deformable conv is ``torchvision.ops.deform_conv2d`` (offset channels ``2k`` = dy, ``2k + 1`` = dx
     of kernel point ``k = i * kw + j``, as mmcv; pinned by ``test_torchvision_deform_conv2d_layout``)."""
 
-    def __init__(self, cin, cout, k=3, stride=1, padding=1, dilation=1, bias=False):
-        super().__init__()
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.weight = tnn.Parameter(torch.zeros(cout, cin, k, k))
-        self.bias = tnn.Parameter(torch.zeros(cout)) if bias else None
-        self.conv_offset = tnn.Conv2d(cin, 3 * k * k, k, stride, padding, dilation, bias=True)
-
-    def forward(self, x):
+    def deform_conv(self, x, offset, mask):
         from torchvision.ops import deform_conv2d
-        o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
-        return deform_conv2d(x, torch.cat((o1, o2), dim=1), self.weight, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, mask=torch.sigmoid(mask))
+        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                             dilation=self.dilation, mask=mask)
 
 
 def torchvision_resnet(depth, seed):
