@@ -232,9 +232,9 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         trainer.state, data_state = ckpt.restore(trainer.state, start)
         if data_state is not None:
             data_iter.set_state(data_state)
-        if jax.process_index() == 0:
-            _truncate_metrics(writer.path, start)
         log(f'resumed from {ckpt.directory}/{start}')
+    if jax.process_index() == 0:   # a run killed before its first checkpoint finished starts over: its lines go too
+        _truncate_metrics(writer.path, start or 0)
     step = trainer.host_step
     num_steps = trainer.num_steps
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '

@@ -39,6 +39,7 @@ class MetricsWriter:
 
 
 def read_metrics(path):
-    """The lines of a ``metrics.jsonl`` as dicts."""
+    """The lines of a ``metrics.jsonl`` as dicts; a last line without its newline (a write cut short by a kill,
+    or one still being written) is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]

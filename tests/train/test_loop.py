@@ -170,3 +170,20 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     state, _ = ckpt.restore(trainer.state)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(state.params)))
     ckpt.close()
+
+
+@pytest.mark.slow
+@pytest.mark.scaleout
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_its_metrics(data_cfg, train_records, tmp_path):
+    """A SIGKILL before the first save finished leaves metric lines (the last one maybe cut short) and no
+    checkpoint: the next run starts from step 0 and those lines do not stay in front of its own."""
+    config = small_config(detr3d_r50, data_cfg, num_steps=2, checkpoint_every=2, log_every=1, eval_every=0)
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    stale = ''.join(json.dumps(dict(step=s, loss=1.0)) + '\n' for s in (1, 2, 3)) + '{"step": 4, "lo'
+    (workdir / 'metrics.jsonl').write_text(stale)
+    assert [m['step'] for m in read_metrics(str(workdir / 'metrics.jsonl'))] == [1, 2, 3]   # the cut line is left out
+    trainer = loop.Trainer(config, len(train_records['samples']))
+    loop.train_and_evaluate(config, str(workdir), trainer=trainer, log=lambda *a: None)
+    lines = _train_lines(str(workdir))
+    assert [m['step'] for m in lines] == [1, 2] and all(m['loss'] != 1.0 for m in lines)
