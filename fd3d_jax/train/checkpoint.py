@@ -8,7 +8,9 @@ resumes from the last complete checkpoint; ``keep`` newest are kept.
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(ValueError):
@@ -75,8 +77,8 @@ def save_params(params, path):
 
 def load_params(path, step=None):
     """Detector params (nested dicts of arrays) from ``path``: a params folder of ``save_params``, or
-    a training workdir (``params['model']`` of its latest or ``step`` checkpoint; a distillation run's
-    generators in ``params['distill']`` are left out)."""
+    a training workdir (``params['model']`` of its latest or ``step`` checkpoint as numpy arrays, read on its
+    own: the optimiser state and a distillation run's ``params['distill']`` are not read)."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         with ocp.StandardCheckpointer() as ckptr:
@@ -88,9 +90,16 @@ def load_params(path, step=None):
     if step is not None and int(step) not in steps:
         raise CheckpointError(f'no checkpoint for step {step} in {ckdir} (have {sorted(steps)})')
     item = os.path.join(ckdir, str(max(steps) if step is None else int(step)), 'state')
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(item)
+    handler, path = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone: no optimiser moments
     try:
-        return state['params']['model']
-    except (KeyError, TypeError):
-        raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None
+        try:
+            model = handler.metadata(path).tree['params']['model']
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None
+        sub = {'params': {'model': model}}
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), sub)
+        restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=sub, restore_args=as_numpy,
+                                                                     partial_restore=True))
+    finally:
+        handler.close()
+    return restored['params']['model']

@@ -2,6 +2,7 @@
 folder, renamed into place only when complete) is never taken for the latest checkpoint."""
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,3 +40,26 @@ def test_restoring_into_another_structure_names_the_folder(tmp_path):
     with pytest.raises(CheckpointError, match='no checkpoint for step 7'):
         ckpt.restore({'w': jnp.ones(3)}, step=7)
     ckpt.close()
+
+
+def test_load_params_reads_params_model_alone(tmp_path):
+    """A training workdir gives ``params['model']`` of the named (or latest) step as numpy arrays, without
+    the optimiser state or the distillation modules; a state without it is refused naming the folder."""
+    from fd3d_jax.train.checkpoint import load_params
+    model = {'head': {'w': jnp.arange(6.0).reshape(2, 3)}, 'bev': jnp.ones(4)}
+    state = {'params': {'model': model, 'distill': {'g': jnp.zeros(5)}}, 'opt_state': {'mu': jnp.ones(7)},
+             'step': jnp.int32(3)}
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(3, state)
+    ckpt.save(4, dict(state, params=dict(state['params'], model={'head': {'w': model['head']['w'] + 1},
+                                                                 'bev': model['bev']})))
+    ckpt.save(5, {'other': jnp.ones(2)})
+    ckpt.close()
+    got = load_params(str(tmp_path), step=3)
+    assert set(got) == {'head', 'bev'} and isinstance(got['bev'], np.ndarray)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(model))
+    np.testing.assert_array_equal(load_params(str(tmp_path), step=4)['head']['w'], np.asarray(model['head']['w']) + 1)
+    with pytest.raises(CheckpointError, match=r'checkpoints/5/state holds no params.model'):
+        load_params(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r'no checkpoint for step 9 .*\[3, 4, 5\]'):
+        load_params(str(tmp_path), step=9)
