@@ -90,16 +90,16 @@ def load_params(path, step=None):
     if step is not None and int(step) not in steps:
         raise CheckpointError(f'no checkpoint for step {step} in {ckdir} (have {sorted(steps)})')
     item = os.path.join(ckdir, str(max(steps) if step is None else int(step)), 'state')
-    handler, path = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone: no optimiser moments
+    handler, state_dir = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone, no optimiser moments
     try:
         try:
-            model = handler.metadata(path).tree['params']['model']
+            model = handler.metadata(state_dir).tree['params']['model']
         except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None
         sub = {'params': {'model': model}}
         as_numpy = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), sub)
-        restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=sub, restore_args=as_numpy,
-                                                                     partial_restore=True))
+        restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=as_numpy,
+                                                                          partial_restore=True))
     finally:
         handler.close()
     return restored['params']['model']
