@@ -259,7 +259,6 @@ def main():
         rows, seeds, steps, name = list(SHORT['rows']), list(SHORT['seeds']), args.steps or SHORT['steps'], \
             args.name or f'{args.table}_short'
     if not steps:   # the config's own count, so that cells and recorded results name it
-        sys.path.insert(0, REPO)
         from fd3d_jax.benchmark import load_config
         steps = int(load_config(table['config'])[1].train.num_steps)
     expert = os.path.abspath(args.expert or os.path.join(REPO, table['expert']))
