@@ -65,6 +65,16 @@ def _model_differences(saved, wanted, prefix='model'):
     return diffs
 
 
+def _norm_differences(saved_data, expert_cfg):
+    """The expert's training normalisation (``data.image_mean/image_std/to_rgb`` of its ``config.json``)
+    against ``config.expert``'s, which ``expert_batch`` renormalises the apprentice's images to."""
+    diffs = []
+    for key in ('image_mean', 'image_std', 'to_rgb'):
+        if key in saved_data and key in expert_cfg and json.dumps(saved_data[key]) != json.dumps(_jsonable(expert_cfg[key])):
+            diffs.append(f'{key}: checkpoint data.{key} {saved_data[key]!r}, config.expert.{key} {expert_cfg[key]!r}')
+    return diffs
+
+
 def _jsonable(x):
     return json.loads(json.dumps(x, default=list)) if x is not None else None
 
@@ -90,7 +100,7 @@ def check_shapes(params, abstract, source):
 def load_expert_params(path, expert_cfg, abstract):
     """The expert's params from ``path`` (``config.distill.expert_checkpoint``): a workdir of
     ``python -m fd3d_jax.train`` (its latest checkpoint's ``params['model']``; its ``config.json`` must
-    describe the same model as ``expert_cfg.model``) or a params folder written by
+    describe the same model as ``expert_cfg.model`` and the same image normalisation) or a params folder written by
     ``fd3d_jax.train.checkpoint.save_params`` (e.g. by the converter). Checked leaf by leaf against
     ``abstract`` (``ExpertError`` lists every mismatch)."""
     from fd3d_jax.train import checkpoint
@@ -104,11 +114,12 @@ def load_expert_params(path, expert_cfg, abstract):
     saved_cfg = os.path.join(path, 'config.json')
     if os.path.exists(saved_cfg):
         with open(saved_cfg) as f:
-            saved_model = json.load(f).get('model', {})
-        diffs = _model_differences(saved_model, _jsonable(expert_cfg.model.to_dict()))
+            saved = json.load(f)
+        diffs = _model_differences(saved.get('model', {}), _jsonable(expert_cfg.model.to_dict()))
+        diffs += _norm_differences(saved.get('data', {}), expert_cfg)
         if diffs:
-            raise ExpertError(f'the expert in {path} was trained with another model than config.expert.model:\n  '
-                              + '\n  '.join(diffs))
+            raise ExpertError(f'the expert in {path} was trained with another model or image normalisation than '
+                              f'config.expert:\n  ' + '\n  '.join(diffs))
     try:
         params = checkpoint.load_params(path)
     except checkpoint.CheckpointError as e:

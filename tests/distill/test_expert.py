@@ -86,3 +86,10 @@ def test_load_expert_params_from_a_params_folder_and_clear_errors(tmp_path):
     with pytest.raises(expert_lib.ExpertError, match=r'model.bev_h: checkpoint 8, config 4') as e:
         expert_lib.load_expert_params(str(wd), cfg, _params())
     assert 'remat' not in str(e.value)
+    # the same model trained on other image normalisation: its inputs would be renormalised wrongly
+    cfg = ml_collections.ConfigDict(dict(model=dict(name='bevformer', bev_h=4), **common.RGB_NORM))
+    with open(wd / 'config.json', 'w') as f:
+        json.dump({'model': {'name': 'bevformer', 'bev_h': 4}, 'data': dict(common.CAFFE_NORM)}, f)
+    with pytest.raises(expert_lib.ExpertError, match=r'image_std: checkpoint data.image_std \[1.0, 1.0, 1.0\]') as e:
+        expert_lib.load_expert_params(str(wd), cfg, _params())
+    assert str(wd) in str(e.value) and 'to_rgb' in str(e.value) and 'bev_h' not in str(e.value)
