@@ -12,7 +12,7 @@ EXPERT ?= bevformer_base
 EXPERT_STEPS ?= 3000
 DEMO_ARGS ?=
 
-.PHONY: venv data demo expert detector-demo data-demo bench test test-scaleout test-slow test-all clean-data
+.PHONY: venv data bench-data demo expert detector-demo data-demo bench test test-scaleout test-slow test-all clean-data
 
 venv: $(STAMP)
 
@@ -52,11 +52,21 @@ data-demo: data
 
 # Benchmarks (torch, installed by the venv's test extra, is the reference of bench_msda): results in
 # experiments/results/bench_*.json
-bench: venv
-	$(PY) experiments/bench_msda.py
-	$(PY) experiments/bench_train_step.py
-	$(PY) experiments/bench_pipeline.py
-	$(PY) experiments/bench_inference.py
+# The benchmarks time real batches of the 10-scene set (v1.0-mini), the configs' default dataroot.
+BENCH_DATA := data/synthetic
+
+bench-data: venv
+	test -f $(BENCH_DATA)/fd3d_synthetic.json || $(PY) -m fd3d_jax.data.synthetic --out $(BENCH_DATA) --scenes 10 --seed 0
+
+bench: bench-data
+	$(PY) experiments/bench_msda.py --shapes tiny_sca tiny_tsa base_tsa base_sca --queries 2500
+	$(PY) experiments/bench_train_step.py --dataroot $(BENCH_DATA)
+	$(PY) experiments/bench_pipeline.py --config configs/bevformer_tiny.py:demo
+	$(PY) experiments/bench_pipeline.py --config configs/detr3d_r50.py:demo
+	$(PY) experiments/bench_inference.py --config configs/bevformer_tiny.py:demo
+	$(PY) experiments/bench_inference.py --config configs/detr3d_r50.py:demo
+	$(PY) experiments/bench_inference.py --config configs/bevformer_base.py:demo --frames 10 --warmup 2
+	$(PY) experiments/bench_inference.py --config configs/bevformer_tiny.py:full --frames 3 --warmup 1
 	$(PY) experiments/bench_memory.py
 
 # Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15; then

@@ -3,7 +3,8 @@
     python experiments/bench_pipeline.py --config configs/bevformer_tiny.py:demo [--workers 0 1 2]
         [--batches 20] [--steps 10] [--loop-steps 20] [--out-dir experiments/results] [--config.key=value ...]
 
-For the config's training split (default ``config.data``: the synthetic set of ``make demo``):
+For the config's training split (default ``config.data``: the 10-scene synthetic set of
+``make bench-data``):
 
 * ``train_step``: the ``Trainer``'s compiled step (batch ``train.batch_size``, whole temporal queue)
   on batches already in memory: median step time, steps/s and the samples/s it consumes.
