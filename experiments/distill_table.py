@@ -28,18 +28,18 @@ NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
 # Rows: (key, label, config overrides). Every distillation row starts the apprentice's head from the
 # expert's (the released duplicate_student_head); "apprentice alone" never sees the expert, "expert head
 # only" separates that initialisation from the distillation losses.
+FD3D = {'distill.method': 'fd3d'}
 _METHOD_ROWS = [
     ('alone', 'apprentice alone', NONE),
     ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
     ('fitnet', 'FitNet (BEV + FPN)', {'distill.method': 'fitnet'}),
     ('mgd', 'MGD (random masks)', {'distill.method': 'mgd'}),
-    ('fd3d_gen', 'FD3D generative (query masks)', {'distill.method': 'fd3d', 'distill.focal.weight': 0.0}),
-    ('fd3d', 'FD3D generative + focal', {'distill.method': 'fd3d'}),
+    ('fd3d_gen', 'FD3D generative (query masks)', {**FD3D, 'distill.focal.weight': 0.0}),
+    ('fd3d', 'FD3D generative + focal', FD3D),
     # the reconstructed focal weight (1) is too strong at 600 steps (table 3); same key and overrides as
     # table 3's row, so the two tables share its runs
-    ('focal_x0.25', 'FD3D generative + focal, focal weight x0.25', {'distill.method': 'fd3d', 'distill.focal.weight': 0.25}),
+    ('focal_x0.25', 'FD3D generative + focal, focal weight x0.25', {**FD3D, 'distill.focal.weight': 0.25}),
 ]
-FD3D = {'distill.method': 'fd3d'}
 TABLES = {
     'table1': dict(title='BEVFormer base -> tiny (fd3d_bevformer_base_to_tiny.py:demo)',
                    config='configs/fd3d_bevformer_base_to_tiny.py:demo',
