@@ -16,7 +16,7 @@ otherwise (e.g. the ``:full`` configs, 1600x900, without nuScenes) ``models.inpu
 config's full size (random images, the synthetic rig's cameras), reported as such. Params: random
 initialisation, or ``--workdir`` (a training workdir or params folder: ``params['model']``).
 The JSON puts the published GPU figures of the same model family beside ours, labelled as published.
-Writes ``experiments/results/bench_inference_<config>.json`` (``fd3d_jax.benchmark.write_result``).
+Writes ``experiments/results/bench_inference_<config>.json`` (``experiments.benchmark.write_result``).
 """
 import argparse
 import itertools
@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from fd3d_jax import benchmark
+from experiments import benchmark
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train import loop
@@ -99,9 +99,7 @@ def main(argv=None):
 
     trainer = loop.Trainer(config, num_train_samples=1)
     params = loop.restore_model_params(trainer, args.workdir) if args.workdir else trainer.state.params['model']
-    m = config.model
-    prev_shape = (1, m.bev_h * m.bev_w, m.embed_dims) if m.name == 'bevformer' else (1, 1, 1)
-    prev0 = mesh_lib.shard_batch(np.zeros(prev_shape, np.float32), trainer.mesh)
+    prev0 = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(1), np.float32), trainer.mesh)
 
     def frame(batch, prev):
         return jax.block_until_ready(trainer.eval_step(params, mesh_lib.shard_batch(batch, trainer.mesh), prev))

@@ -18,9 +18,8 @@ import time
 
 import jax
 
-from fd3d_jax import benchmark
-from fd3d_jax.distill import uses_expert
-from fd3d_jax.distill.distiller import Distiller
+from experiments import benchmark
+from fd3d_jax.distill import make_distiller
 from fd3d_jax.train import loop
 
 CONFIGS = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101',
@@ -38,7 +37,7 @@ def count(tree):
 
 
 def measure(config):
-    distiller = Distiller(config) if uses_expert(config) else None
+    distiller = make_distiller(config)
     jitted, args = loop.abstract_train_step(config, distiller)
     c0, t0 = time.process_time(), time.perf_counter()
     compiled = jitted.lower(*args).compile()

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fd3d_jax import benchmark
+from experiments import benchmark
 from fd3d_jax.models import deformable_attention as da
 
 # batch, queries, heads, head dims, levels ((H, W), ...), points

@@ -18,7 +18,7 @@ For the config's training split (default ``config.data``: the 10-scene synthetic
   wall time spent in ``next`` and the device idle fraction ``1 - steps x step time / wall``.
 
 The two share the CPU when training runs on it, so the loop figures are the ones that decide.
-Writes ``experiments/results/bench_pipeline_<config>.json`` (``fd3d_jax.benchmark.write_result``).
+Writes ``experiments/results/bench_pipeline_<config>.json`` (``experiments.benchmark.write_result``).
 """
 import argparse
 import itertools
@@ -27,10 +27,10 @@ import time
 
 import jax
 
-from fd3d_jax import benchmark
+from experiments import benchmark
 from fd3d_jax.data import pipeline
 from fd3d_jax.distill import uses_expert
-from fd3d_jax.distill.distiller import build_distillation
+from fd3d_jax.distill import build_distillation
 from fd3d_jax.train import loop
 from fd3d_jax.train import mesh as mesh_lib
 

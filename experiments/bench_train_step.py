@@ -25,9 +25,9 @@ import time
 import jax
 import numpy as np
 
-from fd3d_jax import benchmark
+from experiments import benchmark
 from fd3d_jax.data import pipeline
-from fd3d_jax.distill.distiller import Distiller, build_distillation
+from fd3d_jax.distill import build_distillation, make_distiller
 from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train import loop
 from fd3d_jax.train import mesh as mesh_lib
@@ -56,7 +56,7 @@ def make_expert(config):
     """(distiller, expert params): ``build_distillation`` with ``distill.expert_checkpoint``, else random."""
     if config.distill.expert_checkpoint:
         return build_distillation(config)
-    distiller = Distiller(config)
+    distiller = make_distiller(config)
     batch = dummy_batch(config, 1, queue_length=1, raw_wh=loop.INIT_IMAGE_WH)
     return distiller, init_params(distiller.expert, distiller.expert_batch(batch), config.seed + 3)
 
@@ -84,7 +84,7 @@ def aot_compile(jitted, *args):
 
 def compile_only(config):
     out = {}
-    for name, cfg, distiller in (('apprentice', apprentice_config(config), None), ('fd3d', config, Distiller(config))):
+    for name, cfg, distiller in (('apprentice', apprentice_config(config), None), ('fd3d', config, make_distiller(config))):
         jitted, step_args = loop.abstract_train_step(cfg, distiller)
         compiled, seconds = aot_compile(jitted, *step_args)
         out[name] = dict(compile_s=seconds, memory_bytes=benchmark.memory(compiled))

@@ -13,7 +13,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from fd3d_jax import evaluate, visualize
+from fd3d_jax import nuscenes_metrics, visualize
 from fd3d_jax.data import pipeline, records
 
 config_flags.DEFINE_config_file('config', 'configs/data.py:toy', 'data config')
@@ -51,15 +51,15 @@ def main(argv):
         print(f'  {key:16s} {str(value.shape):28s} {value.dtype}')
 
     class_names = tuple(cfg.class_names)
-    gt = evaluate.gt_as_detections(val, class_names)
+    gt = nuscenes_metrics.gt_as_detections(val, class_names)
     rng = np.random.default_rng(0)
     for name, dets in (('gt_as_predictions', gt), ('gt_shifted_0.5m', perturbed(gt, rng))):
         path = os.path.join(FLAGS.out, name, 'results.json')
-        evaluate.write_results(evaluate.results_json(val, dets), path)
-        summary = evaluate.run_detection_eval(path, cfg.dataroot, cfg.version, cfg.val_split,
+        nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, dets), path)
+        summary = nuscenes_metrics.run_detection_eval(path, cfg.dataroot, cfg.version, cfg.val_split,
                                               os.path.dirname(path))
-        print(f'\n{name} on {cfg.val_split} (devkit DetectionEval, {evaluate.EVAL_CONFIG}):')
-        print(evaluate.format_metrics(summary))
+        print(f'\n{name} on {cfg.val_split} (devkit DetectionEval, {nuscenes_metrics.EVAL_CONFIG}):')
+        print(nuscenes_metrics.format_metrics(summary))
 
     step = max(1, len(val['samples']) // max(FLAGS.pictures, 1))
     for rec in val['samples'][::step][:FLAGS.pictures]:

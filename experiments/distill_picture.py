@@ -19,11 +19,11 @@ from fd3d_jax import visualize
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.data.pipeline import load_image
 from fd3d_jax.distill import masks
-from fd3d_jax.distill.distiller import build_distillation
+from fd3d_jax.distill import build_distillation
 from fd3d_jax.models.box_coder import denormalize_bbox
-from fd3d_jax.models.build import build
+from fd3d_jax.models import build, detector_class
 from fd3d_jax.models.inputs import dummy_batch
-from fd3d_jax.train.checkpoint import load_params
+from fd3d_jax.params_io import load_params
 from fd3d_jax.train.state import init_params
 
 config_flags.DEFINE_config_file('config', 'configs/fd3d_bevformer_base_to_tiny.py:demo', 'distillation pair config')
@@ -36,8 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = FLAGS.config
-    if config.model.name != 'bevformer':
-        raise SystemExit('error: the picture shows BEV masks: give a BEVFormer pair config')
+    if not detector_class(config.model).has_bev:
+        raise SystemExit('error: the picture shows BEV masks: give a pair config of detectors with a BEV (BEVFormer)')
     d = config.data
     distiller, expert_params = build_distillation(config)
     if distiller is None:

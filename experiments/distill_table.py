@@ -20,7 +20,13 @@ import subprocess
 import sys
 import time
 
+import matplotlib
 import numpy as np
+
+from experiments.benchmark import load_config, machine_info
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
@@ -163,9 +169,6 @@ def markdown(result):
 
 
 def plot(result, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     rows = result['rows']
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 3.6))
     x = np.arange(len(rows))
@@ -225,7 +228,6 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
             log(f'  NDS {cells[-1]["nds"]:.4f}  mAP {cells[-1]["map"]:.4f}')
         results.append(dict(key=key, label=label, overrides=overrides, cells=cells,
                             nds=_stats([c['nds'] for c in cells]), map=_stats([c['map'] for c in cells])))
-    from fd3d_jax.benchmark import machine_info
     m = machine_info()
     result = dict(table=name, title=table['title'], config=table['config'], expert_path=expert,
                   expert=expert_score(expert), dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
@@ -263,7 +265,6 @@ def main():
         rows, seeds, steps, name = list(SHORT['rows']), list(SHORT['seeds']), args.steps or SHORT['steps'], \
             args.name or f'{args.table}_short'
     if not steps:   # the config's own count, so that cells and recorded results name it
-        from fd3d_jax.benchmark import load_config
         steps = int(load_config(table['config'])[1].train.num_steps)
     expert = os.path.abspath(args.expert or os.path.join(REPO, table['expert']))
     try:

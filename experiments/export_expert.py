@@ -14,7 +14,8 @@ import os
 import shutil
 import sys
 
-from fd3d_jax.train.checkpoint import CheckpointError, load_params, save_params
+from fd3d_jax.errors import CheckpointError
+from fd3d_jax.params_io import load_params, save_params
 
 
 def export(workdir, out):

@@ -6,9 +6,7 @@ import sys
 
 from absl import flags
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key (``config.distill.method``)."""
+from fd3d_jax.errors import USER_ERRORS
 
 
 def parse_flags(argv):
@@ -28,8 +26,9 @@ def parse_flags(argv):
         sys.exit(f"error: unknown config key in {' '.join(named or overrides)}" + (f' ({hint})' if hint else ''))
 
 
-def exit_on(errors, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; an exception of one of ``errors`` exits with ``error: <message>``."""
+def exit_on(fn, *args, errors=USER_ERRORS, **kwargs):
+    """``fn(*args, **kwargs)``; an exception of one of ``errors`` (default: every ``fd3d_jax.errors`` error)
+    exits with ``error: <message>``."""
     try:
         return fn(*args, **kwargs)
     except errors as e:

@@ -12,8 +12,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fd3d_jax import evaluate
-from fd3d_jax.cli import ConfigError, exit_on, parse_flags
+from fd3d_jax import nuscenes_metrics
+from fd3d_jax.cli import exit_on, parse_flags
+from fd3d_jax.train.loop import evaluate_checkpoint
+from fd3d_jax.validate import validate
 
 config_flags.DEFINE_config_file('config', None, 'config file (checkpoint mode)')
 flags.DEFINE_string('workdir', None, 'training folder with checkpoints/ (checkpoint mode)')
@@ -32,12 +34,8 @@ def main(argv):
         if not (FLAGS.workdir and FLAGS.config):
             sys.exit('error: checkpoint mode needs both --config and --workdir')
         logging.set_verbosity(logging.WARNING)
-        from fd3d_jax.data.pipeline import DataError
-        from fd3d_jax.data.records import RecordsError
-        from fd3d_jax.train.checkpoint import CheckpointError
-        from fd3d_jax.train.loop import evaluate_checkpoint
-        exit_on((ConfigError, DataError, RecordsError, CheckpointError), evaluate_checkpoint, FLAGS.config,
-                FLAGS.workdir, FLAGS.step)
+        exit_on(validate, FLAGS.config)
+        exit_on(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
         return
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]
     if missing:
@@ -45,10 +43,10 @@ def main(argv):
     if not os.path.exists(FLAGS.results):
         sys.exit(f'error: results file not found: {FLAGS.results}')
     try:
-        summary = evaluate.run_detection_eval(FLAGS.results, FLAGS.dataroot, FLAGS.version, FLAGS.split, FLAGS.out)
+        summary = nuscenes_metrics.run_detection_eval(FLAGS.results, FLAGS.dataroot, FLAGS.version, FLAGS.split, FLAGS.out)
     except (ValueError, AssertionError) as e:
         sys.exit(f'error: {e}')
-    print(evaluate.format_metrics(summary))
+    print(nuscenes_metrics.format_metrics(summary))
     print(f"wrote {os.path.join(FLAGS.out, 'metrics_summary.json')}")
 
 

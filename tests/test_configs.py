@@ -1,9 +1,17 @@
 import glob
+import importlib
 import os
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
+
+from fd3d_jax.distill import make_distiller
+from fd3d_jax.errors import ConfigError
+from fd3d_jax.models import build
+from fd3d_jax.models.inputs import batch_spec
+from fd3d_jax.validate import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +52,6 @@ def test_bad_config_argument_and_key_are_reported():
 @pytest.mark.parametrize('name', ['bevformer_tiny', 'bevformer_base', 'detr3d_r50', 'detr3d_r101'])
 def test_demo_configs_build(name):
     """The ``:demo`` sizes (README results) are consistent: the model initialises on their inputs."""
-    import jax
-    from fd3d_jax.models.build import build
-    from fd3d_jax.models.inputs import batch_spec
     config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
     model = build(config.model)
     key = jax.random.PRNGKey(0)
@@ -58,7 +63,48 @@ def test_demo_configs_build(name):
 @pytest.mark.parametrize('name', ['fd3d_bevformer_base_to_tiny', 'fd3d_detr3d_r101_to_r50'])
 def test_demo_pairs_fit(name):
     """The ``:demo`` distillation pairs (experiments/distill_table.py) pair levels and BEVs."""
-    from fd3d_jax.distill.distiller import Distiller
     config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
-    distiller = Distiller(config)  # eval_shape only: checks level pairing and the BEV factor
+    distiller = make_distiller(config)  # eval_shape only: checks level pairing and the BEV factor
     assert distiller.pairs and config.distill.feature_norm == 'both'
+
+
+ARGS = {'bevformer_tiny': ('full', 'fd3d', 'toy', 'demo'), 'bevformer_small': ('full', 'fd3d', 'toy'),
+        'bevformer_base': ('full', 'toy', 'demo'), 'detr3d_r50': ('full', 'toy', 'demo'),
+        'detr3d_r101': ('full', 'toy', 'demo'), 'data': ('full', 'toy'),
+        'fd3d_bevformer_base_to_tiny': ('full', 'toy', 'demo'), 'fd3d_bevformer_base_to_small': ('full', 'toy'),
+        'fd3d_detr3d_r101_to_r50': ('full', 'toy', 'demo')}
+
+
+def test_every_shipped_config_validates():
+    names = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(REPO, 'configs', '*.py'))} - {'__init__', 'common'}
+    assert names == set(ARGS)
+    for name, args in ARGS.items():
+        for arg in args:
+            assert validate(importlib.import_module(f'configs.{name}').get_config(arg))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('distill.method', 'kd', r"config.distill.method must be 'none', 'fitnet', 'mgd', 'heatmap' or 'fd3d', got 'kd'"),
+    ('distill.feature_norm', 'bn', r"config.distill.feature_norm must be 'none', 'expert' or 'both', got 'bn'"),
+    ('distill.mask.mode', 'soft', r"config.distill.mask.mode must be 'zero' or 'random', got 'soft'"),
+    ('distill.mask.select', 'all', r"config.distill.mask.select must be 'score', 'topk' or 'gt', got 'all'"),
+    ('distill.focal.source', 'expert', r"config.distill.focal.source must be 'raw' or 'generated'"),
+    ('distill.focal.queries', 'some', r"config.distill.focal.queries must be 'all' or 'selected'"),
+    ('distill.generative.normalize', 'sum', r"config.distill.generative.normalize must be 'instance' or 'mgd'"),
+    ('distill.focal.weight', -1.0, r'config.distill.focal.weight must be >= 0.0, got -1.0'),
+    ('distill.mask.random_ratio', 1.5, r'config.distill.mask.random_ratio must be >= 0.0 and <= 1.0, got 1.5'),
+    ('distill.mask.topk', 0, r'config.distill.mask.topk must be >= 1, got 0'),
+    ('train.nonfinite', 'ignore', r"config.train.nonfinite must be 'stop' or 'skip', got 'ignore'"),
+    ('train.batch_size', 0, r'config.train.batch_size must be >= 1, got 0'),
+    ('optim.lr', 0.0, r'config.optim.lr must be > 0.0, got 0.0'),
+    ('model.name', 'pointpillars', r"config.model.name must be 'bevformer' or 'detr3d', got 'pointpillars'"),
+])
+def test_validate_names_the_key(key, value, message):
+    config = importlib.import_module('configs.fd3d_bevformer_base_to_tiny').get_config('toy')
+    *path, last = key.split('.')
+    node = config
+    for part in path:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)

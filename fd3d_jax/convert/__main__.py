@@ -15,7 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fd3d_jax.cli import ConfigError, exit_on, parse_flags
+from fd3d_jax.cli import exit_on, parse_flags
+from fd3d_jax.convert import checkpoint_files
 
 config_flags.DEFINE_config_file('config', None, 'the model\'s config, e.g. configs/bevformer_base.py')
 flags.DEFINE_string('torch-checkpoint', None, 'official .pth to convert to a params folder')
@@ -35,16 +36,12 @@ def main(argv):
     if config is None or not out:
         sys.exit('error: --config and --out are required')
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from fd3d_jax.convert import checkpoint_files
-    from fd3d_jax.convert.convert import ConvertError
-    from fd3d_jax.train.checkpoint import CheckpointError
-    errors = (ConvertError, CheckpointError, ConfigError)
     name = FLAGS['config'].config_filename
     yaw = FLAGS['convert-yaw'].value
     if FLAGS['to-torch'].value:
         if not FLAGS['params'].value or FLAGS['torch-checkpoint'].value:
             sys.exit('error: --to-torch reads --params DIR (not --torch-checkpoint)')
-        n = exit_on(errors, checkpoint_files.to_torch, FLAGS['params'].value, config, out,
+        n = exit_on(checkpoint_files.to_torch, FLAGS['params'].value, config, out,
                     FLAGS['template'].value, yaw, name)
         print(f'wrote {n} keys to {out}')
         return
@@ -52,7 +49,7 @@ def main(argv):
         sys.exit('error: give --torch-checkpoint X.pth (or --to-torch --params DIR)')
     if FLAGS['params'].value or FLAGS['template'].value:
         sys.exit('error: --params and --template go with --to-torch')
-    info = exit_on(errors, checkpoint_files.to_flax, FLAGS['torch-checkpoint'].value, config, out, yaw, name)
+    info = exit_on(checkpoint_files.to_flax, FLAGS['torch-checkpoint'].value, config, out, yaw, name)
     print(f"converted {info['converted_keys']} of {info['checkpoint_keys']} keys into {info['param_leaves']} "
           f"params ({info['parameters']:,} values) in {out}; {len(info['ignored'])} ignored "
           f"(see {out}/conversion.json)")

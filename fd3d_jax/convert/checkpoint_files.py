@@ -1,7 +1,7 @@
 """File to file: an official ``.pth`` -> a params folder, and a params folder -> a ``.pth``.
 
 ``to_flax(torch_checkpoint, config, out)`` writes ``out/params`` with
-``fd3d_jax.train.checkpoint.save_params`` (so ``config.distill.expert_checkpoint=out`` loads it) and
+``fd3d_jax.params_io.save_params`` (so ``config.distill.expert_checkpoint=out`` loads it) and
 ``out/conversion.json`` (source, model, counts, every ignored key with its reason). No
 ``config.json`` is written: a converted checkpoint is valid for every setting of the flags that do
 not change params (e.g. ``model.reproduce_shift_bug``), which ``load_expert_params`` would otherwise
@@ -13,13 +13,13 @@ import json
 import os
 
 from fd3d_jax.convert import convert, torch_io
+from fd3d_jax.params_io import load_params, save_params
 
 REPORT = 'conversion.json'
 
 
 def to_flax(torch_checkpoint, config, out, convert_yaw=True, config_name=''):
     """Returns the summary dict also written to ``out/conversion.json``."""
-    from fd3d_jax.train.checkpoint import save_params
     sd = convert.normalize_state_dict(torch_io.load_state_dict(torch_checkpoint))
     abstract = convert.abstract_params(config)
     params = convert.torch_to_flax(sd, config, convert_yaw, abstract=abstract)
@@ -34,7 +34,6 @@ def to_flax(torch_checkpoint, config, out, convert_yaw=True, config_name=''):
 def to_torch(params_dir, config, out, template=None, convert_yaw=True, config_name=''):
     """Returns the number of keys written. ``template``: a ``.pth`` whose values fill what our
     params do not hold (``convert.flax_to_torch``'s ``fill``)."""
-    from fd3d_jax.train.checkpoint import load_params
     params = load_params(params_dir)
     fill = torch_io.load_state_dict(template) if template else None
     sd = convert.flax_to_torch(params, config, fill=fill, convert_yaw=convert_yaw)

@@ -18,35 +18,23 @@ import collections
 import re
 from typing import Dict, List, Mapping, Tuple
 
+import jax
 import numpy as np
 from flax import traverse_util
 
 from fd3d_jax.convert import mapping
 from fd3d_jax.convert.mapping import Ignored
 from fd3d_jax.convert.official_keys import official_shapes
+from fd3d_jax.errors import ConvertError
+from fd3d_jax.models import build
 from fd3d_jax.models.box_coder import CODE_WEIGHTS
+from fd3d_jax.models.inputs import dummy_batch
 
 INIT_IMAGE_WH = (320, 180)   # any image size gives the same param shapes (as fd3d_jax.train.loop)
 
 
-class ConvertError(ValueError):
-    """A checkpoint or params tree that does not fit the config; the message lists every problem, the
-    attributes hold one line each: ``unexpected`` (keys/params with no place in the model),
-    ``missing`` (checkpoint keys absent, with the model params they leave without a source; or params
-    absent), ``mismatched`` (name, given shape, expected shape), ``unmapped`` (gaps between the
-    official layout and our model: a config variant the converter does not cover)."""
-
-    def __init__(self, message, unexpected=(), missing=(), mismatched=(), unmapped=()):
-        self.unexpected, self.missing = list(unexpected), list(missing)
-        self.mismatched, self.unmapped = list(mismatched), list(unmapped)
-        super().__init__(message)
-
-
 def abstract_params(config):
     """Our params as ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is computed)."""
-    import jax
-    from fd3d_jax.models.build import build
-    from fd3d_jax.models.inputs import dummy_batch
     model = build(config.model)
     batch = dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH)
     key = jax.random.PRNGKey(0)

@@ -64,6 +64,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from fd3d_jax.convert.official_keys import official_shapes
+from fd3d_jax.models import detector_class
 
 BN_COUNTER = ('BatchNorm step counter: our frozen BatchNorm uses only the running statistics '
               '(the counter matters only for momentum=None training)')
@@ -241,7 +242,7 @@ def _decoder_layer(rest, layer, model_cfg):
         return [Target(attn + ('out', 'kernel'), 'heads_out', heads=heads) if m[1] == 'weight'
                 else Target(attn + ('out', 'bias'), 'copy')]
     cross = base + ('cross_attn',)
-    if model_cfg.name == 'bevformer':
+    if detector_class(model_cfg).has_bev:   # BEVFormer's deformable cross-attention
         m = re.fullmatch(r'attentions\.1\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)',
                          rest)
         if m:
@@ -276,7 +277,7 @@ def _branch(rest, convert_yaw):
 
 
 def _head(rest, model_cfg, convert_yaw):
-    bevformer = model_cfg.name == 'bevformer'
+    bevformer = detector_class(model_cfg).has_bev
     if rest == 'query_embedding.weight':
         return [Target(('head', 'query_embedding'), 'copy')]
     if bevformer and rest == 'bev_embedding.weight':

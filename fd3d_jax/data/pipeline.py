@@ -28,6 +28,7 @@ images, GT boxes with a non-finite centre/size/yaw or a non-positive size, more 
 """
 import os
 
+import cv2
 import grain
 import numpy as np
 from absl import logging
@@ -36,15 +37,7 @@ from PIL import Image
 from fd3d_jax.data import geometry
 from fd3d_jax.data.augment import photometric_distortion
 from fd3d_jax.data.geometry import can_bus_delta
-
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file, sample token or config key."""
-
-
-class _ConfigError(DataError):
-    """A mismatch of the data and the config (too many GT for ``data.max_gt``, no GT for
-    ``data.filter_empty_gt``): never skipped by ``data.skip_bad_samples``."""
+from fd3d_jax.errors import DataConfigError, DataError
 
 
 def output_image_hw(records, cfg):
@@ -68,7 +61,6 @@ def load_image(path, sample_token):
 def load_frame(record, dataroot, cfg, out_hw, rng=None):
     """Six normalised, resized, padded images (N, H, W, 3) and their lidar2img (N, 4, 4). With a
     numpy Generator ``rng`` every raw image first gets its own photometric distortion (training)."""
-    import cv2
     mean = np.asarray(cfg.image_mean, np.float32)
     std = np.asarray(cfg.image_std, np.float32)
     s = cfg.image_scale
@@ -120,7 +112,7 @@ def ground_truth(record, cfg):
     keep &= (boxes[:, 0] > x0) & (boxes[:, 1] > y0) & (boxes[:, 0] < x1) & (boxes[:, 1] < y1)
     idx = np.flatnonzero(keep)
     if len(idx) > cfg.max_gt:
-        raise _ConfigError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
+        raise DataConfigError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
                         f'config data.max_gt={cfg.max_gt}; raise data.max_gt')
     out = np.zeros((cfg.max_gt, 9), np.float32)
     labels = np.full((cfg.max_gt,), -1, np.int32)
@@ -212,7 +204,7 @@ class SampleLoader:
         for _ in range(MAX_DRAWS):
             try:
                 return self._train_queue(index, rng)
-            except _ConfigError:
+            except DataConfigError:
                 raise
             except DataError as e:
                 if not self.cfg.get('skip_bad_samples', False):
@@ -239,7 +231,7 @@ class SampleLoader:
         with_gt = sum(bool(ground_truth(rec, self.cfg)[2].any()) for rec in self.samples)
         what = (f'no sample of split {self.split!r} has' if not with_gt else
                 f'only {with_gt} of {len(self.samples)} samples of split {self.split!r} have')
-        return _ConfigError(f'{what} GT within config data.point_cloud_range / data.class_names (with '
+        return DataConfigError(f'{what} GT within config data.point_cloud_range / data.class_names (with '
                           f'data.use_valid_flag={self.cfg.use_valid_flag}): {MAX_DRAWS} draws found no training '
                           f'queue with GT in every frame; set data.filter_empty_gt=False to train without GT')
 

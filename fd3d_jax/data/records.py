@@ -14,6 +14,9 @@ with a warning on stderr, and a split left without samples is an error. Invalid 
 pipeline's to reject (``pipeline.ground_truth``).
 
     python -m fd3d_jax.data.records --dataroot D --version V --split S [--out F.json]
+
+nuscenes-devkit is imported inside the functions that read its tables: it is installed apart (without its
+``numpy<2`` pin) and takes seconds to import, which cached records never need.
 """
 import argparse
 import hashlib
@@ -25,12 +28,9 @@ import numpy as np
 
 from fd3d_jax.data import geometry
 from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES, LIDAR_NAME
+from fd3d_jax.errors import RecordsError
 
 FORMAT = 'fd3d_jax.records/1'
-
-
-class RecordsError(ValueError):
-    """A records file or split that cannot be used; the message names the file, split or token."""
 
 
 def split_scene_names(nusc, split):

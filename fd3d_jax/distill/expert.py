@@ -14,14 +14,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
+from fd3d_jax import params_io
+from fd3d_jax.errors import CheckpointError, ExpertError
 
 IGNORED_MODEL_KEYS = ('remat', 'grid_mask', 'max_num', 'dropout')  # do not change the params or outputs
-
-
-class ExpertError(ValueError):
-    """An expert checkpoint that does not fit ``config.expert``; names the path and the mismatches."""
 
 
 def expert_batch(batch, data_cfg, expert_cfg, upsample):
@@ -82,28 +79,18 @@ def _jsonable(x):
 def check_shapes(params, abstract, source):
     """Raises ``ExpertError`` listing missing, unexpected and mismatched leaves of ``params``
     (nested dicts) against ``abstract`` (the expert model's params, arrays or shape structs)."""
-    have = traverse_util.flatten_dict(params, sep='/')
-    want = traverse_util.flatten_dict(abstract, sep='/')
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    wrong = sorted(f'{k}: checkpoint {tuple(np.shape(have[k]))}, model {tuple(want[k].shape)}'
-                   for k in set(have) & set(want) if tuple(np.shape(have[k])) != tuple(want[k].shape))
-    if missing or unexpected or wrong:
-        lines = ([f'missing: {k}' for k in missing] + [f'unexpected: {k}' for k in unexpected]
-                 + [f'shape: {k}' for k in wrong])
-        shown = '\n  '.join(lines[:30]) + (f'\n  ... {len(lines) - 30} more' if len(lines) > 30 else '')
-        raise ExpertError(f'expert params in {source} do not fit config.expert.model '
-                          f'({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another '
-                          f'shape):\n  {shown}')
+    lines, (missing, unexpected, wrong) = params_io.shape_mismatches(params, abstract)
+    if lines:
+        raise ExpertError(f'expert params in {source} do not fit config.expert.model ({missing} missing, '
+                          f'{unexpected} unexpected, {wrong} of another shape):\n  {params_io.format_lines(lines)}')
 
 
 def load_expert_params(path, expert_cfg, abstract):
     """The expert's params from ``path`` (``config.distill.expert_checkpoint``): a workdir of
     ``python -m fd3d_jax.train`` (its latest checkpoint's ``params['model']``; its ``config.json`` must
     describe the same model as ``expert_cfg.model`` and the same image normalisation) or a params folder written by
-    ``fd3d_jax.train.checkpoint.save_params`` (e.g. by the converter). Checked leaf by leaf against
+    ``fd3d_jax.params_io.save_params`` (e.g. by the converter). Checked leaf by leaf against
     ``abstract`` (``ExpertError`` lists every mismatch)."""
-    from fd3d_jax.train import checkpoint
     if not path:
         raise ExpertError('config.distill.expert_checkpoint is empty: give the workdir of a trained expert '
                           '(python -m fd3d_jax.train --config <expert config> --workdir W) or a converted '
@@ -121,8 +108,8 @@ def load_expert_params(path, expert_cfg, abstract):
             raise ExpertError(f'the expert in {path} was trained with another model or image normalisation than '
                               f'config.expert:\n  ' + '\n  '.join(diffs))
     try:
-        params = checkpoint.load_params(path)
-    except checkpoint.CheckpointError as e:
+        params = params_io.load_params(path)
+    except CheckpointError as e:
         raise ExpertError(str(e)) from None
     check_shapes(params, abstract, path)
     return jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)

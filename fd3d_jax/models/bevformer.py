@@ -14,7 +14,7 @@ per-layer decoder ``sampling`` (locations, weights).
 The history frames run as a scan with the parameters broadcast (one frame's activations at a time).
 """
 import functools
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from fd3d_jax.models.backbone import FPN, ResNet
 from fd3d_jax.models.bev_encoder import BEVEncoder
+from fd3d_jax.models.detector import Detector
 from fd3d_jax.models.decoder import BEVCrossAttention, DetectionHead, layer_norm, xavier_uniform
 from fd3d_jax.models.grid_mask import grid_mask as apply_grid_mask
 from fd3d_jax.models.spatial_cross_attention import point_sampling, reference_points_2d, reference_points_3d
@@ -46,7 +47,10 @@ class ImageFeatures(nn.Module):
         return [f.reshape((b, n) + f.shape[1:]) for f in feats]
 
 
-class BEVFormer(nn.Module):
+class BEVFormer(Detector):
+    """BEVFormer (``Detector``): a BEV of ``bev_h`` x ``bev_w`` cells carried between frames."""
+    has_bev: ClassVar[bool] = True
+
     backbone: dict
     neck: dict
     embed_dims: int = 256
@@ -92,10 +96,32 @@ class BEVFormer(nn.Module):
                             dropout=self.dropout, tsa_batch_bug=self.tsa_batch_bug,
                             sca_batch0_hits=self.sca_batch0_hits)
         self.encoder = BEVEncoder(self.encoder_layers, layer_kwargs, self.remat)
-        cross = functools.partial(BEVCrossAttention, (self.bev_h, self.bev_w), c, self.num_heads,
+        self.head = self.build_head(None)
+
+    @nn.nowrap
+    def bev_shape(self):
+        return self.bev_h, self.bev_w, self.embed_dims
+
+    @nn.nowrap
+    def extra_batch_keys(self, batch_size, queue_length):
+        """The BEV alignment of each frame to the next (``fd3d_jax.data.pipeline.bev_alignment``)."""
+        b, t, q = batch_size, queue_length, self.bev_h * self.bev_w
+        return dict(bev_shift=((b, t, 2), jnp.float32), bev_rot_index=((b, t, q), jnp.int32),
+                    bev_rot_valid=((b, t, q), jnp.bool_))
+
+    @nn.nowrap
+    def build_head(self, img_hw, name=None):
+        """The decoder reads the BEV (context ``dict(bev=(B, Q, C))``); ``img_hw`` is not used."""
+        del img_hw
+        cross = functools.partial(BEVCrossAttention, (self.bev_h, self.bev_w), self.embed_dims, self.num_heads,
                                   self.decoder_points, self.dropout)
-        self.head = DetectionHead(self.num_query, c, self.num_heads, self.ffn_dims, self.decoder_layers,
-                                  self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat)
+        return DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,
+                             self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat, name=name)
+
+    @nn.nowrap
+    def head_context(self, out, lidar2img):
+        del lidar2img
+        return dict(bev=out['bev'])
 
     def bev_pos(self, batch_size):
         pos = jnp.concatenate([

@@ -22,6 +22,7 @@ from fd3d_jax.models import box_coder
 from fd3d_jax.models.bevformer import ImageFeatures
 from fd3d_jax.models.decoder import DetectionHead, layer_norm, xavier_uniform
 from fd3d_jax.models.deformable_attention import ms_deform_attn
+from fd3d_jax.models.detector import Detector
 from fd3d_jax.models.spatial_cross_attention import EPS_DEPTH
 
 
@@ -76,7 +77,9 @@ class Detr3DCrossAttention(nn.Module):
         return out, dict(points=uv, mask=mask, weights=weights)
 
 
-class DETR3D(nn.Module):
+class DETR3D(Detector):
+    """DETR3D (``Detector``): no BEV; the head samples the FPN levels at projected reference points."""
+
     backbone: dict
     neck: dict
     embed_dims: int = 256
@@ -93,18 +96,29 @@ class DETR3D(nn.Module):
     remat: bool = False
     grid_mask: bool = False               # GridMask on the images in training
 
+    @nn.nowrap
+    def build_head(self, img_hw, name=None):
+        """The decoder reads the FPN levels of padded images ``img_hw`` (context ``dict(feats=[...],
+        lidar2img=(B, N, 4, 4))``)."""
+        cross = functools.partial(Detr3DCrossAttention, tuple(img_hw), self.embed_dims, self.num_cams,
+                                  self.num_levels, self.dropout, tuple(self.pc_range))
+        return DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,
+                             self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat, name=name)
+
+    @nn.nowrap
+    def head_context(self, out, lidar2img):
+        return dict(feats=out['img_feats'], lidar2img=lidar2img)
+
     @nn.compact
-    def __call__(self, batch, deterministic=True):
-        """batch: img (B, T, N, H, W, 3) (the last frame is used), lidar2img (B, T, N, 4, 4)."""
+    def __call__(self, batch, prev_bev=None, deterministic=True):
+        """batch: img (B, T, N, H, W, 3) (the last frame is used), lidar2img (B, T, N, 4, 4). ``prev_bev`` is
+        ignored (no BEV: ``Detector.carried_shape``)."""
+        del prev_bev
         assert self.num_points == 1, 'DETR3D samples one point per camera and level'
         img = batch['img'][:, -1]
         lidar2img = batch['lidar2img'][:, -1]
         feats = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask, name='image_features')(
             img, deterministic)
-        cross = functools.partial(Detr3DCrossAttention, tuple(img.shape[2:4]), self.embed_dims, self.num_cams,
-                                  self.num_levels, self.dropout, tuple(self.pc_range))
-        out = DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,
-                            self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat,
-                            name='head')(dict(feats=feats, lidar2img=lidar2img), img.shape[0], deterministic)
-        return dict(out, img_feats=feats)
-
+        out = dict(img_feats=feats)
+        head = self.build_head(img.shape[2:4], name='head')
+        return dict(head(self.head_context(out, lidar2img), img.shape[0], deterministic), img_feats=feats)

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.synthetic import rig
+from fd3d_jax.data import rig
+from fd3d_jax.models import build
 
 
 def image_hw(config, raw_wh=None):
@@ -16,14 +17,10 @@ def image_hw(config, raw_wh=None):
     return -(-h // d) * d, -(-w // d) * d
 
 
-def _expert_model(config):
-    from fd3d_jax.distill import uses_expert
-    return config.expert.model if uses_expert(config) else None
-
-
-def batch_spec(config, batch_size=1, queue_length=None, raw_wh=None):
-    """``jax.ShapeDtypeStruct`` pytree of one batch (BEV metadata included for BEVFormer, and for a
-    BEVFormer distillation expert)."""
+def batch_spec(config, batch_size=1, queue_length=None, raw_wh=None, expert_model=None):
+    """``jax.ShapeDtypeStruct`` pytree of one batch: the common keys and the detector's own
+    (``Detector.extra_batch_keys``); ``expert_model`` (a distillation expert's model config) adds the expert's
+    own keys with the prefix ``expert_`` (the input pipeline's ``expert_bev``)."""
     t = config.data.queue_length if queue_length is None else queue_length
     n = config.model.num_cams
     h, w = image_hw(config, raw_wh)
@@ -32,17 +29,16 @@ def batch_spec(config, batch_size=1, queue_length=None, raw_wh=None):
                 can_bus=((b, t, 18), jnp.float32), prev_bev_exists=((b, t), jnp.bool_),
                 gt_boxes=((b, g, 9), jnp.float32), gt_labels=((b, g), jnp.int32), gt_mask=((b, g), jnp.bool_),
                 sample_idx=((b,), jnp.int32), valid=((b,), jnp.bool_))
-    for prefix, model in (('', config.model), ('expert_', _expert_model(config))):
-        if model is not None and model.name == 'bevformer':
-            q = model.bev_h * model.bev_w
-            spec.update({prefix + 'bev_shift': ((b, t, 2), jnp.float32), prefix + 'bev_rot_index': ((b, t, q), jnp.int32),
-                         prefix + 'bev_rot_valid': ((b, t, q), jnp.bool_)})
+    for prefix, model_cfg in (('', config.model), ('expert_', expert_model)):
+        if model_cfg is not None:
+            spec.update({prefix + k: v for k, v in build(model_cfg).extra_batch_keys(b, t).items()})
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
 
 
-def dummy_batch(config, batch_size=1, queue_length=None, raw_wh=None, seed=0):
-    """A concrete batch: random images, the synthetic rig's lidar2img, identity BEV alignment."""
-    spec = batch_spec(config, batch_size, queue_length, raw_wh)
+def dummy_batch(config, batch_size=1, queue_length=None, raw_wh=None, seed=0, expert_model=None):
+    """A concrete ``batch_spec`` batch: random images, the nuScenes-like rig's lidar2img (``fd3d_jax.data.rig``),
+    identity BEV alignment."""
+    spec = batch_spec(config, batch_size, queue_length, raw_wh, expert_model)
     rng = np.random.default_rng(seed)
     out = {k: np.zeros(v.shape, v.dtype) for k, v in spec.items()}
     out['img'] = rng.normal(size=spec['img'].shape).astype(np.float32)

@@ -20,7 +20,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from fd3d_jax.models.build import build
+from fd3d_jax.models import build
 from fd3d_jax.models.flops import count_flops
 from fd3d_jax.models.inputs import batch_spec
 
@@ -37,17 +37,14 @@ def peak_bytes(compiled):
 def summarize(config):
     model = build(config.model)
     rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
-    is_bev = config.model.name == 'bevformer'
     infer_batch = batch_spec(config, 1, queue_length=1)
     train_batch = batch_spec(config, 1)
     params = jax.eval_shape(lambda b: model.init(rngs, b)['params'], infer_batch)
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-    prev = (jax.ShapeDtypeStruct((1, config.model.bev_h * config.model.bev_w, config.model.embed_dims), jnp.float32)
-            if is_bev else None)
+    prev = jax.ShapeDtypeStruct(model.carried_shape(1), jnp.float32) if model.has_bev else None
 
     def infer(p, batch, prev_bev):
-        kwargs = dict(prev_bev=prev_bev) if is_bev else {}
-        out = model.apply({'params': p}, batch, deterministic=True, **kwargs)
+        out = model.apply({'params': p}, batch, prev_bev=prev_bev, deterministic=True)
         return out['cls_scores'][-1], out['bbox_preds'][-1]
 
     tx = optax.adamw(2e-4, weight_decay=0.01)

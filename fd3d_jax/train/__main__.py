@@ -14,7 +14,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fd3d_jax.cli import ConfigError, exit_on, parse_flags
+from fd3d_jax.cli import exit_on, parse_flags
+from fd3d_jax.train import loop, mesh
+from fd3d_jax.validate import validate
 
 config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/bevformer_tiny.py:toy')
 flags.DEFINE_string('workdir', None, 'output folder (checkpoints, metrics, evaluation)')
@@ -32,14 +34,9 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         sys.exit('error: --config and --workdir are required')
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from fd3d_jax.train import loop, mesh
+    exit_on(validate, FLAGS.config)
     mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed)
-    from fd3d_jax.data.pipeline import DataError
-    from fd3d_jax.data.records import RecordsError
-    from fd3d_jax.distill.expert import ExpertError
-    from fd3d_jax.train.checkpoint import CheckpointError
-    errors = (ConfigError, DataError, RecordsError, ExpertError, CheckpointError, loop.TrainingError)
-    exit_on(errors, loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    exit_on(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -8,13 +8,8 @@ resumes from the last complete checkpoint; ``keep`` newest are kept.
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be restored into this config's state; names the folder."""
+from fd3d_jax.errors import CheckpointError
 
 
 class Checkpointer:
@@ -64,42 +59,3 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-PARAMS_DIR = 'params'
-
-
-def save_params(params, path):
-    """Writes a params pytree to ``path/params`` (an orbax checkpoint; e.g. a converted expert)."""
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(path), PARAMS_DIR), params, force=True)
-
-
-def load_params(path, step=None):
-    """Detector params (nested dicts of arrays) from ``path``: a params folder of ``save_params``, or
-    a training workdir (``params['model']`` of its latest or ``step`` checkpoint as numpy arrays, read on its
-    own: the optimiser state and a distillation run's ``params['distill']`` are not read)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(os.path.join(path, PARAMS_DIR))
-    ckdir = os.path.join(path, 'checkpoints')
-    steps = ocp.utils.checkpoint_steps(ckdir) if os.path.isdir(ckdir) else []
-    if not steps:
-        raise CheckpointError(f'no checkpoint in {path} (neither {ckdir}/<step> nor {path}/{PARAMS_DIR})')
-    if step is not None and int(step) not in steps:
-        raise CheckpointError(f'no checkpoint for step {step} in {ckdir} (have {sorted(steps)})')
-    item = os.path.join(ckdir, str(max(steps) if step is None else int(step)), 'state')
-    handler, state_dir = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone, no optimiser moments
-    try:
-        try:
-            model = handler.metadata(state_dir).tree['params']['model']
-        except (KeyError, TypeError, AttributeError):
-            raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None
-        sub = {'params': {'model': model}}
-        as_numpy = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), sub)
-        restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=as_numpy,
-                                                                          partial_restore=True))
-    finally:
-        handler.close()
-    return restored['params']['model']

@@ -11,13 +11,13 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from fd3d_jax import evaluate
-from fd3d_jax.cli import ConfigError
+from fd3d_jax import nuscenes_metrics, params_io
 from fd3d_jax.data import pipeline, records
-from fd3d_jax.models.build import build
+from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
-from fd3d_jax.distill.distiller import build_distillation
+from fd3d_jax.distill import build_distillation
 from fd3d_jax.distill.expert import init_head_from_expert
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.train import optim
@@ -25,6 +25,7 @@ from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
 from fd3d_jax.train.state import create_state, init_params, step_rng
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
+from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
 
 
 INIT_IMAGE_WH = (320, 180)  # camera image size of the dummy batch that initialises the params
@@ -78,7 +79,8 @@ def abstract_train_step(config, distiller=None, batch_size=None, mesh=None):
     mesh = mesh or mesh_lib.make_mesh()
     expert_params = None if distiller is None else distiller.expert_abstract_params
     parts = training_parts(config, 1, distiller, expert_params, abstract=True)
-    batch = batch_spec(config, batch_size or mesh.devices.size)
+    batch = batch_spec(config, batch_size or mesh.devices.size,
+                       expert_model=None if distiller is None else distiller.expert_cfg)
     rng = jax.eval_shape(step_rng, parts.state.rng, 0)
     return compile_train_step(parts.train_step, mesh), (parts.state, expert_params, batch, rng)
 
@@ -86,7 +88,7 @@ def abstract_train_step(config, distiller=None, batch_size=None, mesh=None):
 class Trainer:
     """Everything ``train_step`` needs, built from a config: model, optimiser, mesh, state.
 
-    ``distiller`` (``fd3d_jax.distill.distiller.Distiller``) and ``expert_params``: distillation from a
+    ``distiller`` (a ``fd3d_jax.distill.Distiller``) and ``expert_params``: distillation from a
     frozen expert, with the distiller's own trainable params in ``params['distill']``. With
     ``config.distill.init_apprentice_head`` the apprentice's head starts from the expert's
     (``expert_params`` alone, without a distiller, does only that)."""
@@ -144,11 +146,6 @@ def write_config(config, workdir):
             f.write(config.to_json_best_effort(indent=2))
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss under ``train.nonfinite='stop'``); names the step and the last
-    good checkpoint."""
-
-
 class Preemption:
     """SIGTERM -> save a checkpoint at the next step boundary and stop. One process: a Python signal handler;
     several: JAX's preemption notifier (``jax.distributed`` installs it), so that all processes agree on the
@@ -164,7 +161,6 @@ class Preemption:
 
     def reached(self, step):
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
@@ -211,9 +207,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     if jax.process_index() != 0:
         log = lambda *a, **k: None  # noqa: E731
     d = config.data
-    mode = config.train.get('nonfinite', 'stop')
-    if mode not in ('stop', 'skip'):
-        raise ConfigError(f"config train.nonfinite={mode!r}: expected 'stop' or 'skip'")
+    mode = config.train.nonfinite
     train_recs = load_split(config, d.train_split)
     if trainer is None:
         distiller, expert_params = build_distillation(config)
@@ -291,7 +285,6 @@ def _eval_scalars(summary):
 def predict(trainer, params, recs):
     """Runs ``eval_step`` over ``recs`` (scene streams carrying the previous BEV); returns
     {sample token: list of nuScenes result dicts} (gathered on every process)."""
-    from jax.experimental import multihost_utils
     config, mesh = trainer.config, trainer.mesh
     d = config.data
     batch_size = config.train.eval_batch_size
@@ -301,9 +294,7 @@ def predict(trainer, params, recs):
     local = batch_size // jax.process_count()
     ds = pipeline.eval_dataset(recs, d.dataroot, d, local, jax.process_index(), jax.process_count(),
                                pipeline.bev_config(config.model))
-    m = config.model
-    prev_shape = (local, m.bev_h * m.bev_w, m.embed_dims) if m.name == 'bevformer' else (local, 1, 1)
-    prev = mesh_lib.shard_batch(np.zeros(prev_shape, np.float32), mesh)
+    prev = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(local), np.float32), mesh)
     class_names = tuple(d.class_names)
     detections = {}
     for batch in ds:
@@ -315,7 +306,7 @@ def predict(trainer, params, recs):
             if not keep.any():
                 continue
             rec = recs['samples'][int(host['sample_idx'][j])]
-            detections[rec['token']] = evaluate.boxes_to_results(
+            detections[rec['token']] = nuscenes_metrics.boxes_to_results(
                 rec, host['boxes'][j][keep], host['scores'][j][keep], host['labels'][j][keep], class_names)
     return detections
 
@@ -331,10 +322,10 @@ def evaluate_params(trainer, params, out_dir, log=print):
     if jax.process_index() != 0:
         return None
     path = os.path.join(out_dir, 'results.json')
-    evaluate.write_results(evaluate.results_json(val, detections), path)
-    summary = evaluate.run_detection_eval(path, d.dataroot, d.version, d.val_split, out_dir)
+    nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
+    summary = nuscenes_metrics.run_detection_eval(path, d.dataroot, d.version, d.val_split, out_dir)
     log(f'evaluation on {d.val_split} ({len(val["samples"])} samples, {time.time() - t:.0f} s):\n'
-        + evaluate.format_metrics(summary))
+        + nuscenes_metrics.format_metrics(summary))
     return summary
 
 
@@ -342,21 +333,18 @@ def restore_model_params(trainer, path, step=None):
     """``params['model']`` of ``path`` (a workdir's latest or ``step`` checkpoint, or a params folder),
     checked leaf by leaf against ``trainer``'s model (``CheckpointError`` lists mismatches), cast to its
     dtypes and replicated on its mesh."""
-    from fd3d_jax.distill.expert import check_shapes
-    from fd3d_jax.train.checkpoint import CheckpointError, load_params
     abstract = trainer.state.params['model']
-    params = load_params(path, step)
-    try:
-        check_shapes(params, abstract, path if step is None else f'{path} (step {step})')
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    params = params_io.load_params(path, step)
+    lines, _ = params_io.shape_mismatches(params, abstract)
+    if lines:
+        source = path if step is None else f'{path} (step {step})'
+        raise CheckpointError(f'params in {source} do not fit config.model:\n  {params_io.format_lines(lines)}')
     params = jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
     return mesh_lib.replicate(params, trainer.mesh)
 
 
 def evaluate_checkpoint(config, workdir, step=None, log=print):
     """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
-    from fd3d_jax.train.checkpoint import CheckpointError
     trainer = Trainer(config, num_train_samples=1)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     named = step is not None

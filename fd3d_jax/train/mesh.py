@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fd3d_jax.cli import ConfigError
+from fd3d_jax.errors import ConfigError
 
 DATA = 'data'
 

@@ -7,6 +7,9 @@ import time
 
 import jax
 import numpy as np
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 class MetricsWriter:
@@ -17,7 +20,6 @@ class MetricsWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
-                from tensorboard.summary.writer.event_file_writer import EventFileWriter
                 self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
     def write(self, step, scalars):
@@ -27,8 +29,6 @@ class MetricsWriter:
         with open(self.path, 'a') as f:
             f.write(json.dumps(dict(step=int(step), **scalars)) + '\n')
         if self._tb is not None:
-            from tensorboard.compat.proto.event_pb2 import Event
-            from tensorboard.compat.proto.summary_pb2 import Summary
             values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars.items() if np.isfinite(v)]
             self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
             self._tb.flush()

@@ -17,14 +17,14 @@ import optax
 
 from fd3d_jax.models.box_coder import decode_topk
 from fd3d_jax.train import mesh as mesh_lib
-from fd3d_jax.train.losses import detection_loss
+from fd3d_jax.detection.losses import detection_loss
 from fd3d_jax.train.state import TrainState
 
 
 def expert_forward(distiller, expert_params, batch):
     """The frozen expert's outputs on ``distiller.expert_batch(batch)``: inference mode, no gradient."""
     if expert_params is None:
-        raise ValueError(f'config.distill.method={distiller.method!r} needs the expert params')
+        raise ValueError(f'{type(distiller).__name__} distillation needs the expert params')
     expert_params = jax.lax.stop_gradient(expert_params)
     out = distiller.expert.apply({'params': expert_params}, distiller.expert_batch(batch), deterministic=True)
     return jax.lax.stop_gradient(out)
@@ -53,9 +53,9 @@ def make_loss_fn(model, config, distiller=None):
 
 
 def make_train_step(model, tx, config, lr_fn, distiller=None):
-    """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a
-    ``fd3d_jax.distill.distiller.Distiller``, or None. The expert runs outside the differentiated
-    function (measured on the ``:demo`` pair: FD3D step compile 55 -> 42 CPU-s, temporaries 73 -> 61 MB)."""
+    """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a ``fd3d_jax.distill.Distiller``, or
+    None. The expert runs outside the differentiated function (it needs no gradient; inside, XLA compiles and
+    keeps more: docs/benchmarks.md)."""
     loss_fn = make_loss_fn(model, config, distiller)
 
     skip = config.train.get('nonfinite', 'stop') == 'skip'
@@ -82,17 +82,15 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
 
 def make_eval_step(model, config):
     """``eval_step(params, batch, prev_bev) -> dict(boxes (B, M, 9), scores, labels, valid (B, M),
-    sample_idx (B,), bev)``: last-layer NMS-free top-k decoding. BEVFormer carries ``bev`` to the next frame of
-    its stream (``prev_bev``); DETR3D ignores it."""
-    is_bev = config.model.name == 'bevformer'
-
+    sample_idx (B,), bev)``: last-layer NMS-free top-k decoding. A detector with a BEV carries ``bev`` to the next
+    frame of its stream (``prev_bev``); one without ignores ``prev_bev`` and returns a placeholder of
+    ``model.carried_shape``."""
     def eval_step(params, batch, prev_bev):
-        kwargs = dict(prev_bev=prev_bev) if is_bev else {}
-        out = model.apply({'params': params}, batch, deterministic=True, **kwargs)
+        out = model.apply({'params': params}, batch, prev_bev=prev_bev, deterministic=True)
         decode = functools.partial(decode_topk, max_num=config.model.max_num)
         boxes, scores, labels, valid = jax.vmap(decode)(out['cls_scores'][-1], out['bbox_preds'][-1])
         valid = valid & batch['valid'][:, None]
-        bev = out['bev'] if is_bev else jnp.zeros((batch['img'].shape[0], 1, 1), jnp.float32)
+        bev = out['bev'] if model.has_bev else jnp.zeros(model.carried_shape(batch['img'].shape[0]), jnp.float32)
         return dict(boxes=boxes, scores=scores, labels=labels, valid=valid, sample_idx=batch['sample_idx'], bev=bev)
 
     return eval_step

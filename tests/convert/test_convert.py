@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from fd3d_jax.convert import ConvertError, convert, flax_to_torch, ignored_keys, mapping, torch_to_flax
 from fd3d_jax.convert.official_keys import official_shapes
+from fd3d_jax.models import detector_class
 
 FULL = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101')
 # Keys of the official state dicts (incl. BN num_batches_tracked and code_weights) and the ignored ones.
@@ -133,7 +134,7 @@ def test_full_config_layout_and_exact_round_trips(name):
     plain = flax_to_torch(params, cfg, abstract=abstract)
     differ = {k for k in sd if not same_bits(sd[k], plain[k])}
     assert differ == {k.split('[')[0] for k in ignored}
-    if cfg.model.name == 'bevformer' and cfg.model.num_levels < 4:
+    if detector_class(cfg.model).has_bev and cfg.model.num_levels < 4:
         key = 'pts_bbox_head.transformer.level_embeds'
         assert ignored[f'{key}[{cfg.model.num_levels}:4]'] == mapping.UNUSED_LEVEL_EMBEDS
         assert same_bits(plain[key][:cfg.model.num_levels], sd[key][:cfg.model.num_levels])

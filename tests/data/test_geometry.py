@@ -3,7 +3,7 @@ import pytest
 from pyquaternion import Quaternion
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.synthetic import rig
+from fd3d_jax.data import rig
 
 
 def test_quaternions_match_pyquaternion():

@@ -231,7 +231,7 @@ def no_gt_set(synthetic_root, tmp_path_factory):
 def test_scene_without_gt_is_resampled_in_training_and_evaluated(no_gt_set, data_cfg, tmp_path):
     """Training queues ending in the GT-less scene are redrawn (filter_empty_gt); evaluation
     streams it with no GT, has no GT detections for it, and the devkit evaluates the split."""
-    from fd3d_jax import evaluate
+    from fd3d_jax import nuscenes_metrics
     root, recs = no_gt_set
     both, cfg = recs['both'], data_config_copy(data_cfg, photometric=False)
     no_gt = [i for i, r in enumerate(both['samples']) if r['scene_name'] == 'scene-0103']
@@ -245,11 +245,11 @@ def test_scene_without_gt_is_resampled_in_training_and_evaluated(no_gt_set, data
     assert sorted(int(i) for b in batches for i, v in zip(b['sample_idx'], b['valid']) if v) == \
         list(range(len(recs['mini_val']['samples'])))
     assert not any(b['gt_mask'].any() for b in batches)
-    detections = evaluate.gt_as_detections(both, cfg.class_names)
+    detections = nuscenes_metrics.gt_as_detections(both, cfg.class_names)
     assert not any(detections[both['samples'][i]['token']] for i in no_gt)
     results = str(tmp_path / 'results.json')
-    evaluate.write_results(evaluate.results_json(both, detections), results)
-    summary = evaluate.run_detection_eval(results, root, 'v1.0-mini', 'both', str(tmp_path / 'eval'))
+    nuscenes_metrics.write_results(nuscenes_metrics.results_json(both, detections), results)
+    summary = nuscenes_metrics.run_detection_eval(results, root, 'v1.0-mini', 'both', str(tmp_path / 'eval'))
     assert summary['mean_ap'] > 0.9  # GT as detections: the GT-less scene adds no false positives
 
 

@@ -1,4 +1,5 @@
-"""The distillation term of train_step (distill/distiller.py) for every method, on the toy pairs.
+"""The distillation term of train_step (distill/distiller.py and the method modules) for every method, on the
+toy pairs.
 
 Most tests feed random model outputs of the right shapes (fast); one test per pair differentiates the
 whole training loss through both real models."""
@@ -8,11 +9,14 @@ import numpy as np
 import pytest
 
 from configs import fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
-from fd3d_jax.distill.distiller import Distiller, level_pairs
-from fd3d_jax.models.build import build
+from fd3d_jax.distill import make_distiller
+from fd3d_jax.distill.distiller import level_pairs
+from fd3d_jax.errors import ConfigError
+from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train.state import init_params
 from fd3d_jax.train.train_step import make_loss_fn
+from fd3d_jax.validate import validate
 
 PAIRS = {'bevformer': fd3d_bevformer_base_to_tiny, 'detr3d': fd3d_detr3d_r101_to_r50}
 
@@ -31,7 +35,7 @@ def _config(kind, method='fd3d', **distill):
 
 
 def _batch(config):
-    batch = dummy_batch(config, 1)
+    batch = dummy_batch(config, 1, expert_model=config.expert.model)
     boxes = [[5, 5, 0, 2, 4, 1.5, 0.3, 0, 0], [-10, 3, 0, 1, 1, 1.7, 0, 0, 0], [0, -20, 0, 2, 5, 2, 1, 0, 0]]
     batch['gt_boxes'][0, :3] = boxes
     batch['gt_labels'][0, :3] = [0, 8, 1]
@@ -55,7 +59,7 @@ def _random_like(tree, seed):
 def fake(request):
     """Shapes of both models' outputs (abstract), filled with random numbers; sampling locations in [0, 1]."""
     config = _config(request.param)
-    d = Distiller(config)
+    d = make_distiller(config)
     batch = _batch(config)
     rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)}
     out = jax.eval_shape(lambda b: build(config.model).init_with_output(rngs, b)[0], batch)
@@ -80,7 +84,7 @@ EXPECTED = {
 @pytest.mark.parametrize('method', sorted(EXPECTED))
 def test_every_method_gives_finite_nonzero_terms(fake, method):
     kind, batch, out, exp_out, exp_params = fake
-    d = Distiller(_config(kind, method))
+    d = make_distiller(_config(kind, method))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     loss, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     terms = {k for k in parts if k in EXPECTED[method][kind]}
@@ -92,10 +96,10 @@ def test_every_method_gives_finite_nonzero_terms(fake, method):
 
 def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = Distiller(_config(kind, mask__select='score', mask__score_thresh=1.1))
+    d = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
-    assert float(parts['distill/selected']) == 0.0
+    assert float(parts['distill_stats/selected']) == 0.0
     for k in ('distill/gen_bev', 'distill/gen_pv'):
         if k in parts:
             assert float(parts[k]) == 0.0
@@ -108,7 +112,7 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
                          ids=['random-generated-selected', 'gt-mgd-scaled', 'standardised'])
 def test_fd3d_switches(fake, options):
     kind, batch, out, exp_out, exp_params = fake
-    d = Distiller(_config(kind, **options))
+    d = make_distiller(_config(kind, **options))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     for k in EXPECTED['fd3d'][kind]:
@@ -117,7 +121,7 @@ def test_fd3d_switches(fake, options):
 
 def test_trained_head_gets_gradient_only_from_its_gt_loss(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = Distiller(_config(kind, head__train=True))
+    d = make_distiller(_config(kind, head__train=True))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     assert set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
                                                                 params['head'], exp_params['head']))) == {True}
@@ -142,15 +146,15 @@ def test_level_pairs_match_equal_sizes():
 def test_mismatched_pairs_fail_with_the_config_keys():
     config = _config('bevformer')
     config.expert.model.bev_h = 12
-    with pytest.raises(ValueError, match='config.expert.model.bev_h'):
-        Distiller(config)
+    with pytest.raises(ConfigError, match='config.expert.model.bev_h'):
+        validate(config)
     config.expert.model.bev_h, config.expert.model.bev_w = 24, 30     # x3: not a power of two
-    with pytest.raises(ValueError, match='power-of-two'):
-        Distiller(config)
+    with pytest.raises(ConfigError, match='power-of-two'):
+        validate(config)
     config = _config('bevformer')
     config.expert.model = fd3d_detr3d_r101_to_r50.get_config('toy').expert.model
-    with pytest.raises(ValueError, match='same kind of detector'):
-        Distiller(config)
+    with pytest.raises(ConfigError, match='same kind of detector'):
+        validate(config)
 
 
 @pytest.mark.parametrize('kind', ['bevformer', pytest.param('detr3d', marks=pytest.mark.slow)])
@@ -158,7 +162,7 @@ def test_gradients_of_the_training_loss(kind):
     """Through both real models: exactly zero for the expert (frozen head included), non-zero for the
     apprentice and for every distillation module."""
     config = _config(kind, generative__normalize='instance')
-    d = Distiller(config)
+    d = make_distiller(config)
     batch = _batch(config)
     exp_params = jax.jit(lambda b: d.expert.init({'params': jax.random.PRNGKey(1)}, b)['params'])(d.expert_batch(batch))
     model = build(config.model)

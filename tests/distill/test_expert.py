@@ -9,7 +9,7 @@ import pytest
 
 from configs import common
 from fd3d_jax.distill import expert as expert_lib
-from fd3d_jax.train import checkpoint
+from fd3d_jax import params_io
 
 
 def test_expert_batch_renormalises_upsamples_and_scales_lidar2img():
@@ -69,7 +69,7 @@ def test_init_head_from_expert_copies_leaves_of_equal_shape():
 
 def test_load_expert_params_from_a_params_folder_and_clear_errors(tmp_path):
     cfg = ml_collections.ConfigDict(dict(model=dict(name='bevformer', bev_h=4, remat=False)))
-    checkpoint.save_params(_params(), str(tmp_path / 'converted'))
+    params_io.save_params(_params(), str(tmp_path / 'converted'))
     got = expert_lib.load_expert_params(str(tmp_path / 'converted'), cfg, _params())
     np.testing.assert_array_equal(np.asarray(got['head']['a']['kernel']), _params()['head']['a']['kernel'])
     with pytest.raises(expert_lib.ExpertError, match='expert_checkpoint is empty'):

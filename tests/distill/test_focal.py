@@ -1,6 +1,5 @@
 """Focal features (distill/focal.py) against numpy restatements of the distill branch."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fd3d_jax.distill.focal import bev_focal_features, pv_focal_features

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fd3d_jax.benchmark import load_config
+from experiments.benchmark import load_config
 from fd3d_jax.distill.distiller import Distiller
 from fd3d_jax.distill.expert import load_expert_params
 from tests.experiments import load_script

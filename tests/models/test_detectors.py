@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fd3d_jax.models import box_coder, detr3d
-from fd3d_jax.models.build import build
+from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 from tests.models import numpy_reference as ref
 from tests.models.test_spatial_cross_attention import randomize, rig_lidar2img
@@ -51,7 +51,7 @@ def test_toy_config_runs_and_compiles_once(name, toy_models):
     assert out['references'].shape == (m.decoder_layers + 1, 2, m.num_query, 3)
     assert len(out['img_feats']) == m.num_levels
     assert [f.shape[2:4] for f in out['img_feats']] == [(6, 10), (3, 5), (2, 3)]
-    if m.name == 'bevformer':
+    if build(m).has_bev:
         assert out['bev'].shape == (2, m.bev_h * m.bev_w, m.embed_dims)
     assert np.isfinite(np.asarray(out['cls_scores'])).all() and np.isfinite(np.asarray(out2['bbox_preds'])).all()
     assert not np.allclose(np.asarray(out['cls_scores']), np.asarray(out2['cls_scores']))

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.synthetic import rig
+from fd3d_jax.data import rig
 from fd3d_jax.models import spatial_cross_attention as sca_lib
 from tests.models import numpy_reference as ref
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fd3d_jax.train.checkpoint import CheckpointError, Checkpointer
+from fd3d_jax.errors import CheckpointError
+from fd3d_jax.params_io import load_params
+from fd3d_jax.train.checkpoint import Checkpointer
 
 
 def test_a_save_cut_short_leaves_the_last_checkpoint_readable(tmp_path):
@@ -45,7 +47,6 @@ def test_restoring_into_another_structure_names_the_folder(tmp_path):
 def test_load_params_reads_params_model_alone(tmp_path):
     """A training workdir gives ``params['model']`` of the named (or latest) step as numpy arrays, without
     the optimiser state or the distillation modules; a state without it is refused naming the folder."""
-    from fd3d_jax.train.checkpoint import load_params
     model = {'head': {'w': jnp.arange(6.0).reshape(2, 3)}, 'bev': jnp.ones(4)}
     state = {'params': {'model': model, 'distill': {'g': jnp.zeros(5)}}, 'opt_state': {'mu': jnp.ones(7)},
              'step': jnp.int32(3)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs.common import add_training
-from fd3d_jax.models.build import build
+from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train import optim
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from fd3d_jax.data import geometry
 from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
-from fd3d_jax.data.synthetic import raycast, rig, world
+from fd3d_jax.data import rig
+from fd3d_jax.data.synthetic import raycast, world
 
 MAP_RESOLUTION = 0.1  # m / pixel, the resolution nuScenes' MapMask assumes
 GROUND_MAX_RANGE = 150.0

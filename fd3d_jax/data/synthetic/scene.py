@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES, CATEGORY_OF_CLASS, CLASS_NAMES, LIDAR_NAME, VISIBILITY_LEVELS
-from fd3d_jax.data.synthetic import render, rig, world
+from fd3d_jax.data.nuscenes_meta import CATEGORY_OF_CLASS, CLASS_NAMES, LIDAR_NAME, VISIBILITY_LEVELS
+from fd3d_jax.data import rig
+from fd3d_jax.data.synthetic import render, world
 
 ANNOTATION_RANGE = 60.0  # m from the ego; farther actors are not annotated
 MAP_MARGIN = 170.0       # m of ground map around the ego route

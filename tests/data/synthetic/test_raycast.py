@@ -1,7 +1,8 @@
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.synthetic import raycast, render, rig
+from fd3d_jax.data import rig
+from fd3d_jax.data.synthetic import raycast, render
 
 
 def test_ray_box_distance_axis_aligned_and_rotated():

@@ -1,7 +1,8 @@
 """Detections in the LiDAR frame -> nuScenes results JSON (global frame) -> the devkit's
 ``DetectionEval`` (config ``detection_cvpr_2019``), as mmdet3d's ``NuScenesDataset`` does.
 
-Metrics always come from nuscenes-devkit; nothing here re-implements them.
+Metrics always come from nuscenes-devkit; nothing here re-implements them. The devkit is imported inside the
+functions that use it (installed apart, seconds to import: building results JSON does not need it).
 """
 import contextlib
 import json

@@ -5,6 +5,7 @@ Every benchmark measures what it compares in one run (ratios side by side, media
 machines are noisy; nothing here asserts a speed.
 """
 import datetime
+import importlib
 import importlib.metadata
 import json
 import os
@@ -13,6 +14,8 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 RESULTS_DIR = os.path.join('experiments', 'results')
 
@@ -104,7 +107,6 @@ def memory(compiled):
 def load_config(spec):
     """``NAME[:ARG]`` or ``configs/NAME.py[:ARG]`` -> (``'NAME:ARG'``, ``configs.NAME.get_config(ARG)``), ARG
     default ``full`` (a plain import: no command-line overrides; see ``parse_config_args`` for those)."""
-    import importlib
     path, _, arg = spec.partition(':')
     name = os.path.basename(path).removesuffix('.py')
     return f'{name}:{arg or "full"}', importlib.import_module(f'configs.{name}').get_config(arg or 'full')
@@ -113,8 +115,6 @@ def load_config(spec):
 def parse_config_args(parser, argv, default_config):
     """``parser``'s (argparse) options plus the project's ``--config FILE[:ARG] --config.key=value``
     (absl, private flag values). Returns (args, config, name), name like ``bevformer_tiny:demo``."""
-    from absl import flags
-    from ml_collections import config_flags
     args, rest = parser.parse_known_args(argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file('config', default_config, 'config file[:arg]', flag_values=fv,

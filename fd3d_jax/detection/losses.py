@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fd3d_jax.models.box_coder import normalize_bbox
-from fd3d_jax.train import matching
+from fd3d_jax.detection import matching
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):

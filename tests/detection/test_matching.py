@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fd3d_jax.train import matching
+from fd3d_jax.detection import matching
 
 
 def _np_focal_cost(logits, labels, weight=2.0, alpha=0.25, gamma=2.0, eps=1e-12):

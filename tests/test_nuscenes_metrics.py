@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fd3d_jax import evaluate
+from fd3d_jax import nuscenes_metrics
 from fd3d_jax.data import geometry
 from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
 
@@ -16,7 +16,7 @@ def test_boxes_to_results_known_transform():
     rec = dict(token='t', lidar2ego=geometry.make_transform(geometry.yaw_to_quat(-np.pi / 2), [1.0, 0.0, 2.0]).tolist(),
                ego2global=geometry.make_transform(geometry.yaw_to_quat(np.pi / 2), [100.0, 50.0, 0.0]).tolist())
     box = np.array([[0.0, 10.0, -1.0, 2.0, 4.0, 1.5, np.pi / 2, 0.0, 5.0]])  # 10 m ahead, heading forward
-    out = evaluate.boxes_to_results(rec, box, [0.7], [0], CLASS_NAMES)[0]
+    out = nuscenes_metrics.boxes_to_results(rec, box, [0.7], [0], CLASS_NAMES)[0]
     # ego frame: (11, 0, 1), heading 0 -> global: (100, 61, 1), heading +y
     np.testing.assert_allclose(out['translation'], [100.0, 61.0, 1.0], atol=1e-9)
     np.testing.assert_allclose(out['velocity'], [0.0, 5.0], atol=1e-9)
@@ -25,25 +25,25 @@ def test_boxes_to_results_known_transform():
     assert out['detection_score'] == 0.7 and out['attribute_name'] == 'vehicle.moving'
     far = box.copy()
     far[0, 1] = 60.0  # beyond the car class range (50 m from the ego): dropped like mmdet3d does
-    assert evaluate.boxes_to_results(rec, far, [0.7], [0], CLASS_NAMES) == []
+    assert nuscenes_metrics.boxes_to_results(rec, far, [0.7], [0], CLASS_NAMES) == []
 
 
 def test_default_attribute_rules():
-    assert evaluate.default_attribute('car', [0.1, 0.0]) == 'vehicle.parked'
-    assert evaluate.default_attribute('bus', [0.0, 0.0]) == 'vehicle.stopped'
-    assert evaluate.default_attribute('pedestrian', [0.0, 0.0]) == 'pedestrian.standing'
-    assert evaluate.default_attribute('bicycle', [1.0, 0.0]) == 'cycle.with_rider'
-    assert evaluate.default_attribute('traffic_cone', [1.0, 0.0]) == ''
+    assert nuscenes_metrics.default_attribute('car', [0.1, 0.0]) == 'vehicle.parked'
+    assert nuscenes_metrics.default_attribute('bus', [0.0, 0.0]) == 'vehicle.stopped'
+    assert nuscenes_metrics.default_attribute('pedestrian', [0.0, 0.0]) == 'pedestrian.standing'
+    assert nuscenes_metrics.default_attribute('bicycle', [1.0, 0.0]) == 'cycle.with_rider'
+    assert nuscenes_metrics.default_attribute('traffic_cone', [1.0, 0.0]) == ''
 
 
 def _evaluate(val_records, detections, tmp_path, name):
     path = tmp_path / name / 'results.json'
-    evaluate.write_results(evaluate.results_json(val_records, detections), str(path))
-    return evaluate.run_detection_eval(str(path), val_records['dataroot'], 'v1.0-mini', 'mini_val', str(path.parent))
+    nuscenes_metrics.write_results(nuscenes_metrics.results_json(val_records, detections), str(path))
+    return nuscenes_metrics.run_detection_eval(str(path), val_records['dataroot'], 'v1.0-mini', 'mini_val', str(path.parent))
 
 
 def test_gt_as_predictions_scores_perfectly_and_shifted_lower(val_records, tmp_path):
-    gt = evaluate.gt_as_detections(val_records, CLASS_NAMES)
+    gt = nuscenes_metrics.gt_as_detections(val_records, CLASS_NAMES)
     summary = _evaluate(val_records, gt, tmp_path, 'gt')
     assert summary['nd_score'] >= 0.99 and summary['mean_ap'] >= 0.99
     assert os.path.exists(tmp_path / 'gt' / 'metrics_summary.json')
@@ -52,13 +52,13 @@ def test_gt_as_predictions_scores_perfectly_and_shifted_lower(val_records, tmp_p
     worse = _evaluate(val_records, shifted, tmp_path, 'shifted')
     assert worse['nd_score'] < summary['nd_score'] - 0.1
     assert worse['tp_errors']['trans_err'] == pytest.approx(1.0, abs=1e-6)
-    table = evaluate.format_metrics(summary)
+    table = nuscenes_metrics.format_metrics(summary)
     assert '| 1.0000 | 1.0000 |' in table and '| traffic_cone |' in table
 
 
 def test_eval_cli(val_records, tmp_path):
     results = tmp_path / 'r.json'
-    evaluate.write_results(evaluate.results_json(val_records, evaluate.gt_as_detections(val_records, CLASS_NAMES)),
+    nuscenes_metrics.write_results(nuscenes_metrics.results_json(val_records, nuscenes_metrics.gt_as_detections(val_records, CLASS_NAMES)),
                            str(results))
     out = tmp_path / 'out'
     cmd = [sys.executable, '-m', 'fd3d_jax.eval', f'--results={results}', f"--dataroot={val_records['dataroot']}",
