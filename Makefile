@@ -12,7 +12,7 @@ EXPERT ?= bevformer_base
 EXPERT_STEPS ?= 3000
 DEMO_ARGS ?=
 
-.PHONY: venv data bench-data demo expert detector-demo data-demo bench test test-scaleout test-slow test-all clean-data
+.PHONY: venv data bench-data demo expert detector-demo data-demo bench test test-slow test-all clean-data
 
 venv: $(STAMP)
 
@@ -31,7 +31,7 @@ data: venv
 
 # The main job: the short table 1 (BEVFormer base -> tiny on the synthetic set, from the committed demo
 # expert): the apprentice alone and with FD3D, trained, evaluated with the devkit, NDS table printed.
-# The full tables: python experiments/distill_table.py --table table1|table2|table3 (README Experiments).
+# The full tables: python experiments/distill_table.py --table table1|table2|table3 (docs/experiments.md).
 demo: data
 	$(PY) experiments/distill_table.py --table table1 --short --dataroot $(DATA)
 
@@ -42,7 +42,7 @@ expert: data
 		--config.train.num_steps=$(EXPERT_STEPS)
 	$(PY) experiments/export_expert.py --workdir runs/expert_$(EXPERT)_demo --out experiments/experts/$(EXPERT)_demo
 
-# One detector alone on the synthetic set (README "Results on the synthetic set").
+# One detector alone on the synthetic set (docs/training.md).
 detector-demo: data
 	$(PY) -m fd3d_jax.train --config configs/$(MODEL).py:demo --workdir $(WORKDIR) $(TRAINVAL) $(DEMO_ARGS)
 

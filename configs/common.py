@@ -167,7 +167,7 @@ def add_training(config, toy=False):
 
 def demo_model(config):
     """The ``:demo`` size: the toy detector grown to learn the synthetic set in ~20 minutes on a
-    2-core CPU (the README's training settings): images at full synthetic size (320x180 -> 320x192),
+    2-core CPU (docs/training.md): images at full synthetic size (320x180 -> 320x192),
     a width-16 one-block-per-stage ResNet with C3-C5 + one extra FPN level (4 levels), C=64, 4 heads,
     3 decoder layers, 200 queries; lr 1e-3 (no pretrained backbone, so backbone lr x 1); no GridMask
     or photometric distortion (in 20 minutes they cost more than they give: mAP 0.106 vs 0.124)."""
@@ -221,7 +221,8 @@ def expert_config(expert):
 
 def distill_config(method='fd3d', expert_upsample=1):
     """``config.distill``: the method and its switches. [R] = released fact (FocalDistiller codebase,
-    MGD), [I] = reconstruction of the unreleased FD3D losses (``fd3d.md`` §8), each a switch."""
+    MGD), [I] = reconstruction of the unreleased FD3D losses (docs/fd3d_reconstruction.md), each a switch.
+    The weights of every method live here and are applied in one place (``fd3d_jax.distill.Distiller.loss``)."""
     d = ml_collections.ConfigDict()
     d.method = method                     # none | fitnet | mgd | heatmap | fd3d
     d.expert_checkpoint = ''              # workdir of fd3d_jax.train (or a converted params folder)

@@ -1,4 +1,4 @@
-"""Picture of FD3D's query masks and focal points on a synthetic sample (README).
+"""Picture of FD3D's query masks and focal points on a synthetic sample (README, docs/distillation.md).
 
     python experiments/distill_picture.py --config configs/fd3d_bevformer_base_to_tiny.py:demo \
         --config.distill.expert_checkpoint=E [--apprentice W] [--index 10] --out experiments/results/fd3d_masks.png

@@ -8,7 +8,7 @@ nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionE
 
 Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
 ``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
-no ablation table, see ``fd3d.md`` §6). Every row x seed is one training run in ``RUNS/TABLE/ROW/stepsN_seedS``;
+no ablation table; docs/fd3d_reconstruction.md). Every row x seed is one training run in ``RUNS/TABLE/ROW/stepsN_seedS``;
 finished runs are reused, so an interrupted table resumes. Writes ``experiments/results/NAME.json``,
 ``NAME.md`` and ``NAME.png`` (mean +- std over seeds; the expert's own score from its folder's
 ``metrics_summary.json``). The expert is a folder of ``experiments/export_expert.py`` or a training workdir.
@@ -99,6 +99,18 @@ def run_command(table, overrides, seed, steps, dataroot, expert, workdir):
             *[f'--config.{k}={v}' for k, v in sets.items()]]
 
 
+def run_logged(cmd, log_path, log=print):
+    """Runs ``cmd`` with its output appended to ``log_path``; its progress lines (``step N/M  loss ...  ETA``)
+    and its evaluation line are passed on to ``log`` as they come. Returns the exit status."""
+    with open(log_path, 'a') as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True, bufsize=1)
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith(('step ', 'evaluation on', 'resumed from')):
+                log('    ' + line.rstrip())
+        return proc.wait()
+
+
 def run_cell(cmd, workdir, log=print):
     """Runs (or reuses) one training run; returns its devkit summary and timing."""
     os.makedirs(workdir, exist_ok=True)
@@ -114,8 +126,7 @@ def run_cell(cmd, workdir, log=print):
     if not os.path.exists(summary_path):
         log(f'  training: {" ".join(argv)}')
         t0 = time.time()
-        with open(os.path.join(workdir, 'train.log'), 'a') as out:
-            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        rc = run_logged(cmd, os.path.join(workdir, 'train.log'), log)
         if rc or not os.path.exists(summary_path):
             raise TableError(f'training in {workdir} failed (exit {rc}): see {workdir}/train.log')
         with open(os.path.join(workdir, 'wall.json'), 'w') as f:

@@ -21,9 +21,9 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     logits, targets: same shape; targets are one-hot floats (background rows all zero).
     ``FL = BCE(x, t) * (alpha t + (1 - alpha)(1 - t)) * pt^gamma`` with ``pt = (1 - p) t + p (1 - t)``.
     """
-    p = jax.nn.sigmoid(logits)
+    prob = jax.nn.sigmoid(logits)
     bce = -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
-    pt = (1.0 - p) * targets + p * (1.0 - targets)
+    pt = (1.0 - prob) * targets + prob * (1.0 - targets)
     weight = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * pt ** gamma
     return bce * weight
 
@@ -88,9 +88,9 @@ def detection_loss(outputs, batch, cfg):
         c, b, *gt, cls_weight=cfg.cls_weight, bbox_weight=cfg.bbox_weight, alpha=cfg.focal_alpha,
         gamma=cfg.focal_gamma))(cls_all, box_all)
     parts = {}
-    for i in range(num_layers):
-        loss_cls, loss_bbox, num_pos = layer_loss(cls_all[i], box_all[i], assigned_all[i], *gt, cfg)
-        prefix = '' if i == num_layers - 1 else f'd{i}.'
+    for layer in range(num_layers):
+        loss_cls, loss_bbox, num_pos = layer_loss(cls_all[layer], box_all[layer], assigned_all[layer], *gt, cfg)
+        prefix = '' if layer == num_layers - 1 else f'd{layer}.'
         parts[prefix + 'loss_cls'], parts[prefix + 'loss_bbox'] = loss_cls, loss_bbox
     parts['num_pos'] = num_pos
     total = sum(v for k, v in parts.items() if k != 'num_pos')

@@ -26,9 +26,9 @@ def focal_cost(cls_logits, gt_labels, weight=2.0, alpha=0.25, gamma=2.0, eps=1e-
       (..., Q, G): ``weight * (pos - neg)[q, label_g]`` with ``p = sigmoid(logits)``,
       ``pos = -log(p + eps) alpha (1 - p)^gamma``, ``neg = -log(1 - p + eps) (1 - alpha) p^gamma``.
     """
-    p = jax.nn.sigmoid(cls_logits)
-    neg = -jnp.log(1.0 - p + eps) * (1.0 - alpha) * p ** gamma
-    pos = -jnp.log(p + eps) * alpha * (1.0 - p) ** gamma
+    prob = jax.nn.sigmoid(cls_logits)
+    neg = -jnp.log(1.0 - prob + eps) * (1.0 - alpha) * prob ** gamma
+    pos = -jnp.log(prob + eps) * alpha * (1.0 - prob) ** gamma
     cost = weight * (pos - neg)
     labels = jnp.clip(gt_labels, 0, cls_logits.shape[-1] - 1)
     idx = jnp.broadcast_to(labels[..., None, :], cost.shape[:-1] + labels.shape[-1:])
@@ -48,16 +48,16 @@ def _assign_host(cost, gt_mask):
     """Numpy: cost (..., Q, G), gt_mask (..., G) -> assigned (..., Q) int32, -1 unmatched."""
     cost = np.asarray(cost, np.float64)
     gt_mask = np.broadcast_to(np.asarray(gt_mask, bool), cost.shape[:-2] + cost.shape[-1:])
-    q, g = cost.shape[-2:]
-    flat_cost, flat_mask = cost.reshape(-1, q, g), gt_mask.reshape(-1, g)
-    out = np.full((flat_cost.shape[0], q), -1, np.int32)
-    for b in range(flat_cost.shape[0]):
-        cols = np.flatnonzero(flat_mask[b])  # slice padded GT out ("slicer")
-        if cols.size == 0 or q == 0:
+    num_queries, num_gt = cost.shape[-2:]
+    flat_cost, flat_mask = cost.reshape(-1, num_queries, num_gt), gt_mask.reshape(-1, num_gt)
+    out = np.full((flat_cost.shape[0], num_queries), -1, np.int32)
+    for sample in range(flat_cost.shape[0]):
+        cols = np.flatnonzero(flat_mask[sample])  # slice padded GT out ("slicer")
+        if cols.size == 0 or num_queries == 0:
             continue
-        c = np.nan_to_num(flat_cost[b][:, cols], nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
-        rows, sel = scipy.optimize.linear_sum_assignment(c)
-        out[b, rows] = cols[sel]
+        sample_cost = np.nan_to_num(flat_cost[sample][:, cols], nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
+        rows, sel = scipy.optimize.linear_sum_assignment(sample_cost)
+        out[sample, rows] = cols[sel]
     return out.reshape(cost.shape[:-1])
 
 

@@ -32,14 +32,14 @@ from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 
 
-def standardize(x, eps=1e-5):
+def standardize(feats, eps=1e-5):
     """BatchNorm without affine params, batch statistics (``distill.feature_norm``): per channel over
     all other axes. The released distiller offers ``bev_feats_norm='bn'`` on the expert BEV (its config
     sets None); without learned scale/shift it cannot be shrunk to fake a small loss."""
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes, keepdims=True)
-    var = jnp.var(x, axes, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    axes = tuple(range(feats.ndim - 1))
+    mean = jnp.mean(feats, axes, keepdims=True)
+    var = jnp.var(feats, axes, keepdims=True)
+    return (feats - mean) * jax.lax.rsqrt(var + eps)
 
 
 def level_pairs(apprentice_hws, expert_hws):
@@ -130,8 +130,8 @@ class Distiller:
         keys = iter(jax.random.split(rng, 4 + 2 * len(self.pairs)))
         params = {}
 
-        def add(name, module, x):
-            variables = module.init(next(keys), x)
+        def add(name, module, example):
+            variables = module.init(next(keys), example)
             if variables.get('params'):
                 params[name] = variables['params']
 
@@ -150,16 +150,18 @@ class Distiller:
         return params
 
     @staticmethod
-    def apply_module(params, name, module, x):
+    def apply_module(params, name, module, feats):
         """``module`` applied with ``params[name]`` (a module without params, like an identity ``Align``, has
         no entry)."""
-        return module.apply({'params': params[name]}, x) if name in params else module.apply({}, x)
+        return module.apply({'params': params[name]}, feats) if name in params else module.apply({}, feats)
 
-    def generate_bev(self, params, x):
-        return self.apply_module(params, 'bev_gen', Generator(self.bev_channels), x)
+    def generate_bev(self, params, masked_bev):
+        """The BEV generator's output for the masked apprentice BEV (B, H_e, W_e, C_e)."""
+        return self.apply_module(params, 'bev_gen', Generator(self.bev_channels), masked_bev)
 
-    def generate_pv(self, params, level, x):
-        return self.apply_module(params, f'pv_gen_{level}', Generator(x.shape[-1]), x)
+    def generate_pv(self, params, level, masked_pv):
+        """The generator of paired level ``level`` applied to the masked apprentice level."""
+        return self.apply_module(params, f'pv_gen_{level}', Generator(masked_pv.shape[-1]), masked_pv)
 
     # -- the loss ---------------------------------------------------------------------------------
     def features(self, params, out, expert_out):
@@ -175,14 +177,14 @@ class Distiller:
         expert_pv = [expert_out['img_feats'][e] for _, e in self.pairs]
         norm = self.distill_cfg.feature_norm
         if norm != 'none':
-            expert_pv = [standardize(x) for x in expert_pv]
+            expert_pv = [standardize(level) for level in expert_pv]
             if self.has_bev:
                 expert_bev = standardize(expert_bev)
         apprentice_pv = [out['img_feats'][a] for a, _ in self.pairs]
         if norm == 'both':  # the apprentice's FPN levels too, before they are aligned
-            apprentice_pv = [standardize(x) for x in apprentice_pv]
-        apprentice_pv = [self.apply_module(params, f'pv_align_{level}', Align(channels), x)
-                         for level, (x, channels) in enumerate(zip(apprentice_pv, self.pv_channels))]
+            apprentice_pv = [standardize(level) for level in apprentice_pv]
+        apprentice_pv = [self.apply_module(params, f'pv_align_{level}', Align(channels), feats)
+                         for level, (feats, channels) in enumerate(zip(apprentice_pv, self.pv_channels))]
         return Features(expert_bev, apprentice_bev, expert_pv, apprentice_pv)
 
     def terms(self, params, expert_params, feats, expert_out, batch, rng):

@@ -36,14 +36,14 @@ def expert_batch(batch, data_cfg, expert_cfg, upsample):
             raw = raw[..., ::-1]
         img = (raw - jnp.asarray(expert_cfg.image_mean, img.dtype)) / jnp.asarray(expert_cfg.image_std, img.dtype)
     out = dict(batch)
-    for k in ('bev_shift', 'bev_rot_index', 'bev_rot_valid'):   # the expert's BEV grid (pipeline ``expert_bev``)
-        if 'expert_' + k in batch:
-            out[k] = batch['expert_' + k]
+    for key in ('bev_shift', 'bev_rot_index', 'bev_rot_valid'):   # the expert's BEV grid (pipeline ``expert_bev``)
+        if 'expert_' + key in batch:
+            out[key] = batch['expert_' + key]
     if upsample != 1:
-        k = int(upsample)
-        shape = img.shape[:-3] + (img.shape[-3] * k, img.shape[-2] * k, img.shape[-1])
+        factor = int(upsample)
+        shape = img.shape[:-3] + (img.shape[-3] * factor, img.shape[-2] * factor, img.shape[-1])
         img = jax.image.resize(img, shape, 'bilinear')
-        scale = jnp.asarray([k, k, 1.0, 1.0], batch['lidar2img'].dtype)
+        scale = jnp.asarray([factor, factor, 1.0, 1.0], batch['lidar2img'].dtype)
         out['lidar2img'] = batch['lidar2img'] * scale[:, None]
     out['img'] = img
     return out
@@ -54,11 +54,11 @@ def _model_differences(saved, wanted, prefix='model'):
     for key in sorted(set(saved) | set(wanted)):
         if key in IGNORED_MODEL_KEYS:
             continue
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _model_differences(a, b, f'{prefix}.{key}')
-        elif json.dumps(a) != json.dumps(_jsonable(b)):
-            diffs.append(f'{prefix}.{key}: checkpoint {a!r}, config {b!r}')
+        saved_value, wanted_value = saved.get(key), wanted.get(key)
+        if isinstance(saved_value, dict) and isinstance(wanted_value, dict):
+            diffs += _model_differences(saved_value, wanted_value, f'{prefix}.{key}')
+        elif json.dumps(saved_value) != json.dumps(_jsonable(wanted_value)):
+            diffs.append(f'{prefix}.{key}: checkpoint {saved_value!r}, config {wanted_value!r}')
     return diffs
 
 
@@ -67,13 +67,14 @@ def _norm_differences(saved_data, expert_cfg):
     against ``config.expert``'s, which ``expert_batch`` renormalises the apprentice's images to."""
     diffs = []
     for key in ('image_mean', 'image_std', 'to_rgb'):
-        if key in saved_data and key in expert_cfg and json.dumps(saved_data[key]) != json.dumps(_jsonable(expert_cfg[key])):
+        if (key in saved_data and key in expert_cfg
+                and json.dumps(saved_data[key]) != json.dumps(_jsonable(expert_cfg[key]))):
             diffs.append(f'{key}: checkpoint data.{key} {saved_data[key]!r}, config.expert.{key} {expert_cfg[key]!r}')
     return diffs
 
 
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=list)) if x is not None else None
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=list)) if value is not None else None
 
 
 def check_shapes(params, abstract, source):
@@ -122,10 +123,10 @@ def init_head_from_expert(params, expert_params):
     head = traverse_util.flatten_dict(params['head'])
     src = traverse_util.flatten_dict(expert_params['head'])
     copied, kept = [], []
-    for k, v in head.items():
-        if k in src and tuple(src[k].shape) == tuple(v.shape):
-            head[k] = jnp.array(src[k], v.dtype)  # a copy: the state is donated, the expert is not
-            copied.append('/'.join(k))
+    for path, leaf in head.items():
+        if path in src and tuple(src[path].shape) == tuple(leaf.shape):
+            head[path] = jnp.array(src[path], leaf.dtype)  # a copy: the state is donated, the expert is not
+            copied.append('/'.join(path))
         else:
-            kept.append('/'.join(k))
+            kept.append('/'.join(path))
     return dict(params, head=traverse_util.unflatten_dict(head)), copied, kept

@@ -66,13 +66,13 @@ class FD3D(Distiller):
         loss, _ = detection_loss(head_out, batch, self.config.loss)
         return jax.lax.stop_gradient(head_out), params['head'], loss
 
-    def masked(self, x, region, rng):
-        """The apprentice feature ``x`` (..., H, W, C) masked in ``region`` (..., H, W): 'zero' zeroes the
+    def masked(self, feats, region, rng):
+        """The apprentice feature ``feats`` (..., H, W, C) masked in ``region`` (..., H, W): 'zero' zeroes the
         region, 'random' a random ``mask.random_ratio`` of it (MGD's mask restricted to the instances)."""
         drop = region[..., None]
         if self.distill_cfg.mask.mode == 'random':
             drop = drop * (1.0 - losses.random_mask(rng, drop.shape, self.distill_cfg.mask.random_ratio))
-        return x * (1.0 - drop)
+        return feats * (1.0 - drop)
 
     def terms(self, params, expert_params, feats, expert_out, batch, rng):
         cfg, expert_cfg, loss_cfg = self.distill_cfg, self.expert_cfg, self.config.loss
@@ -100,7 +100,7 @@ class FD3D(Distiller):
                                                           cfg.generative.normalize)
         if self.pairs and self.generates_pv:
             regions = masks.pv_box_mask(boxes, keep, self.expert_lidar2img(batch), self.expert_img_hw,
-                                        [x.shape[2:4] for x in feats.expert_pv], cfg.mask.box_scale)
+                                        [level.shape[2:4] for level in feats.expert_pv], cfg.mask.box_scale)
             keys = jax.random.split(pv_rng, len(self.pairs))
             generated_pv = [self.generate_pv(params, level, self.masked(apprentice, region, keys[level]))
                             for level, (apprentice, region) in enumerate(zip(feats.apprentice_pv, regions))]
@@ -124,8 +124,8 @@ class FD3D(Distiller):
         else:
             expert_levels = list(expert_out['img_feats'])
             apprentice_levels = [None] * self.num_expert_levels
-            for k, (_, level) in enumerate(self.pairs):
-                expert_levels[level] = feats.expert_pv[k]
-                apprentice_levels[level] = generated_pv[k] if generated else feats.apprentice_pv[k]
+            for pair, (_, level) in enumerate(self.pairs):
+                expert_levels[level] = feats.expert_pv[pair]
+                apprentice_levels[level] = generated_pv[pair] if generated else feats.apprentice_pv[pair]
             focal_expert, focal_apprentice = pv_focal_features(head_out['sampling'], expert_levels, apprentice_levels)
         return losses.focal_loss(focal_expert, focal_apprentice, query_weights)

@@ -15,7 +15,7 @@ the apprentice's FPN levels, over the levels the two share (equal spatial size).
 
 Locations, weights and ``value_proj`` are passed through ``stop_gradient``: the distillation loss must
 reach only the apprentice features (shrinking ``value_proj`` or moving the points to flat regions
-would otherwise zero the loss; fd3d.md §4).
+would otherwise zero the loss).
 """
 import jax
 import jax.numpy as jnp
@@ -24,66 +24,69 @@ from fd3d_jax.models.deformable_attention import ms_deform_attn
 
 
 def _value_proj(head_params, layer):
-    p = head_params[f'layers_{layer}']['cross_attn']['attn']['value_proj']
-    return jax.lax.stop_gradient(p['kernel']), jax.lax.stop_gradient(p['bias'])
+    proj = head_params[f'layers_{layer}']['cross_attn']['attn']['value_proj']
+    return jax.lax.stop_gradient(proj['kernel']), jax.lax.stop_gradient(proj['bias'])
 
 
-def bev_focal_features(head_params, sampling, bev_t, bev_s, num_heads):
+def bev_focal_features(head_params, sampling, expert_bev, apprentice_bev, num_heads):
     """Per-layer aggregated features of the expert and apprentice BEVs.
 
     Args:
       head_params: the distillation head's params (``params['head']`` layout, ``layers_{l}``).
       sampling: per layer dict(sampling_locations (B, Q, M, 1, P, 2), attention_weights (B, Q, M, 1, P)).
-      bev_t, bev_s: (B, H, W, C) expert and apprentice BEV on the same grid (row = y, column = x).
+      expert_bev, apprentice_bev: (B, H, W, C) expert and apprentice BEV on the same grid (row = y, column = x).
       num_heads: M.
     Returns:
-      (feat_t, feat_s), each (L, B, Q, C).
+      (expert_feats, apprentice_feats), each (L, B, Q, C).
     """
-    b, h, w, c = bev_t.shape
-    assert bev_s.shape == bev_t.shape, (bev_s.shape, bev_t.shape)
-    feats_t, feats_s = [], []
-    for layer, smp in enumerate(sampling):
+    batch, height, width, channels = expert_bev.shape
+    assert apprentice_bev.shape == expert_bev.shape, (apprentice_bev.shape, expert_bev.shape)
+    expert_feats, apprentice_feats = [], []
+    for layer, layer_sampling in enumerate(sampling):
         kernel, bias = _value_proj(head_params, layer)
-        loc = jax.lax.stop_gradient(smp['sampling_locations'])
-        wts = jax.lax.stop_gradient(smp['attention_weights'])
-        for bev, acc in ((bev_t, feats_t), (bev_s, feats_s)):
-            value = (bev.reshape(b, h * w, c) @ kernel.astype(bev.dtype) + bias.astype(bev.dtype))
-            out = ms_deform_attn(value.reshape(b, h * w, num_heads, c // num_heads), ((h, w),), loc, wts)
+        locations = jax.lax.stop_gradient(layer_sampling['sampling_locations'])
+        weights = jax.lax.stop_gradient(layer_sampling['attention_weights'])
+        for bev, acc in ((expert_bev, expert_feats), (apprentice_bev, apprentice_feats)):
+            value = (bev.reshape(batch, height * width, channels) @ kernel.astype(bev.dtype) + bias.astype(bev.dtype))
+            out = ms_deform_attn(value.reshape(batch, height * width, num_heads, channels // num_heads),
+                                 ((height, width),), locations, weights)
             acc.append(jnp.nan_to_num(out))
-    return jnp.stack(feats_t), jnp.stack(feats_s)
+    return jnp.stack(expert_feats), jnp.stack(apprentice_feats)
 
 
-def pv_focal_features(sampling, feats_t, feats_s):
+def pv_focal_features(sampling, expert_levels, apprentice_levels):
     """DETR3D's per-layer sums of projected-reference samples on expert and apprentice FPN levels.
 
     Args:
       sampling: per layer dict(points (B, N, Q, 2) in [0, 1], weights (B, Q, N, 1, L_e)) of the
         distillation head (the expert's DETR3D head).
-      feats_t: the expert's levels, list of (B, N, H_l, W_l, C).
-      feats_s: list like ``feats_t`` with the (aligned) apprentice level of the same size, or None
-        where the apprentice has none (that level is left out of both sums).
+      expert_levels: the expert's levels, list of (B, N, H_l, W_l, C).
+      apprentice_levels: list like ``expert_levels`` with the (aligned) apprentice level of the same size, or
+        None where the apprentice has none (that level is left out of both sums).
     Returns:
-      (feat_t, feat_s), each (L, B, Q, C).
+      (expert_feats, apprentice_feats), each (L, B, Q, C).
     """
-    levels = [i for i, f in enumerate(feats_s) if f is not None]
+    levels = [index for index, feat in enumerate(apprentice_levels) if feat is not None]
     if not levels:
         raise ValueError('DETR3D focal distillation needs at least one FPN level of equal size in the '
                          'expert and the apprentice')
-    b, n = feats_t[0].shape[:2]
-    shapes = tuple(feats_t[i].shape[2:4] for i in levels)
+    batch, cams = expert_levels[0].shape[:2]
+    shapes = tuple(expert_levels[level].shape[2:4] for level in levels)
 
     def table(feats):
-        return jnp.concatenate([feats[i].reshape(b * n, -1, 1, feats[i].shape[-1]) for i in levels], 1)
+        return jnp.concatenate([feats[level].reshape(batch * cams, -1, 1, feats[level].shape[-1])
+                                for level in levels], 1)
 
-    value_t, value_s = table(feats_t), table(feats_s)
-    out_t, out_s = [], []
-    for smp in sampling:
-        uv = jax.lax.stop_gradient(smp['points'])
-        q = uv.shape[2]
-        wts = jax.lax.stop_gradient(smp['weights'])[..., jnp.asarray(levels)]       # (B, Q, N, 1, L)
-        wts = wts.transpose(0, 2, 1, 3, 4).reshape(b * n, q, 1, len(levels), 1)
-        loc = jnp.broadcast_to(uv.reshape(b * n, q, 1, 1, 1, 2), (b * n, q, 1, len(levels), 1, 2))
-        for value, acc in ((value_t, out_t), (value_s, out_s)):
-            out = ms_deform_attn(value, shapes, loc.astype(value.dtype), wts.astype(value.dtype))
-            acc.append(jnp.nan_to_num(out.reshape(b, n, q, -1).sum(1)))
-    return jnp.stack(out_t), jnp.stack(out_s)
+    expert_value, apprentice_value = table(expert_levels), table(apprentice_levels)
+    expert_feats, apprentice_feats = [], []
+    for layer_sampling in sampling:
+        points = jax.lax.stop_gradient(layer_sampling['points'])
+        num_queries = points.shape[2]
+        weights = jax.lax.stop_gradient(layer_sampling['weights'])[..., jnp.asarray(levels)]       # (B, Q, N, 1, L)
+        weights = weights.transpose(0, 2, 1, 3, 4).reshape(batch * cams, num_queries, 1, len(levels), 1)
+        locations = jnp.broadcast_to(points.reshape(batch * cams, num_queries, 1, 1, 1, 2),
+                                     (batch * cams, num_queries, 1, len(levels), 1, 2))
+        for value, acc in ((expert_value, expert_feats), (apprentice_value, apprentice_feats)):
+            out = ms_deform_attn(value, shapes, locations.astype(value.dtype), weights.astype(value.dtype))
+            acc.append(jnp.nan_to_num(out.reshape(batch, cams, num_queries, -1).sum(1)))
+    return jnp.stack(expert_feats), jnp.stack(apprentice_feats)

@@ -93,13 +93,13 @@ def gt_heatmap(boxes, valid, pc_range, grid_hw=GRID_HW, out_hw=(200, 200), min_o
     drawn = (jnp.asarray(valid, bool) & (width > 0) & (length > 0)
              & (col >= 0) & (col < gw) & (row >= 0) & (row < gh))
     sigma = (2 * radius + 1) / 6
-    r, s2 = radius[..., None, None], (2 * sigma ** 2)[..., None, None]        # (B, M, 1, 1)
+    reach, s2 = radius[..., None, None], (2 * sigma ** 2)[..., None, None]    # (B, M, 1, 1)
     dx = jnp.arange(gw, dtype=jnp.float32) - col[..., None, None]              # (B, M, 1, W)
     dy = jnp.arange(gh, dtype=jnp.float32)[:, None] - row[..., None, None]     # (B, M, H, 1)
-    g = jnp.exp(-(dx * dx + dy * dy) / s2)
-    g = jnp.where(g < GAUSSIAN_EPS, 0.0, g)
-    g = jnp.where((jnp.abs(dx) <= r) & (jnp.abs(dy) <= r) & drawn[..., None, None], g, 0.0)
-    heat = jnp.max(g, axis=1, initial=0.0)                                     # (B, gh, gw)
+    gaussian = jnp.exp(-(dx * dx + dy * dy) / s2)
+    gaussian = jnp.where(gaussian < GAUSSIAN_EPS, 0.0, gaussian)
+    gaussian = jnp.where((jnp.abs(dx) <= reach) & (jnp.abs(dy) <= reach) & drawn[..., None, None], gaussian, 0.0)
+    heat = jnp.max(gaussian, axis=1, initial=0.0)                              # (B, gh, gw)
     rows = nearest_indices(gh, out_hw[0])
     cols = nearest_indices(gw, out_hw[1])
     return heat[:, rows][:, :, cols]

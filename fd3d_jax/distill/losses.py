@@ -9,7 +9,7 @@ Sources (read, not paraphrased from papers):
 - Released FocalDistiller baseline: ``OpenDriveLab/Birds-eye-view-Perception``
   ``nuScenes_playground/FocalDistiller/projects/mmdet3d_plugin/kd/losses/{cwd,l2loss}.py`` and
   ``.../kd/distillers/heatmap_detection_distiller.py`` (``forward_train``), commit 705b01f.
-- FD3D's own focal loss was never released: ``focal_loss`` is a reconstruction (fd3d.md §4, §8).
+- FD3D's own focal loss was never released: ``focal_loss`` is a reconstruction (docs/fd3d_reconstruction.md).
 """
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,8 @@ def random_mask(rng, shape, ratio):
       float32 mask ``(..., H, W, 1)``.
     """
     mask_shape = tuple(shape[:-1]) + (1,)
-    u = jax.random.uniform(rng, mask_shape, jnp.float32)
-    return jnp.where(u > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
+    uniform = jax.random.uniform(rng, mask_shape, jnp.float32)
+    return jnp.where(uniform > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
 
 
 def generative_loss(generated, target, region=None, normalize='instance'):
@@ -61,7 +61,7 @@ def generative_loss(generated, target, region=None, normalize='instance'):
           features ``(B, N_cam, H, W, C)`` this divides by B, where a port that folds cameras into
           the torch batch would divide by ``B * N_cam``.
         - ``'instance'``: ``Σ region * (generated - target)² / max(Σ region * C, 1)``, the mean over
-          the masked elements (fd3d.md §8, [INFERRED]); ``region=None`` gives the plain mean.
+          the masked elements (a reconstruction); ``region=None`` gives the plain mean.
     Returns:
       float32 scalar.
     """
@@ -77,45 +77,46 @@ def generative_loss(generated, target, region=None, normalize='instance'):
     return jnp.sum(region * sq) / jnp.maximum(jnp.sum(region), 1.0)
 
 
-def cwd_loss(student, teacher, tau=2.0):
+def cwd_loss(apprentice, expert, tau=2.0):
     """Channel-wise distillation as the released baseline computes it (``kd/losses/cwd.py``).
 
     Per image and channel, softmax over the H*W positions at temperature τ, then
-    ``Σ -softmax(T/τ) * log_softmax(S/τ) * τ² / (N * C)`` with N the number of images.
-    This is the cross-entropy: the released code keeps the KL line commented out and drops the
-    teacher-entropy term ``Σ p_T log p_T``, so the loss of identical features is the (positive)
-    teacher entropy, not 0; its gradient w.r.t. the student equals that of the KL (0 at S = T).
+    ``Σ -softmax(T/τ) * log_softmax(S/τ) * τ² / (N * C)`` with N the number of images, T the expert's and S
+    the apprentice's features. This is the cross-entropy: the released code keeps the KL line commented out
+    and drops the expert-entropy term ``Σ p_T log p_T``, so the loss of identical features is the (positive)
+    expert entropy, not 0; its gradient w.r.t. the apprentice equals that of the KL (0 at S = T).
     The loss weight (0.25 in the released config, τ = 2) is not applied here.
 
     Args:
-      student, teacher: ``(..., H, W, C)``; every leading axis counts as images (e.g. FPN levels
+      apprentice, expert: ``(..., H, W, C)``; every leading axis counts as images (e.g. FPN levels
         ``(B, N_cam, H, W, C)`` give ``N = B * N_cam``, as mmdet3d's ``B*N_cam`` image batch).
       tau: temperature τ.
     Returns:
       float32 scalar.
     """
-    student, teacher = _f32(student, teacher)
-    c = student.shape[-1]
-    s = student.reshape(-1, student.shape[-3] * student.shape[-2], c) / tau  # (N, H*W, C)
-    t = teacher.reshape(-1, teacher.shape[-3] * teacher.shape[-2], c) / tau
-    p_t = jax.nn.softmax(t, axis=1)
-    loss = jnp.sum(-p_t * jax.nn.log_softmax(s, axis=1)) * tau ** 2
-    return loss / (s.shape[0] * c)
+    apprentice, expert = _f32(apprentice, expert)
+    channels = apprentice.shape[-1]
+    # (N, H*W, C)
+    apprentice_logits = apprentice.reshape(-1, apprentice.shape[-3] * apprentice.shape[-2], channels) / tau
+    expert_logits = expert.reshape(-1, expert.shape[-3] * expert.shape[-2], channels) / tau
+    expert_prob = jax.nn.softmax(expert_logits, axis=1)
+    loss = jnp.sum(-expert_prob * jax.nn.log_softmax(apprentice_logits, axis=1)) * tau ** 2
+    return loss / (apprentice_logits.shape[0] * channels)
 
 
-def fitnet_loss(student, teacher):
+def fitnet_loss(apprentice, expert):
     """FitNet hint loss: mean squared error over all elements (``F.mse_loss``, mean reduction).
 
     Args:
-      student, teacher: same shape, any.
+      apprentice, expert: same shape, any.
     Returns:
       float32 scalar.
     """
-    student, teacher = _f32(student, teacher)
-    return jnp.mean(jnp.square(student - teacher))
+    apprentice, expert = _f32(apprentice, expert)
+    return jnp.mean(jnp.square(apprentice - expert))
 
 
-def masked_l2_loss(student, teacher, mask):
+def masked_l2_loss(apprentice, expert, mask):
     """The released baseline's heatmap-masked BEV L2 (``heatmap_detection_distiller.py``).
 
     ``(1 / mask_heatmap.sum()) * L2Loss(bevFeats_stu * mask, bevFeats_tch * mask)`` with
@@ -126,37 +127,37 @@ def masked_l2_loss(student, teacher, mask):
     under jit ΣM is over the global batch (the original: per GPU with 1 sample, then averaged).
 
     Args:
-      student, teacher: ``(B, H, W, C)`` (any leading dims).
+      apprentice, expert: ``(B, H, W, C)`` (any leading dims).
       mask: ``(B, H, W)`` or ``(B, H, W, 1)``, broadcast over C.
     Returns:
       float32 scalar.
     """
-    student, teacher = _f32(student, teacher)
-    mask = _spatial_region(mask, student.ndim)
-    num = jnp.sum(jnp.square(student * mask - teacher * mask))
+    apprentice, expert = _f32(apprentice, expert)
+    mask = _spatial_region(mask, apprentice.ndim)
+    num = jnp.sum(jnp.square(apprentice * mask - expert * mask))
     den = jnp.sum(mask)
     return num / jnp.where(den > 0, den, 1.0)
 
 
-def focal_loss(feat_t, feat_s, weights=None, eps=1e-6):
+def focal_loss(expert_feats, apprentice_feats, weights=None, eps=1e-6):
     """FD3D focal distillation: L2 between expert and apprentice features aggregated at the
-    distillation queries' deformable sampling points. [INFERRED] reconstruction (fd3d.md §4, §8):
+    distillation queries' deformable sampling points. A reconstruction (docs/fd3d_reconstruction.md):
     the loss itself was never released; only the feature pairs are (``distill_branch/
     decoderDistiller.py`` appends ``(nan_to_num(output_T), nan_to_num(output_S))`` per layer).
 
     ``Σ_{l,b,q} w[b,q] ‖T[l,b,q] - S[l,b,q]‖² / max(L Σ_{b,q} w[b,q], eps)``.
 
     Args:
-      feat_t, feat_s: ``(L, B, Q, C)`` per-layer aggregated features (NaN/inf cleaned with
+      expert_feats, apprentice_feats: ``(L, B, Q, C)`` per-layer aggregated features (NaN/inf cleaned with
         ``nan_to_num`` as in the released branch).
       weights: ``(B, Q)`` query weights (e.g. 0/1 selection or scores); None = all ones.
       eps: floor of the normaliser (all-zero weights give 0).
     Returns:
       float32 scalar.
     """
-    feat_t, feat_s = (jnp.nan_to_num(x) for x in _f32(feat_t, feat_s))
-    num_layers = feat_t.shape[0]
-    dist = jnp.sum(jnp.square(feat_t - feat_s), axis=-1)  # (L, B, Q)
+    expert_feats, apprentice_feats = (jnp.nan_to_num(x) for x in _f32(expert_feats, apprentice_feats))
+    num_layers = expert_feats.shape[0]
+    dist = jnp.sum(jnp.square(expert_feats - apprentice_feats), axis=-1)  # (L, B, Q)
     if weights is None:
         weights = jnp.ones(dist.shape[1:], jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)

@@ -1,7 +1,7 @@
 """Query-guided instance masks: which queries, and their boxes rasterised on the BEV grid and on
 the perspective-view (PV) feature maps.
 
-**Reconstruction.** FD3D's mask rule was never released (``fd3d.md`` §2, §10.1). The method figure
+**Reconstruction.** FD3D's mask rule was never released (docs/fd3d_reconstruction.md). The method figure
 only shows the distillation head's 3D boxes "proj."-ected to BEV and PV as rectangles. Chosen here:
 
 - queries: score >= threshold, top-k per sample, or the Hungarian-matched ones (``select_queries``);
@@ -46,8 +46,8 @@ def select_queries(cls_logits, rule, score_thresh=0.3, topk=30, matched=None):
     if rule == 'score':
         keep = scores >= score_thresh
     elif rule == 'topk':
-        k = min(int(topk), scores.shape[-1])
-        _, idx = jax.lax.top_k(scores, k)                                   # (B, k)
+        count = min(int(topk), scores.shape[-1])
+        _, idx = jax.lax.top_k(scores, count)                               # (B, k)
         keep = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
     elif rule == 'gt':
         if matched is None:
@@ -61,10 +61,10 @@ def select_queries(cls_logits, rule, score_thresh=0.3, topk=30, matched=None):
 def box_corners(boxes):
     """(..., >=7) boxes (x, y, z, w, l, h, yaw) -> (..., 8, 3) corners (geometry.box_corners order)."""
     boxes = jnp.asarray(boxes, jnp.float32)
-    x, y, z, w, l, h, yaw = (boxes[..., i:i + 1] for i in range(7))
-    lx, ly, lz = l * _SX, w * _SY, h * _SZ
-    c, s = jnp.cos(yaw), jnp.sin(yaw)
-    return jnp.stack([x + c * lx - s * ly, y + s * lx + c * ly, z + lz], axis=-1)
+    cx, cy, cz, width, length, height, yaw = (boxes[..., i:i + 1] for i in range(7))
+    lx, ly, lz = length * _SX, width * _SY, height * _SZ
+    cos_yaw, sin_yaw = jnp.cos(yaw), jnp.sin(yaw)
+    return jnp.stack([cx + cos_yaw * lx - sin_yaw * ly, cy + sin_yaw * lx + cos_yaw * ly, cz + lz], axis=-1)
 
 
 def _scaled(boxes, box_scale):
@@ -89,13 +89,13 @@ def bev_box_mask(boxes, keep, bev_hw, pc_range, box_scale=1.0):
     dy = (float(pc_range[4]) - y0) / h_bev
     xs = jnp.asarray(x0 + (np.arange(w_bev) + 0.5) * dx, jnp.float32)          # (W,)
     ys = jnp.asarray(y0 + (np.arange(h_bev) + 0.5) * dy, jnp.float32)          # (H,)
-    b = _scaled(boxes, box_scale)
-    cx, cy, w, l, yaw = (b[..., i, None, None] for i in (0, 1, 3, 4, 6))      # (B, M, 1, 1)
-    c, s = jnp.cos(yaw), jnp.sin(yaw)
+    scaled = _scaled(boxes, box_scale)
+    cx, cy, width, length, yaw = (scaled[..., i, None, None] for i in (0, 1, 3, 4, 6))   # (B, M, 1, 1)
+    cos_yaw, sin_yaw = jnp.cos(yaw), jnp.sin(yaw)
     ex, ey = xs[None, None, None, :] - cx, ys[None, None, :, None] - cy         # (B,M,1,W), (B,M,H,1)
-    along = c * ex + s * ey                                                    # (B, M, H, W)
-    across = -s * ex + c * ey
-    inside = (jnp.abs(along) <= 0.5 * l) & (jnp.abs(across) <= 0.5 * w)
+    along = cos_yaw * ex + sin_yaw * ey                                        # (B, M, H, W)
+    across = -sin_yaw * ex + cos_yaw * ey
+    inside = (jnp.abs(along) <= 0.5 * length) & (jnp.abs(across) <= 0.5 * width)
     col = jnp.floor((cx - x0) / dx)
     row = jnp.floor((cy - y0) / dy)
     holds_centre = ((jnp.arange(w_bev, dtype=jnp.float32) == col)
@@ -126,8 +126,8 @@ def project_box_extent(boxes, lidar2img, eps=EPS_DEPTH):
     fa, fb = front[..., BOX_EDGES[:, 0]], front[..., BOX_EDGES[:, 1]]
     crosses = fa != fb
     denom = jnp.where(crosses, cb[..., 2] - ca[..., 2], 1.0)
-    t = (eps - ca[..., 2]) / denom
-    cut_uv = (ca[..., :2] + t[..., None] * (cb[..., :2] - ca[..., :2])) / eps  # depth = eps there
+    fraction = (eps - ca[..., 2]) / denom
+    cut_uv = (ca[..., :2] + fraction[..., None] * (cb[..., :2] - ca[..., :2])) / eps  # depth = eps there
     pts = jnp.concatenate([uv, cut_uv], axis=-2)                               # (B, N, M, 20, 2)
     ok = jnp.concatenate([front, crosses], axis=-1)[..., None]
     lo = jnp.min(jnp.where(ok, pts, jnp.inf), axis=-2)
@@ -152,10 +152,10 @@ def pv_box_mask(boxes, keep, lidar2img, img_hw, feat_hws, box_scale=1.0):
     u1, v1 = jnp.minimum(ext[..., 2], float(img_w)), jnp.minimum(ext[..., 3], float(img_h))
     on = seen & (u1 > u0) & (v1 > v0) & (jnp.asarray(keep)[:, None, :] > 0)   # (B, N, M)
     masks = []
-    for h, w in feat_hws:
-        sx, sy = img_w / w, img_h / h
-        left, right = (jnp.asarray(np.arange(k, w + k) * sx, jnp.float32) for k in (0, 1))
-        top, bottom = (jnp.asarray(np.arange(k, h + k) * sy, jnp.float32) for k in (0, 1))
+    for feat_h, feat_w in feat_hws:
+        sx, sy = img_w / feat_w, img_h / feat_h
+        left, right = (jnp.asarray(np.arange(k, feat_w + k) * sx, jnp.float32) for k in (0, 1))
+        top, bottom = (jnp.asarray(np.arange(k, feat_h + k) * sy, jnp.float32) for k in (0, 1))
         ox = (u0[..., None] < right) & (u1[..., None] >= left)                 # (B, N, M, w)
         oy = (v0[..., None] < bottom) & (v1[..., None] >= top) & on[..., None]  # (B, N, M, h)
         hits = jnp.einsum('bnmh,bnmw->bnhw', oy.astype(jnp.float32), ox.astype(jnp.float32),

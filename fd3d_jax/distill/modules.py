@@ -32,10 +32,10 @@ def _conv(features, kernel_size, fan_in, name):
                    kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in), name=name)
 
 
-def _as_4d(x):
+def _as_4d(feats):
     """(..., H, W, C) -> (N, H, W, C) and a function restoring the leading dims."""
-    lead = x.shape[:-3]
-    return x.reshape((-1,) + x.shape[-3:]), lambda y: y.reshape(lead + y.shape[1:])
+    lead = feats.shape[:-3]
+    return feats.reshape((-1,) + feats.shape[-3:]), lambda out: out.reshape(lead + out.shape[1:])
 
 
 class Align(nn.Module):
@@ -47,12 +47,12 @@ class Align(nn.Module):
     out_channels: int
 
     @nn.compact
-    def __call__(self, x):
-        cin = x.shape[-1]
-        if cin == self.out_channels:
-            return x
-        x4, back = _as_4d(x)
-        return back(_conv(self.out_channels, 1, cin, 'conv')(x4))
+    def __call__(self, feats):
+        in_channels = feats.shape[-1]
+        if in_channels == self.out_channels:
+            return feats
+        feats4, back = _as_4d(feats)
+        return back(_conv(self.out_channels, 1, in_channels, 'conv')(feats4))
 
 
 class Generator(nn.Module):
@@ -61,10 +61,10 @@ class Generator(nn.Module):
     channels: int
 
     @nn.compact
-    def __call__(self, x):
-        x4, back = _as_4d(x)
-        y = nn.relu(_conv(self.channels, 3, 9 * x.shape[-1], 'conv1')(x4))
-        return back(_conv(self.channels, 3, 9 * self.channels, 'conv2')(y))
+    def __call__(self, feats):
+        feats4, back = _as_4d(feats)
+        hidden = nn.relu(_conv(self.channels, 3, 9 * feats.shape[-1], 'conv1')(feats4))
+        return back(_conv(self.channels, 3, 9 * self.channels, 'conv2')(hidden))
 
 
 class BatchStatNorm(nn.Module):
@@ -78,16 +78,16 @@ class BatchStatNorm(nn.Module):
     eps: float = BN_EPS
 
     @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param('scale', nn.initializers.ones, (c,))
-        bias = self.param('bias', nn.initializers.zeros, (c,))
-        x32 = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(x32, axes)
-        var = jnp.mean(jnp.square(x32 - mean), axes)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(x.dtype)
+    def __call__(self, feats):
+        channels = feats.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (channels,))
+        bias = self.param('bias', nn.initializers.zeros, (channels,))
+        feats32 = feats.astype(jnp.float32)
+        axes = tuple(range(feats.ndim - 1))
+        mean = jnp.mean(feats32, axes)
+        var = jnp.mean(jnp.square(feats32 - mean), axes)
+        out = (feats32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return out.astype(feats.dtype)
 
 
 class BEVUpsampler(nn.Module):
@@ -115,20 +115,20 @@ class BEVUpsampler(nn.Module):
     factor: int = 2
 
     def __post_init__(self):
-        f = self.factor
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1 or f & (f - 1):
-            raise ValueError(f'BEVUpsampler factor must be a power of two, got {f!r}')
+        factor = self.factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+            raise ValueError(f'BEVUpsampler factor must be a power of two, got {factor!r}')
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, bev):
         num_layers = self.factor.bit_length() - 1  # log2(factor)
         if num_layers == 0:
-            return x
-        y, back = _as_4d(x)
-        for i in range(num_layers):
-            y = nn.ConvTranspose(self.channels, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                                 use_bias=False, transpose_kernel=True,
-                                 kernel_init=torch_kernel_init, name=f'deconv_{i}')(y)
-            y = nn.relu(BatchStatNorm(name=f'bn_{i}')(y))
-        return back(_conv(self.channels, 3, 9 * self.channels, 'conv')(y))
+            return bev
+        out, back = _as_4d(bev)
+        for layer in range(num_layers):
+            out = nn.ConvTranspose(self.channels, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                                   use_bias=False, transpose_kernel=True,
+                                   kernel_init=torch_kernel_init, name=f'deconv_{layer}')(out)
+            out = nn.relu(BatchStatNorm(name=f'bn_{layer}')(out))
+        return back(_conv(self.channels, 3, 9 * self.channels, 'conv')(out))

@@ -32,8 +32,8 @@ INIT_IMAGE_WH = (320, 180)  # camera image size of the dummy batch that initiali
 
 
 def load_split(config, split):
-    d = config.data
-    return records.get_records(d.dataroot, d.version, split, d.records_dir)
+    data_cfg = config.data
+    return records.get_records(data_cfg.dataroot, data_cfg.version, split, data_cfg.records_dir)
 
 
 def steps_per_epoch(config, num_samples):
@@ -175,11 +175,12 @@ def check_finite(metrics, first_step, mode, last_checkpoint):
     non-finite loss or gradient, unless ``mode`` (``config.train.nonfinite``) is ``'skip'``."""
     if mode == 'skip':
         return
-    for i, m in enumerate(metrics):
-        if m['nonfinite']:
+    for offset, step_metrics in enumerate(metrics):
+        if step_metrics['nonfinite']:
             kept = f'the last good checkpoint is {last_checkpoint}' if last_checkpoint else 'no checkpoint was saved'
-            raise TrainingError(f"non-finite loss or gradient at step {first_step + i} (loss {float(m['loss'])}, "
-                                f"grad_norm {float(m['grad_norm'])}): stopped; {kept}. Set "
+            raise TrainingError(f"non-finite loss or gradient at step {first_step + offset} "
+                                f"(loss {float(step_metrics['loss'])}, grad_norm {float(step_metrics['grad_norm'])}): "
+                                f"stopped; {kept}. Set "
                                 f"--config.train.nonfinite=skip to skip such steps instead")
 
 
@@ -206,9 +207,9 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
 def _train_and_evaluate(config, workdir, trainer, log, preemption):
     if jax.process_index() != 0:
         log = lambda *a, **k: None  # noqa: E731
-    d = config.data
+    data_cfg = config.data
     mode = config.train.nonfinite
-    train_recs = load_split(config, d.train_split)
+    train_recs = load_split(config, data_cfg.train_split)
     if trainer is None:
         distiller, expert_params = build_distillation(config)
         trainer = Trainer(config, len(train_recs['samples']), distiller=distiller, expert_params=expert_params)
@@ -217,9 +218,9 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     writer = MetricsWriter(workdir)
     expert_bev = pipeline.bev_config(config.expert.model) if trainer.distiller is not None else None
-    ds = pipeline.train_dataset(train_recs, d.dataroot, d, mesh_lib.process_batch_size(config.train.batch_size, mesh),
-                                config.seed, jax.process_index(), jax.process_count(), pipeline.bev_config(config.model),
-                                expert_bev)
+    local_batch = mesh_lib.process_batch_size(config.train.batch_size, mesh)
+    ds = pipeline.train_dataset(train_recs, data_cfg.dataroot, data_cfg, local_batch, config.seed, jax.process_index(),
+                                jax.process_count(), pipeline.bev_config(config.model), expert_bev)
     data_iter = iter(ds)
     start = ckpt.latest_step()
     if start is not None:
@@ -286,28 +287,28 @@ def predict(trainer, params, recs):
     """Runs ``eval_step`` over ``recs`` (scene streams carrying the previous BEV); returns
     {sample token: list of nuScenes result dicts} (gathered on every process)."""
     config, mesh = trainer.config, trainer.mesh
-    d = config.data
+    data_cfg = config.data
     batch_size = config.train.eval_batch_size
     if batch_size % mesh.devices.size:
         raise ConfigError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
                          f'{mesh.devices.size} devices of the mesh')
     local = batch_size // jax.process_count()
-    ds = pipeline.eval_dataset(recs, d.dataroot, d, local, jax.process_index(), jax.process_count(),
+    ds = pipeline.eval_dataset(recs, data_cfg.dataroot, data_cfg, local, jax.process_index(), jax.process_count(),
                                pipeline.bev_config(config.model))
     prev = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(local), np.float32), mesh)
-    class_names = tuple(d.class_names)
+    class_names = tuple(data_cfg.class_names)
     detections = {}
     for batch in ds:
         out = trainer.eval_step(params, mesh_lib.shard_batch(batch, mesh), prev)
         prev = out.pop('bev')
         host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
-        for j in range(host['boxes'].shape[0]):
-            keep = host['valid'][j]
+        for row in range(host['boxes'].shape[0]):
+            keep = host['valid'][row]
             if not keep.any():
                 continue
-            rec = recs['samples'][int(host['sample_idx'][j])]
+            rec = recs['samples'][int(host['sample_idx'][row])]
             detections[rec['token']] = nuscenes_metrics.boxes_to_results(
-                rec, host['boxes'][j][keep], host['scores'][j][keep], host['labels'][j][keep], class_names)
+                rec, host['boxes'][row][keep], host['scores'][row][keep], host['labels'][row][keep], class_names)
     return detections
 
 
@@ -315,16 +316,17 @@ def evaluate_params(trainer, params, out_dir, log=print):
     """Predicts the validation split and runs the devkit's DetectionEval; writes
     ``out_dir/results.json`` and ``out_dir/metrics_summary.json`` (process 0)."""
     config = trainer.config
-    d = config.data
-    val = load_split(config, d.val_split)
-    t = time.time()
+    data_cfg = config.data
+    val = load_split(config, data_cfg.val_split)
+    start = time.time()
     detections = predict(trainer, params, val)
     if jax.process_index() != 0:
         return None
     path = os.path.join(out_dir, 'results.json')
     nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
-    summary = nuscenes_metrics.run_detection_eval(path, d.dataroot, d.version, d.val_split, out_dir)
-    log(f'evaluation on {d.val_split} ({len(val["samples"])} samples, {time.time() - t:.0f} s):\n'
+    summary = nuscenes_metrics.run_detection_eval(path, data_cfg.dataroot, data_cfg.version, data_cfg.val_split,
+                                                  out_dir)
+    log(f'evaluation on {data_cfg.val_split} ({len(val["samples"])} samples, {time.time() - start:.0f} s):\n'
         + nuscenes_metrics.format_metrics(summary))
     return summary
 

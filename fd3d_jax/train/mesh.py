@@ -40,10 +40,10 @@ def data_sharded(mesh):
 
 def process_batch_size(global_batch_size, mesh):
     """This process's share of the global batch (must divide evenly over the mesh's devices)."""
-    n = mesh.devices.size
-    if global_batch_size % n:
+    num_devices = mesh.devices.size
+    if global_batch_size % num_devices:
         raise ConfigError(f'config train.batch_size={global_batch_size} must be a multiple of the '
-                         f'{n} devices of the mesh')
+                          f'{num_devices} devices of the mesh')
     return global_batch_size // jax.process_count()
 
 

@@ -89,21 +89,22 @@ def make_optimizer(config, params, steps_per_epoch: int, num_steps: int = None):
     (``jax.eval_shape``): only its tree structure is used. ``num_steps`` defaults to
     ``num_train_steps(config.train, steps_per_epoch)``.
     """
-    o = config.optim
+    optim_cfg = config.optim
     if num_steps is None:
         num_steps = num_train_steps(config.train, steps_per_epoch)
-    schedule = lr_schedule(o, steps_per_epoch, num_steps)
+    schedule = lr_schedule(optim_cfg, steps_per_epoch, num_steps)
     labels = param_labels(params, config.model)
     frozen = jax.tree_util.tree_map(lambda l: l == 'frozen', labels)
 
     def adamw(mult):
         lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
-        return optax.adamw(lr, b1=o.betas[0], b2=o.betas[1], eps=o.eps, weight_decay=o.weight_decay)
+        return optax.adamw(lr, b1=optim_cfg.betas[0], b2=optim_cfg.betas[1], eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay)
 
     tx = optax.chain(
         optax.masked(optax.set_to_zero(), frozen),
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.multi_transform({'default': adamw(1.0), 'backbone': adamw(float(o.backbone_lr_mult)),
+        optax.clip_by_global_norm(optim_cfg.grad_clip),
+        optax.multi_transform({'default': adamw(1.0), 'backbone': adamw(float(optim_cfg.backbone_lr_mult)),
                                'frozen': optax.set_to_zero()}, labels),
     )
     return tx, schedule

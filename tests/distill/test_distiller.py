@@ -94,6 +94,48 @@ def test_every_method_gives_finite_nonzero_terms(fake, method):
     np.testing.assert_allclose(float(loss), sum(float(parts[k]) for k in terms), rtol=1e-5)
 
 
+WEIGHT_KEYS = {'fitnet': {'fitnet_bev': 'fitnet.bev_weight', 'fitnet_pv': 'fitnet.pv_weight'},
+               'mgd': {'mgd_bev': 'mgd.alpha', 'mgd_pv': 'mgd.alpha'},
+               'heatmap': {'heatmap_bev': 'heatmap.bev_weight', 'cwd_pv': 'heatmap.cwd_weight'},
+               'fd3d': {'gen_bev': 'generative.bev_weight', 'gen_pv': 'generative.pv_weight', 'focal': 'focal.weight'}}
+
+
+@pytest.mark.parametrize('method', sorted(WEIGHT_KEYS))
+def test_weights_are_applied_once_and_both_values_logged(fake, method):
+    """``distill/<term>`` = weight x ``distill_unweighted/<term>`` (the weight from its config key), the loss is
+    their sum, and a term of weight 0 is neither computed nor logged."""
+    kind, batch, out, exp_out, exp_params = fake
+    rng = jax.random.PRNGKey(1)
+    plain = make_distiller(_config(kind, method))
+    params = plain.init(jax.random.PRNGKey(0), exp_params)
+    _, base = jax.jit(plain.loss)(params, exp_params, out, exp_out, batch, rng)
+    config = _config(kind, method)
+    terms = sorted(k.split('/')[1] for k in base if k.startswith('distill/'))
+    assert terms == sorted(t for t in WEIGHT_KEYS[method] if f'distill/{t}' in EXPECTED[method][kind])
+    scaled_keys = {WEIGHT_KEYS[method][t] for t in terms}
+    for key in scaled_keys:
+        section, name = key.split('.')
+        config.distill[section][name] = 3.0 * config.distill[section][name]
+    scaled = make_distiller(config)
+    loss, parts = jax.jit(scaled.loss)(params, exp_params, out, exp_out, batch, rng)
+    for term in terms:
+        section, name = WEIGHT_KEYS[method][term].split('.')
+        weight = config.distill[section][name]
+        np.testing.assert_allclose(float(parts[f'distill_unweighted/{term}']), float(base[f'distill_unweighted/{term}']),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(float(parts[f'distill/{term}']), weight * float(parts[f'distill_unweighted/{term}']),
+                                   rtol=1e-5)
+    np.testing.assert_allclose(float(loss), sum(float(parts[f'distill/{t}']) for t in terms), rtol=1e-5)
+    if len(scaled_keys) > 1:   # one weight to 0: its term goes, the others stay
+        key = sorted(scaled_keys)[0]
+        section, name = key.split('.')
+        config.distill[section][name] = 0.0
+        _, parts = jax.jit(make_distiller(config).loss)(params, exp_params, out, exp_out, batch, rng)
+        gone = {t for t in terms if WEIGHT_KEYS[method][t] == key}
+        assert not any(f'distill/{t}' in parts or f'distill_unweighted/{t}' in parts for t in gone)
+        assert all(f'distill/{t}' in parts for t in set(terms) - gone)
+
+
 def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
     kind, batch, out, exp_out, exp_params = fake
     d = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1))

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.experiments import load_script
+from tests.test_configs import _parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +24,8 @@ seed = int([a for a in argv if a.startswith('--config.seed=')][0].split('=')[1])
 os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
 with open(os.path.join(workdir, 'calls'), 'a') as f:
     f.write('x')
+print('some start-up line', flush=True)
+print('step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min', flush=True)
 if '--config.distill.method=fail' in argv:
     sys.exit(3)
 with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
@@ -77,6 +80,18 @@ def test_table_runs_cells_once_and_writes_mean_and_std(fake):
     assert (tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed1' / 'calls').read_text() == 'x'
 
 
+def test_progress_lines_of_a_training_run_are_shown_and_logged(fake):
+    tmp, root, expert = fake
+    shown = []
+    dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                 log=shown.append)
+    progress = [line for line in shown if 'ETA' in line]
+    assert progress == ['    step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min']
+    assert not any('start-up' in line for line in shown)
+    log = (tmp / 'runs' / 't' / 'a' / 'steps7_seed0' / 'train.log').read_text()
+    assert 'some start-up line' in log and 'ETA' in log
+
+
 def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
     tmp, root, expert = fake
     runs, out = str(tmp / 'runs'), str(tmp / 'out')
@@ -95,7 +110,6 @@ def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
 
 def test_every_table_row_is_a_valid_override():
     """Each row's overrides name existing keys of its pair config with values of the key's type."""
-    from tests.test_configs import _parse
     for name, table in dt.TABLES.items():
         path, arg = table['config'].split(':')
         for key, _, overrides in table['rows']:
