@@ -228,6 +228,7 @@ def distill_config(method='fd3d', expert_upsample=1):
     d.expert_checkpoint = ''              # workdir of fd3d_jax.train (or a converted params folder)
     d.expert_upsample = expert_upsample   # [R] expert input = apprentice images x2 (lidar2img scaled)
     d.init_apprentice_head = True         # [R] duplicate_student_head: apprentice head <- expert head
+    d.log_grad_norms = True               # log each term's gradient norm on the apprentice's BEV / FPN levels
     d.feature_norm = 'none'               # none | expert | both: standardise (BN, no affine) the expert's
                                           # features [R: bev_feats_norm] | and the apprentice's FPN levels
     d.head = ml_collections.ConfigDict(dict(
@@ -240,16 +241,20 @@ def distill_config(method='fd3d', expert_upsample=1):
         mode='zero',                      # [I] zero: S * (1 - M); random: MGD mask restricted to M
         random_ratio=0.65))               # lambda of the 'random' mode
     d.generative = ml_collections.ConfigDict(dict(
-        bev_weight=1.0, pv_weight=1.0,    # [I] 0 switches a term off
-        normalize='instance'))            # [I] instance: mean over the masked area; mgd: full-map sum / batch
+        bev_weight=1.0, pv_weight=1.0,    # [I] per-element weights; 0 switches a term off
+        area='full'))                     # [I] full: the loss counts the whole map (as MGD); instance: the masked
+                                          # area only (then a zeroed instance interior is out of the generator's reach)
     d.focal = ml_collections.ConfigDict(dict(
-        weight=1.0,                       # [I]
+        weight=1.0,                       # [I] per element (mean over layers, queries and channels)
         source='raw',                     # [I] apprentice BEV sampled: raw (upsampled) | generated
         queries='all'))                   # [I] all | selected (weighted by score)
     d.fitnet = ml_collections.ConfigDict(dict(bev_weight=1.0, pv_weight=1.0))
-    d.mgd = ml_collections.ConfigDict(dict(alpha=2e-5, ratio=0.65))   # [R] MGD one-stage detection defaults
-    d.heatmap = ml_collections.ConfigDict(dict(                       # [R] the released baseline
-        cwd_tau=2.0, cwd_weight=0.25, bev_weight=0.1, grid_hw=(128, 128), min_overlap=0.1, min_radius=2))
+    # [R] MGD's mask ratio; its released alpha 2e-5 weights a per-image sum: per element about 1 at our sizes
+    d.mgd = ml_collections.ConfigDict(dict(weight=1.0, ratio=0.65))
+    d.heatmap = ml_collections.ConfigDict(dict(                       # [R] the released baseline:
+        cwd_tau=2.0, cwd_weight=0.25,     # CWD per (image, channel) as released
+        bev_weight=25.6,                  # the released 0.1 on a per-cell channel sum of 256 channels, per element
+        grid_hw=(128, 128), min_overlap=0.1, min_radius=2))
     return d
 
 

@@ -14,6 +14,9 @@ finished runs are reused, so an interrupted table resumes. Writes ``experiments/
 ``metrics_summary.json``). The expert is a folder of ``experiments/export_expert.py`` or a training workdir.
 """
 import argparse
+import concurrent.futures
+import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -33,20 +36,21 @@ NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
 
 # Rows: (key, label, config overrides). Every distillation row starts the apprentice's head from the
 # expert's (the released duplicate_student_head); "apprentice alone" never sees the expert, "expert head
-# only" separates that initialisation from the distillation losses.
+# only" separates that initialisation from the distillation losses. BASELINES are the rows a method must beat.
 FD3D = {'distill.method': 'fd3d'}
-# the reconstructed focal weight (1) is too strong at 600 steps (table 3); tables 1 and 3 hold this row
-# under the same key and overrides, so they share its runs
-FOCAL_X025 = {**FD3D, 'distill.focal.weight': 0.25}
+FD3D_GEN = {**FD3D, 'distill.focal.weight': 0.0}
+FD3D_FOCAL = {**FD3D, 'distill.generative.bev_weight': 0.0, 'distill.generative.pv_weight': 0.0}
 _METHOD_ROWS = [
     ('alone', 'apprentice alone', NONE),
     ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
     ('fitnet', 'FitNet (BEV + FPN)', {'distill.method': 'fitnet'}),
     ('mgd', 'MGD (random masks)', {'distill.method': 'mgd'}),
-    ('fd3d_gen', 'FD3D generative (query masks)', {**FD3D, 'distill.focal.weight': 0.0}),
+    ('heatmap', 'released heatmap distiller (CWD + GT-heatmap BEV L2)', {'distill.method': 'heatmap'}),
+    ('fd3d_gen', 'FD3D generative only (query masks)', FD3D_GEN),
+    ('fd3d_focal', 'FD3D focal only', FD3D_FOCAL),
     ('fd3d', 'FD3D generative + focal', FD3D),
-    ('focal_x0.25', 'FD3D generative + focal, focal weight x0.25', FOCAL_X025),
 ]
+BASELINES = ('head', 'fitnet', 'mgd', 'heatmap')
 TABLES = {
     'table1': dict(title='BEVFormer base -> tiny (fd3d_bevformer_base_to_tiny.py:demo)',
                    config='configs/fd3d_bevformer_base_to_tiny.py:demo',
@@ -58,20 +62,22 @@ TABLES = {
                    config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',   # shares its runs
                    expert='experiments/experts/bevformer_base_demo', rows=[
                        *_METHOD_ROWS[:2],
-                       ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, focal on all queries)', FD3D),
+                       ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, full-map loss, focal on all queries)', FD3D),
+                       ('fd3d_gen', 'generative only', FD3D_GEN),
+                       ('fd3d_focal', 'focal only', FD3D_FOCAL),
                        ('topk', 'mask source: top-30 queries', {**FD3D, 'distill.mask.select': 'topk'}),
                        ('gt', 'mask source: GT-matched queries', {**FD3D, 'distill.mask.select': 'gt'}),
                        ('random_mask', 'mask mode: MGD random mask inside the boxes',
                         {**FD3D, 'distill.mask.mode': 'random'}),
+                       ('instance_area', 'generative loss over the masked area only',
+                        {**FD3D, 'distill.generative.area': 'instance'}),
                        ('focal_selected', 'focal: selected queries only', {**FD3D, 'distill.focal.queries': 'selected'}),
                        ('focal_generated', 'focal: on the generated BEV', {**FD3D, 'distill.focal.source': 'generated'}),
-                       ('focal_x0.25', 'focal weight x0.25', FOCAL_X025),
-                       ('gen_x0.25', 'generative weights x0.25',
-                        {**FD3D, 'distill.generative.bev_weight': 0.25, 'distill.generative.pv_weight': 0.25}),
                        ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
                    ]),
 }
 SHORT = dict(rows=('alone', 'head', 'fd3d'), seeds=(0,), steps=600)
+TUNE_SPLITS = ('tune_train', 'tune_val')   # carved from the training scenes (--split tune); val is never tuned on
 
 
 class TableError(ValueError):
@@ -89,14 +95,86 @@ def dataset_split(dataroot):
                      f'python -m fd3d_jax.data.synthetic --out {dataroot} --scenes 40')
 
 
-def run_command(table, overrides, seed, steps, dataroot, expert, workdir):
+def _hash_files(paths, root):
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def source_hash():
+    """sha256 of the code a cell runs: every ``fd3d_jax/**/*.py`` and ``configs/*.py`` (content and path)."""
+    files = glob.glob(os.path.join(REPO, 'fd3d_jax', '**', '*.py'), recursive=True)
+    return _hash_files(files + glob.glob(os.path.join(REPO, 'configs', '*.py')), REPO)
+
+
+def expert_hash(expert):
+    """sha256 of an expert's parameters: the files of its ``params/`` folder (``export_expert.py``, the
+    converter) or of its training workdir's ``checkpoints/``."""
+    for sub in ('params', 'checkpoints'):
+        files = [f for f in glob.glob(os.path.join(expert, sub, '**', '*'), recursive=True) if os.path.isfile(f)]
+        if files:
+            return _hash_files(files, expert)
+    raise TableError(f'{expert} holds no params/ or checkpoints/: not an expert')
+
+
+def git_commit():
+    """The checkout's commit (``+dirty`` with uncommitted changes to the code), or None outside git."""
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'fd3d_jax', 'configs'], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ('+dirty' if dirty else '')
+
+
+def carve_tune_splits(dataroot, fraction=0.2):
+    """Writes ``tune_train`` / ``tune_val`` to ``<dataroot>/<version>/splits.json``: the training split's scenes
+    (in name order) with the last ``fraction`` held out for tuning; the val split is not touched. Returns
+    (train split, val split) names for the cells."""
+    version, train, _ = dataset_split(dataroot)
+    with open(os.path.join(dataroot, version, 'scene.json')) as f:
+        names = sorted(s['name'] for s in json.load(f))
+    splits_path = os.path.join(dataroot, version, 'splits.json')
+    splits = {}
+    if os.path.exists(splits_path):
+        with open(splits_path) as f:
+            splits = json.load(f)
+    from nuscenes.utils.splits import create_splits_scenes   # nuscenes-devkit: imported where used
+    train_scenes = [n for n in names if n in set(splits.get(train) or create_splits_scenes()[train])]
+    held = max(1, int(round(fraction * len(train_scenes))))
+    if len(train_scenes) <= held:
+        raise TableError(f'{dataroot}: {len(train_scenes)} training scenes are too few to carve a tuning split')
+    splits.update({TUNE_SPLITS[0]: train_scenes[:-held], TUNE_SPLITS[1]: train_scenes[-held:]})
+    with open(splits_path, 'w') as f:
+        json.dump(splits, f, indent=1)
+    return TUNE_SPLITS
+
+
+def _config_args(dataroot, expert, splits, sets):
     version, train, val = dataset_split(dataroot)
+    train, val = splits or (train, val)
     sets = {'data.dataroot': dataroot, 'data.version': version, 'data.train_split': train,
-            'data.val_split': val, 'seed': seed, 'distill.expert_checkpoint': expert, **overrides}
+            'data.val_split': val, 'distill.expert_checkpoint': expert, **sets}
+    return [f'--config.{k}={v}' for k, v in sets.items()]
+
+
+def run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits=None):
+    sets = {'seed': seed, **overrides}
     if steps:
         sets['train.num_steps'] = steps
     return [sys.executable, '-m', 'fd3d_jax.train', '--config', table['config'], '--workdir', workdir,
-            *[f'--config.{k}={v}' for k, v in sets.items()]]
+            *_config_args(dataroot, expert, splits, sets)]
+
+
+def expert_command(table, dataroot, expert, workdir, splits=None):
+    """``fd3d_jax.eval --expert``: the expert on the apprentice's val images as the distiller feeds them."""
+    return [sys.executable, '-m', 'fd3d_jax.eval', '--expert', '--config', table['config'], '--workdir', workdir,
+            *_config_args(dataroot, expert, splits, {})]
 
 
 def run_logged(cmd, log_path, log=print):
@@ -111,18 +189,21 @@ def run_logged(cmd, log_path, log=print):
         return proc.wait()
 
 
-def run_cell(cmd, workdir, log=print):
-    """Runs (or reuses) one training run; returns its devkit summary and timing."""
+def run_cell(cmd, workdir, identity=None, log=print):
+    """Runs (or reuses) one training run; returns its devkit summary, timing and ``identity`` (the code, expert
+    and commit that made it: ``cell_identity``, kept in the folder's run.json)."""
     os.makedirs(workdir, exist_ok=True)
     spec_path, summary_path = os.path.join(workdir, 'run.json'), os.path.join(workdir, 'eval', 'metrics_summary.json')
     argv = cmd[1:]
     if os.path.exists(spec_path):
         with open(spec_path) as f:
-            if json.load(f)['argv'] != argv:
-                raise TableError(f'{workdir} holds a run with other settings (see its run.json): remove it or '
-                                 f'pass another --runs folder')
+            saved = json.load(f)
+        if saved['argv'] != argv:
+            raise TableError(f'{workdir} holds a run with other settings (see its run.json): remove it or '
+                             f'pass another --runs folder')
+        identity = dict(identity or {}, commit=saved.get('commit', (identity or {}).get('commit')))
     with open(spec_path, 'w') as f:
-        json.dump(dict(argv=argv), f, indent=1)
+        json.dump(dict(argv=argv, **(identity or {})), f, indent=1)
     if not os.path.exists(summary_path):
         log(f'  training: {" ".join(argv)}')
         t0 = time.time()
@@ -137,7 +218,35 @@ def run_cell(cmd, workdir, log=print):
     if os.path.exists(os.path.join(workdir, 'wall.json')):
         with open(os.path.join(workdir, 'wall.json')) as f:
             wall = json.load(f)['seconds']
-    return dict(nds=s['nd_score'], map=s['mean_ap'], tp_errors=s['tp_errors'], wall_s=wall)
+    return dict(nds=s['nd_score'], map=s['mean_ap'], tp_errors=s['tp_errors'], wall_s=wall, argv=argv,
+                **(identity or {}))
+
+
+def cell_identity(expert):
+    """What a cell's numbers depend on besides its command line: ``code_hash`` (``source_hash``),
+    ``expert_hash`` and the ``commit`` (informative: a docs-only commit does not change the code hash)."""
+    return dict(code_hash=source_hash(), expert_hash=expert_hash(expert), commit=git_commit())
+
+
+def paired_differences(rows, key='nds'):
+    """Per row: the per-seed differences of ``key`` against the head-only row and against the best baseline
+    (``BASELINES`` by mean, the row itself left out), with their mean and how many seeds are positive."""
+    by_key = {r['key']: r for r in rows}
+    baselines = [by_key[k] for k in BASELINES if k in by_key]
+    out = {}
+    for row in rows:
+        diffs = {}
+        if 'head' in by_key and row['key'] != 'head':
+            diffs['head'] = by_key['head']
+        others = [b for b in baselines if b['key'] != row['key']]
+        if others:
+            diffs['best_baseline'] = max(others, key=lambda b: b[key]['mean'])
+        out[row['key']] = {}
+        for name, other in diffs.items():
+            values = [a - b for a, b in zip(row[key]['values'], other[key]['values'])]
+            out[row['key']][name] = dict(against=other['key'], values=values, mean=float(np.mean(values)),
+                                         positive=int(sum(v > 0 for v in values)), seeds=len(values))
+    return out
 
 
 def _stats(values):
@@ -163,16 +272,34 @@ def _pm(stats):
 def markdown(result):
     lines = [f"**{result['title']}** — {result['steps']} steps, seeds {result['seeds']}, "
              f"{result['dataset']} ({result['machine']})", '',
-             '| row | NDS | mAP | ΔNDS | ΔmAP | min/run |', '|---|---|---|---|---|---|']
+             '| row | NDS | mAP | ΔNDS | ΔmAP | min/run | ΔNDS vs head only, per seed | ΔNDS vs best baseline, per seed |',
+             '|---|---|---|---|---|---|---|---|']
     e = result['expert']
     if e:
-        lines.append(f"| expert ({os.path.basename(result['expert_path'])}) | {e['nds']:.4f} | {e['map']:.4f} | | | |")
+        lines.append(f"| expert ({os.path.basename(result['expert_path'])}) | {e['nds']:.4f} | {e['map']:.4f} "
+                     f"| | | | | |")
+    e = result.get('expert_input')
+    if e:
+        lines.append(f"| expert on the distillation input | {e['nds']:.4f} | {e['map']:.4f} | | | | | |")
     base = result['rows'][0]
+    paired = result.get('paired') or paired_differences(result['rows'])
+
+    def per_seed(diff):
+        if not diff:
+            return ''
+        values = ' / '.join(f'{v:+.4f}' for v in diff['values'])
+        return f"{diff['mean']:+.4f} ({values}; {diff['positive']}/{diff['seeds']} > 0; vs {diff['against']})"
+
     for r in result['rows']:
         dn, dm = r['nds']['mean'] - base['nds']['mean'], r['map']['mean'] - base['map']['mean']
         wall = [c['wall_s'] for c in r['cells'] if c['wall_s']]
         minutes = f'{np.mean(wall) / 60:.1f}' if wall else ''
-        lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} |")
+        diffs = paired.get(r['key'], {})
+        lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} | "
+                     f"{per_seed(diffs.get('head'))} | {per_seed(diffs.get('best_baseline'))} |")
+    identities = sorted({(c.get('code_hash', '')[:10], c.get('expert_hash', '')[:10], str(c.get('commit')))
+                         for r in result['rows'] for c in r['cells']})
+    lines += ['', 'Cells (code hash, expert hash, commit): ' + '; '.join(', '.join(i) for i in identities)]
     sources = sorted({os.path.basename(c['reused_from']) for r in result['rows'] for c in r['cells'] if 'reused_from' in c})
     if sources:
         lines += ['', f"Some cells are the recorded runs of {', '.join(sources)} (same config, steps and expert)."]
@@ -200,8 +327,10 @@ def plot(result, path):
 
 
 def recorded_cells(paths, table, steps, expert):
-    """{(row key, seed): cell} from earlier result files of the same table config, step count and expert
-    (e.g. when their run folders are gone); each cell names the file it came from."""
+    """{(row key, seed, overrides, code hash, expert hash, splits): cell} from earlier result files of the same
+    table config, step count and expert (e.g. when their run folders are gone); each cell names the file it came
+    from. A cell stands in only for a run of the same code and expert parameters (``cell_identity``): cells
+    recorded without them are never reused."""
     cells = {}
     for path in paths or ():
         with open(path) as f:
@@ -211,39 +340,65 @@ def recorded_cells(paths, table, steps, expert):
                              f'{r["expert_path"]}), not {table["config"]}, {steps} steps, {expert}')
         for row in r['rows']:
             for seed, cell in zip(r['seeds'], row['cells']):
-                cells[(row['key'], seed, json.dumps(row['overrides'], sort_keys=True))] = dict(cell, reused_from=path)
+                if 'code_hash' in cell and 'expert_hash' in cell:
+                    key = (row['key'], seed, json.dumps(row['overrides'], sort_keys=True), cell['code_hash'],
+                           cell['expert_hash'], tuple(r.get('splits') or ()))
+                    cells[key] = dict(cell, reused_from=path)
     return cells
 
 
-def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, reuse=(), log=print):
-    """Runs (or reuses) every row x seed in ``runs/<table folder>/<row>/steps<N>_seed<S>`` and writes
-    ``out_dir/NAME.{json,md,png}``; returns the result dict. ``reuse``: earlier result files whose cells
-    stand in for run folders that hold no finished run."""
+def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, reuse=(), log=print,
+              splits=None, jobs=1):
+    """Runs (or reuses) every row x seed in ``runs/<table folder>/<row>/steps<N>_seed<S>_<code>_<expert>[_<split>]``
+    (the hashes of ``cell_identity``: other code or another expert is another folder) and writes
+    ``out_dir/NAME.{json,md,png}``; returns the result dict with the per-seed ``paired`` differences.
+    ``reuse``: earlier result files whose cells stand in for run folders that hold no finished run.
+    ``splits``: (train, val) split names, e.g. the tuning splits of ``carve_tune_splits``. ``jobs``: training
+    runs at a time (a machine with many cores or an accelerator; each run's lines are prefixed with its cell)."""
     recorded = recorded_cells(reuse, table, steps, expert)
+    identity = cell_identity(expert)
+    tag = f"{identity['code_hash'][:8]}_{identity['expert_hash'][:8]}" + (f'_{splits[1]}' if splits else '')
     rows = [r for r in table['rows'] if not row_keys or r[0] in row_keys]
     if row_keys and len(rows) != len(row_keys):
         known = ', '.join(r[0] for r in table['rows'])
         raise TableError(f'unknown rows {sorted(set(row_keys) - {r[0] for r in rows})} (rows: {known})')
+
+    def cell(key, label, overrides, seed, cell_log):
+        workdir = os.path.join(runs, table.get('folder', name), key, f'steps{steps}_seed{seed}_{tag}')
+        cell_log(f'{name}: {label}, seed {seed}')
+        old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True), identity['code_hash'],
+                            identity['expert_hash'], tuple(splits or ())))
+        if old and not os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json')):
+            cell_log(f'  recorded in {old["reused_from"]}')
+            done = old
+        else:
+            command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
+            done = run_cell(command, workdir, identity, cell_log)
+        cell_log(f'  NDS {done["nds"]:.4f}  mAP {done["map"]:.4f}')
+        return done
+
+    expert_dir = os.path.join(runs, table.get('folder', name), 'expert_input', tag)
+    log(f'{name}: the expert on the distillation input')
+    expert_input = run_cell(expert_command(table, dataroot, expert, expert_dir, splits), expert_dir, identity, log)
+    plan = [(row, seed) for row in rows for seed in seeds]
+    if jobs > 1:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(cell, *row, seed, lambda line, tag=f'[{row[0]} {seed}]': log(f'{tag} {line}'))
+                       for row, seed in plan]
+            done = [future.result() for future in futures]
+    else:
+        done = [cell(*row, seed, log) for row, seed in plan]
     results = []
-    for key, label, overrides in rows:
-        cells = []
-        for seed in seeds:
-            workdir = os.path.join(runs, table.get('folder', name), key, f'steps{steps}_seed{seed}')
-            log(f'{name}: {label}, seed {seed}')
-            old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True)))
-            if old and not os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json')):
-                log(f'  recorded in {old["reused_from"]}')
-                cells.append(old)
-            else:
-                cells.append(run_cell(run_command(table, overrides, seed, steps, dataroot, expert, workdir), workdir, log))
-            log(f'  NDS {cells[-1]["nds"]:.4f}  mAP {cells[-1]["map"]:.4f}')
+    for index, (key, label, overrides) in enumerate(rows):
+        cells = done[index * len(seeds):(index + 1) * len(seeds)]
         results.append(dict(key=key, label=label, overrides=overrides, cells=cells,
                             nds=_stats([c['nds'] for c in cells]), map=_stats([c['map'] for c in cells])))
     m = machine_info()
     result = dict(table=name, title=table['title'], config=table['config'], expert_path=expert,
-                  expert=expert_score(expert), dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
+                  expert=expert_score(expert), expert_input=dict(nds=expert_input['nds'], map=expert_input['map']),
+                  dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
                   steps=steps, machine=f"{m['cpu_count']}-core {m['backend']}, {m['date']}", versions=m['versions'],
-                  rows=results)
+                  splits=list(splits) if splits else None, rows=results, paired=paired_differences(results))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
         json.dump(result, f, indent=1)
@@ -267,7 +422,11 @@ def main():
     p.add_argument('--out', default=os.path.join('experiments', 'results'))
     p.add_argument('--name', help='result name (default: the table name)')
     p.add_argument('--reuse', nargs='*', default=[], help='earlier result JSON files whose cells stand in for '
-                   'runs that are not in --runs (same config, steps and expert)')
+                   'runs that are not in --runs (same config, steps, code and expert)')
+    p.add_argument('--split', choices=('val', 'tune'), default='val',
+                   help='val: train on the training split, report on val; tune: train on tune_train and report on '
+                        'tune_val, both carved from the training scenes (for choosing weights; never tune on val)')
+    p.add_argument('--jobs', type=int, default=1, help='training runs at a time (default 1)')
     args = p.parse_args()
     table = dict(TABLES[args.table])
     table.setdefault('folder', args.table)   # the short table reuses the full table's runs
@@ -278,11 +437,15 @@ def main():
     if not steps:   # the config's own count, so that cells and recorded results name it
         steps = int(load_config(table['config'])[1].train.num_steps)
     expert = os.path.abspath(args.expert or os.path.join(REPO, table['expert']))
+    dataroot = os.path.abspath(args.dataroot)
     try:
         if not os.path.isdir(expert):
             raise TableError(f'expert {expert} not found: train and export one (make expert) or pass --expert')
-        result = run_table(name, table, seeds, steps, os.path.abspath(args.dataroot), expert,
-                           os.path.abspath(args.runs), args.out, rows, args.reuse)
+        splits = carve_tune_splits(dataroot) if args.split == 'tune' else None
+        if splits:
+            name = args.name or f'{name}_tune'
+        result = run_table(name, table, seeds, steps, dataroot, expert, os.path.abspath(args.runs), args.out, rows,
+                           args.reuse, splits=splits, jobs=args.jobs)
     except TableError as e:
         sys.exit(f'error: {e}')
     print()

@@ -3,6 +3,9 @@
     python -m fd3d_jax.eval --config configs/NAME.py[:ARG] --workdir W [--step N] [--config.k=v]
         evaluates the latest (or step N) checkpoint of W on ``config.data.val_split`` and writes
         ``W/eval/metrics_summary.json`` (``W/eval/step_N/`` with --step);
+    python -m fd3d_jax.eval --config PAIR.py[:ARG] --expert --workdir W [--config.k=v]
+        evaluates the pair's expert on the apprentice's val images as the distiller feeds them (upsampled,
+        renormalised) and writes ``W/eval/metrics_summary.json``;
     python -m fd3d_jax.eval --results R.json --dataroot D --version V --split S --out O
         evaluates a nuScenes results JSON and writes ``O/metrics_summary.json``.
 """
@@ -14,12 +17,15 @@ from ml_collections import config_flags
 
 from fd3d_jax import nuscenes_metrics
 from fd3d_jax.cli import exit_on, parse_flags
-from fd3d_jax.train.loop import evaluate_checkpoint
+from fd3d_jax.train.loop import evaluate_checkpoint, evaluate_expert
 from fd3d_jax.validate import validate
 
 config_flags.DEFINE_config_file('config', None, 'config file (checkpoint mode)')
 flags.DEFINE_string('workdir', None, 'training folder with checkpoints/ (checkpoint mode)')
 flags.DEFINE_integer('step', None, 'checkpoint step (default: latest)')
+flags.DEFINE_bool('expert', False, 'with a distillation pair --config: evaluate its expert '
+                  '(config.distill.expert_checkpoint) on the apprentice\'s images as the distiller feeds them, '
+                  'writing --workdir/eval/metrics_summary.json')
 flags.DEFINE_string('results', None, 'nuScenes results JSON (global frame)')
 flags.DEFINE_string('dataroot', None, 'nuScenes(-format) dataroot')
 flags.DEFINE_string('version', None, 'table version, e.g. v1.0-mini')
@@ -35,6 +41,9 @@ def main(argv):
             sys.exit('error: checkpoint mode needs both --config and --workdir')
         logging.set_verbosity(logging.WARNING)
         exit_on(validate, FLAGS.config)
+        if FLAGS.expert:
+            exit_on(evaluate_expert, FLAGS.config, FLAGS.workdir)
+            return
         exit_on(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
         return
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]

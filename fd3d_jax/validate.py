@@ -12,7 +12,7 @@ from fd3d_jax.models import DETECTORS
 
 FEATURE_NORMS = ('none', 'expert', 'both')
 MASK_MODES = ('zero', 'random')
-GENERATIVE_NORMALIZE = ('instance', 'mgd')
+GENERATIVE_AREAS = ('full', 'instance')
 FOCAL_SOURCES = ('raw', 'generated')
 FOCAL_QUERIES = ('all', 'selected')
 NONFINITE = ('stop', 'skip')
@@ -118,7 +118,7 @@ def _distill(config):
                               f'apprentice BEV {apprentice.bev_h}x{apprentice.bev_w} (config.expert.model.bev_h/'
                               f'bev_w, config.model.bev_h/bev_w)')
     one_of(config, 'distill.feature_norm', FEATURE_NORMS)
-    for key in ('fitnet.bev_weight', 'fitnet.pv_weight', 'mgd.alpha', 'heatmap.bev_weight', 'heatmap.cwd_weight',
+    for key in ('fitnet.bev_weight', 'fitnet.pv_weight', 'mgd.weight', 'heatmap.bev_weight', 'heatmap.cwd_weight',
                 'generative.bev_weight', 'generative.pv_weight', 'focal.weight',
                 'head.loss_weight'):
         number(config, f'distill.{key}', 0.0)
@@ -130,7 +130,7 @@ def _distill(config):
     number(config, 'distill.mask.box_scale', 0.0, low_open=True)
     one_of(config, 'distill.mask.mode', MASK_MODES)
     number(config, 'distill.mask.random_ratio', 0.0, 1.0)
-    one_of(config, 'distill.generative.normalize', GENERATIVE_NORMALIZE)
+    one_of(config, 'distill.generative.area', GENERATIVE_AREAS)
     one_of(config, 'distill.focal.source', FOCAL_SOURCES)
     one_of(config, 'distill.focal.queries', FOCAL_QUERIES)
 

@@ -90,7 +90,7 @@ def test_every_shipped_config_validates():
     ('distill.mask.select', 'all', r"config.distill.mask.select must be 'score', 'topk' or 'gt', got 'all'"),
     ('distill.focal.source', 'expert', r"config.distill.focal.source must be 'raw' or 'generated'"),
     ('distill.focal.queries', 'some', r"config.distill.focal.queries must be 'all' or 'selected'"),
-    ('distill.generative.normalize', 'sum', r"config.distill.generative.normalize must be 'instance' or 'mgd'"),
+    ('distill.generative.area', 'sum', r"config.distill.generative.area must be 'full' or 'instance'"),
     ('distill.focal.weight', -1.0, r'config.distill.focal.weight must be >= 0.0, got -1.0'),
     ('distill.mask.random_ratio', 1.5, r'config.distill.mask.random_ratio must be >= 0.0 and <= 1.0, got 1.5'),
     ('distill.mask.topk', 0, r'config.distill.mask.topk must be >= 1, got 0'),

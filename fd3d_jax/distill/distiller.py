@@ -24,7 +24,9 @@ from typing import List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from fd3d_jax.detection.losses import detection_loss
 from fd3d_jax.distill.expert import expert_batch
 from fd3d_jax.distill.modules import Align, BEVUpsampler, Generator
 from fd3d_jax.errors import ConfigError
@@ -32,14 +34,27 @@ from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 
 
+def standardization(feats, eps=1e-5):
+    """(mean, std) per channel over all other axes (keepdims) of ``standardize``."""
+    axes = tuple(range(feats.ndim - 1))
+    mean = jnp.mean(feats, axes, keepdims=True)
+    var = jnp.var(feats, axes, keepdims=True)
+    return mean, jnp.sqrt(var + eps)
+
+
 def standardize(feats, eps=1e-5):
     """BatchNorm without affine params, batch statistics (``distill.feature_norm``): per channel over
     all other axes. The released distiller offers ``bev_feats_norm='bn'`` on the expert BEV (its config
     sets None); without learned scale/shift it cannot be shrunk to fake a small loss."""
-    axes = tuple(range(feats.ndim - 1))
-    mean = jnp.mean(feats, axes, keepdims=True)
-    var = jnp.var(feats, axes, keepdims=True)
-    return (feats - mean) * jax.lax.rsqrt(var + eps)
+    mean, std = standardization(feats, eps)
+    return (feats - mean) / std
+
+
+def destandardize(standardized, raw, eps=1e-5):
+    """``standardized`` features mapped back to the scale of ``raw`` (the features whose statistics
+    ``standardize`` used): ``standardized * std(raw) + mean(raw)``."""
+    mean, std = standardization(raw, eps)
+    return standardized * std + mean
 
 
 def level_pairs(apprentice_hws, expert_hws):
@@ -54,11 +69,14 @@ class Features(NamedTuple):
     """The paired features a method distils, channels-last, expert and apprentice of equal shapes.
 
     expert_bev, apprentice_bev: (B, H_e, W_e, C_e) on the expert's BEV grid (None without a BEV);
-    expert_pv, apprentice_pv: one (B, N, H_l, W_l, C_l) per paired FPN level (``Distiller.pairs``)."""
+    expert_pv, apprentice_pv: one (B, N, H_l, W_l, C_l) per paired FPN level (``Distiller.pairs``);
+    expert_bev_raw: the expert BEV before ``distill.feature_norm`` (what its decoder reads); equal to
+    ``expert_bev`` without it."""
     expert_bev: Optional[jax.Array]
     apprentice_bev: Optional[jax.Array]
     expert_pv: List[jax.Array]
     apprentice_pv: List[jax.Array]
+    expert_bev_raw: Optional[jax.Array] = None
 
 
 def apply_weights(terms, weights):
@@ -174,6 +192,7 @@ class Distiller:
                                         out['bev'].reshape((batch_size,) + self.apprentice.bev_shape()))
             apprentice_bev = (self.apply_module(params, 'bev_up', BEVUpsampler(self.bev_channels, self.bev_factor),
                                                 aligned) if self.bev_factor > 1 else aligned)
+        expert_bev_raw = expert_bev
         expert_pv = [expert_out['img_feats'][e] for _, e in self.pairs]
         norm = self.distill_cfg.feature_norm
         if norm != 'none':
@@ -185,7 +204,7 @@ class Distiller:
             apprentice_pv = [standardize(level) for level in apprentice_pv]
         apprentice_pv = [self.apply_module(params, f'pv_align_{level}', Align(channels), feats)
                          for level, (feats, channels) in enumerate(zip(apprentice_pv, self.pv_channels))]
-        return Features(expert_bev, apprentice_bev, expert_pv, apprentice_pv)
+        return Features(expert_bev, apprentice_bev, expert_pv, apprentice_pv, expert_bev_raw)
 
     def terms(self, params, expert_params, feats, expert_out, batch, rng):
         """``(terms, diagnostics)``: the method's unweighted terms (see the module docstring)."""
@@ -202,3 +221,32 @@ class Distiller:
         metrics.update({f'distill_unweighted/{k}': v for k, v in unweighted.items()})
         metrics.update({f'distill_stats/{k}': v for k, v in diagnostics.items()})
         return total, metrics
+
+    def feature_grad_norms(self, params, head_params, expert_params, out, expert_out, batch, rng):
+        """Which term drives training: ``{'grad_norm/<term>/<features>': norm}``, the L2 norm of the gradient of
+        each weighted distillation term and of the detection loss with respect to the apprentice's shared
+        features (``bev``: its BEV; ``fpn``: all its FPN levels), at the apprentice outputs ``out`` (``params``:
+        the distillation params, ``head_params``: the apprentice's ``params['head']``). The
+        detection loss is taken through the head alone in inference mode (a diagnostic: no dropout), so it
+        reaches the FPN levels only for a head that reads them (DETR3D); its path through BEVFormer's encoder
+        is not counted."""
+        names = ['img_feats'] + (['bev'] if self.has_bev else [])
+        shared = {name: jax.lax.stop_gradient(out[name]) for name in names}
+
+        def distill_terms(features):
+            _, metrics = self.loss(params, expert_params, dict(out, **features), expert_out, batch, rng)
+            return {k.split('/', 1)[1]: v for k, v in metrics.items() if k.startswith('distill/')}
+
+        def detection_term(features):
+            head = self.apprentice.build_head(batch['img'].shape[-3:-1])
+            context = self.apprentice.head_context(dict(out, **features), batch['lidar2img'][:, -1])
+            head_out = head.apply({'params': jax.lax.stop_gradient(head_params)}, context, batch['img'].shape[0])
+            return detection_loss(head_out, batch, self.config.loss)[0]
+
+        grads = dict(jax.jacrev(distill_terms)(shared), detection=jax.grad(detection_term)(shared))
+        norms = {}
+        for term, grad in grads.items():
+            norms[f'grad_norm/{term}/fpn'] = optax.tree.norm(grad['img_feats'])
+            if self.has_bev:
+                norms[f'grad_norm/{term}/bev'] = optax.tree.norm(grad['bev'])
+        return norms

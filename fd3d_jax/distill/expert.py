@@ -14,6 +14,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from fd3d_jax import params_io
 from fd3d_jax.errors import CheckpointError, ExpertError
@@ -114,6 +115,19 @@ def load_expert_params(path, expert_cfg, abstract):
         raise ExpertError(str(e)) from None
     check_shapes(params, abstract, path)
     return jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
+
+
+def head_copy_summary(head, expert_head):
+    """What ``init_head_from_expert`` copies, from shapes alone (arrays or shape structs): ``dict(leaves,
+    copied_leaves, values, copied_values)`` of the apprentice's ``head``. An expert head of another width
+    copies only the leaves whose shapes agree (e.g. a few biases), which the training log says."""
+    head = traverse_util.flatten_dict(head)
+    source = traverse_util.flatten_dict(expert_head)
+    copied = [path for path, leaf in head.items()
+              if path in source and tuple(source[path].shape) == tuple(leaf.shape)]
+    size = lambda leaf: int(np.prod(leaf.shape))  # noqa: E731
+    return dict(leaves=len(head), copied_leaves=len(copied), values=sum(size(leaf) for leaf in head.values()),
+                copied_values=sum(size(head[path]) for path in copied))
 
 
 def init_head_from_expert(params, expert_params):

@@ -6,10 +6,16 @@
    every paired FPN level (``fd3d_jax.distill.masks``).
 2. Generative terms ``gen_bev``, ``gen_pv``: the aligned apprentice features, masked in those regions
    (``distill.mask.mode``: 'zero' zeroes the region, 'random' an MGD random mask inside it), go through a
-   generator that must reproduce the expert's features (``losses.generative_loss``, ``distill.generative``).
+   generator that must reproduce the expert's features (``losses.generative_loss``, ``distill.generative``):
+   by default the loss counts the whole map (``generative.area='full'``, as MGD), so the generator learns to
+   rebuild the zeroed instance interiors from their surroundings and to keep the rest; ``'instance'`` counts
+   only the masked region (with the 'zero' mask only its border cells are then reachable by a 3x3-3x3
+   generator, which is why it is not the default).
 3. Focal term ``focal``: the distillation head's deformable sampling points read the expert's and the
    apprentice's features at the same locations with the same weights (``fd3d_jax.distill.focal``); their
-   squared distance is the loss (``losses.focal_loss``), over all or the selected queries.
+   squared distance is the loss (``losses.focal_loss``), over all or the selected queries. On the BEV the
+   expert's features are the raw BEV its decoder reads (before ``distill.feature_norm``) and the apprentice's
+   are mapped to that scale (``destandardize``), so both go through the expert's own ``value_proj``.
 
 The paper's code for these losses was never released: every choice above that is not in the released
 distillation branch is a reconstruction and a switch of ``config.distill`` (docs/fd3d_reconstruction.md).
@@ -21,7 +27,7 @@ import jax.numpy as jnp
 from fd3d_jax.detection.losses import detection_loss
 from fd3d_jax.detection.matching import match
 from fd3d_jax.distill import losses, masks
-from fd3d_jax.distill.distiller import Distiller
+from fd3d_jax.distill.distiller import Distiller, destandardize
 from fd3d_jax.distill.focal import bev_focal_features, pv_focal_features
 from fd3d_jax.models.box_coder import denormalize_bbox
 
@@ -96,8 +102,7 @@ class FD3D(Distiller):
             generated_bev = self.generate_bev(params, self.masked(feats.apprentice_bev, region, bev_rng))
             diagnostics['mask_bev'] = jnp.mean(region)
             if self.active('gen_bev'):
-                terms['gen_bev'] = losses.generative_loss(generated_bev, feats.expert_bev, region,
-                                                          cfg.generative.normalize)
+                terms['gen_bev'] = losses.generative_loss(generated_bev, feats.expert_bev, region, cfg.generative.area)
         if self.pairs and self.generates_pv:
             regions = masks.pv_box_mask(boxes, keep, self.expert_lidar2img(batch), self.expert_img_hw,
                                         [level.shape[2:4] for level in feats.expert_pv], cfg.mask.box_scale)
@@ -106,7 +111,7 @@ class FD3D(Distiller):
                             for level, (apprentice, region) in enumerate(zip(feats.apprentice_pv, regions))]
             diagnostics['mask_pv'] = jnp.mean(jnp.stack([jnp.mean(region) for region in regions]))
             if self.active('gen_pv'):
-                terms['gen_pv'] = [losses.generative_loss(generated, expert, region, cfg.generative.normalize)
+                terms['gen_pv'] = [losses.generative_loss(generated, expert, region, cfg.generative.area)
                                    for generated, expert, region in zip(generated_pv, feats.expert_pv, regions)]
         if self.active('focal'):
             terms['focal'] = self.focal_term(head_params, head_out, expert_out, feats, generated_bev, generated_pv,
@@ -119,7 +124,9 @@ class FD3D(Distiller):
         generated = self.distill_cfg.focal.source == 'generated'
         if self.has_bev:
             apprentice = generated_bev if generated else feats.apprentice_bev
-            focal_expert, focal_apprentice = bev_focal_features(head_params, head_out['sampling'], feats.expert_bev,
+            if self.distill_cfg.feature_norm != 'none':   # back to the scale the expert's decoder reads
+                apprentice = destandardize(apprentice, feats.expert_bev_raw)
+            focal_expert, focal_apprentice = bev_focal_features(head_params, head_out['sampling'], feats.expert_bev_raw,
                                                                 apprentice, self.expert_cfg.num_heads)
         else:
             expert_levels = list(expert_out['img_feats'])

@@ -1,8 +1,16 @@
 """Feature-distillation losses: pure, jit-able functions of channels-last arrays.
 
 Conventions: features are ``(..., H, W, C)``; "spatial" means the two axes before ``C``. Every
-function computes in float32 and returns a float32 scalar. Loss weights (α, β, …) are applied by
-the caller, and so is ``jax.lax.stop_gradient`` on the expert's features.
+function computes in float32 and returns a float32 scalar. Loss weights are applied by the caller
+(``fd3d_jax.distill.Distiller.loss``), and so is ``jax.lax.stop_gradient`` on the expert's features.
+
+One scale: every squared-error term is a mean per feature value (per element), so that a weight of 1
+means the same for every term, feature map and model size: the squared error of one feature value counts
+1 (times the fraction of the map the term covers). The released formulas sum over channels or over whole
+maps (MGD ``Σ / N``, the heatmap L2's ``Σ / ΣM``, FD3D's per-vector ``‖·‖²``); each docstring gives the
+factor between the two, so a released weight converts to a per-element one (``docs/distillation.md``).
+CWD is the exception: a cross-entropy between per-channel spatial distributions, it is per (image,
+channel) as released.
 
 Sources (read, not paraphrased from papers):
 - MGD: ``yzd-v/MGD`` ``det/mmdet/distillation/losses/mgd.py`` (``FeatureLoss.get_dis_loss``).
@@ -48,30 +56,28 @@ def random_mask(rng, shape, ratio):
     return jnp.where(uniform > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
 
 
-def generative_loss(generated, target, region=None, normalize='instance'):
+def generative_loss(generated, target, region=None, area='full'):
     """Masked-generation loss between the generator's output and the expert's features.
 
     Args:
-      generated: ``G(align(S) * M)``, ``(N, ..., H, W, C)``.
+      generated: ``G(align(S) * M)``, ``(..., H, W, C)``.
       target: expert features, same shape.
-      region: loss region ``(..., H, W)`` or ``(..., H, W, 1)`` (broadcast over C), or None.
-      normalize:
-        - ``'mgd'``: MGD exactly, ``MSELoss(reduction='sum')(new_fea, preds_T) / N`` with
-          ``N = generated.shape[0]`` (mgd.py ``get_dis_loss``; ``region`` is ignored). For FPN
-          features ``(B, N_cam, H, W, C)`` this divides by B, where a port that folds cameras into
-          the torch batch would divide by ``B * N_cam``.
+      region: ``(..., H, W)`` or ``(..., H, W, 1)`` (broadcast over C); used by ``area='instance'``.
+      area:
+        - ``'full'``: the mean over every element of the map, as MGD counts the whole map. MGD's released
+          ``MSELoss(reduction='sum')(new_fea, preds_T) / N`` (mgd.py ``get_dis_loss``, N images) is this
+          times the number of elements per image ``H * W * C``: MGD's ``alpha_mgd`` is a per-element
+          weight of ``alpha_mgd * H * W * C``.
         - ``'instance'``: ``Σ region * (generated - target)² / max(Σ region * C, 1)``, the mean over
-          the masked elements (a reconstruction); ``region=None`` gives the plain mean.
+          the region's elements (a reconstruction); ``region=None`` gives the plain mean.
     Returns:
       float32 scalar.
     """
     generated, target = _f32(generated, target)
     sq = jnp.square(generated - target)
-    if normalize == 'mgd':
-        return jnp.sum(sq) / generated.shape[0]
-    if normalize != 'instance':
-        raise ValueError(f"normalize must be 'mgd' or 'instance', got {normalize!r}")
-    if region is None:
+    if area not in ('full', 'instance'):
+        raise ValueError(f"area must be 'full' or 'instance', got {area!r}")
+    if area == 'full' or region is None:
         return jnp.mean(sq)
     region = jnp.broadcast_to(_spatial_region(region, sq.ndim), sq.shape)
     return jnp.sum(region * sq) / jnp.maximum(jnp.sum(region), 1.0)
@@ -117,14 +123,15 @@ def fitnet_loss(apprentice, expert):
 
 
 def masked_l2_loss(apprentice, expert, mask):
-    """The released baseline's heatmap-masked BEV L2 (``heatmap_detection_distiller.py``).
+    """The released baseline's heatmap-masked BEV L2 (``heatmap_detection_distiller.py``), per element.
 
-    ``(1 / mask_heatmap.sum()) * L2Loss(bevFeats_stu * mask, bevFeats_tch * mask)`` with
+    Released: ``(1 / mask_heatmap.sum()) * L2Loss(bevFeats_stu * mask, bevFeats_tch * mask)`` with
     ``L2Loss = ((S - T)**2).sum()`` (``kd/losses/l2loss.py``); the mask is (B, 1, H, W), so the
     numerator sums ``M² (S - T)²`` over (B, C, H, W) and the denominator ΣM runs over (B, H, W)
-    only (no factor C). M is the soft Gaussian heatmap, so ``M² ≠ M``. The weight (0.1) is not
-    applied here. Deviations: an empty mask gives 0 here (the original divides 0 by 0 -> NaN), and
-    under jit ΣM is over the global batch (the original: per GPU with 1 sample, then averaged).
+    only. M is the soft Gaussian heatmap, so ``M² ≠ M``. Here the denominator is ``C ΣM`` (one scale:
+    the released value divided by C, so the released weight 0.1 is a per-element weight of 0.1 C).
+    Deviations: an empty mask gives 0 here (the original divides 0 by 0 -> NaN), and under jit ΣM is
+    over the global batch (the original: per GPU with 1 sample, then averaged).
 
     Args:
       apprentice, expert: ``(B, H, W, C)`` (any leading dims).
@@ -135,7 +142,7 @@ def masked_l2_loss(apprentice, expert, mask):
     apprentice, expert = _f32(apprentice, expert)
     mask = _spatial_region(mask, apprentice.ndim)
     num = jnp.sum(jnp.square(apprentice * mask - expert * mask))
-    den = jnp.sum(mask)
+    den = jnp.sum(mask) * apprentice.shape[-1]
     return num / jnp.where(den > 0, den, 1.0)
 
 
@@ -145,7 +152,8 @@ def focal_loss(expert_feats, apprentice_feats, weights=None, eps=1e-6):
     the loss itself was never released; only the feature pairs are (``distill_branch/
     decoderDistiller.py`` appends ``(nan_to_num(output_T), nan_to_num(output_S))`` per layer).
 
-    ``Σ_{l,b,q} w[b,q] ‖T[l,b,q] - S[l,b,q]‖² / max(L Σ_{b,q} w[b,q], eps)``.
+    ``Σ_{l,b,q} w[b,q] ‖T[l,b,q] - S[l,b,q]‖² / max(L C Σ_{b,q} w[b,q], eps)``: the weighted mean over
+    layers, queries and channels (one scale; a per-vector sum would be C times larger).
 
     Args:
       expert_feats, apprentice_feats: ``(L, B, Q, C)`` per-layer aggregated features (NaN/inf cleaned with
@@ -161,4 +169,5 @@ def focal_loss(expert_feats, apprentice_feats, weights=None, eps=1e-6):
     if weights is None:
         weights = jnp.ones(dist.shape[1:], jnp.float32)
     weights = jnp.asarray(weights, jnp.float32)
-    return jnp.sum(weights[None] * dist) / jnp.maximum(num_layers * jnp.sum(weights), eps)
+    channels = expert_feats.shape[-1]
+    return jnp.sum(weights[None] * dist) / jnp.maximum(num_layers * channels * jnp.sum(weights), eps)

@@ -18,7 +18,7 @@ from fd3d_jax.data import pipeline, records
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
 from fd3d_jax.distill import build_distillation
-from fd3d_jax.distill.expert import init_head_from_expert
+from fd3d_jax.distill.expert import head_copy_summary, init_head_from_expert
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.train import optim
 from fd3d_jax.train.checkpoint import Checkpointer
@@ -55,7 +55,8 @@ def init_train_params(config, model, distiller=None, expert_params=None):
 
 def training_parts(config, num_train_samples, distiller=None, expert_params=None, abstract=False):
     """What ``Trainer`` is made of: ``model``, ``steps_per_epoch``, ``num_steps``, ``tx``, ``schedule``, the
-    initial ``state`` (not yet placed on a mesh) and the pure ``train_step``. ``abstract``: ``state`` as
+    initial ``state`` (not yet placed on a mesh), the pure ``train_step`` and ``head_copy`` (what the
+    apprentice's head took from the expert's, ``head_copy_summary``; None when it took nothing). ``abstract``: ``state`` as
     ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is initialised, ``expert_params`` may be abstract
     too), for compile-only time and memory at full size."""
     model = build(config.model)
@@ -66,8 +67,11 @@ def training_parts(config, num_train_samples, distiller=None, expert_params=None
     tx, schedule = optim.make_optimizer(config, params, per_epoch, num_steps)
     make_state = functools.partial(create_state, tx=tx, seed=config.seed)
     state = jax.eval_shape(make_state, params) if abstract else make_state(params)
+    head_copy = None
+    if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
+        head_copy = head_copy_summary(params['model']['head'], expert_params['head'])
     return types.SimpleNamespace(model=model, steps_per_epoch=per_epoch, num_steps=num_steps, tx=tx,
-                                 schedule=schedule, state=state,
+                                 schedule=schedule, state=state, head_copy=head_copy,
                                  train_step=make_train_step(model, tx, config, schedule, distiller))
 
 
@@ -97,7 +101,7 @@ class Trainer:
         self.config = config
         self.mesh = mesh or mesh_lib.make_mesh()
         parts = training_parts(config, num_train_samples, distiller, expert_params)
-        self.model, self.tx, self.schedule = parts.model, parts.tx, parts.schedule
+        self.model, self.tx, self.schedule, self.head_copy = parts.model, parts.tx, parts.schedule, parts.head_copy
         self.steps_per_epoch, self.num_steps = parts.steps_per_epoch, parts.num_steps
         self.state = mesh_lib.replicate(parts.state, self.mesh)
         self.distiller = distiller
@@ -232,6 +236,13 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         _truncate_metrics(writer.path, start or 0)
     step = trainer.host_step
     num_steps = trainer.num_steps
+    if trainer.head_copy is not None:
+        copy = trainer.head_copy
+        log(f"apprentice head from the expert's: {copy['copied_leaves']} of {copy['leaves']} leaves, "
+            f"{copy['copied_values']:,} of {copy['values']:,} values copied (the others differ in shape)")
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, 'head_from_expert.json'), 'w') as f:
+                json.dump(copy, f)
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
         f'processes) in {workdir}')
@@ -343,6 +354,24 @@ def restore_model_params(trainer, path, step=None):
         raise CheckpointError(f'params in {source} do not fit config.model:\n  {params_io.format_lines(lines)}')
     params = jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
     return mesh_lib.replicate(params, trainer.mesh)
+
+
+def evaluate_expert(config, workdir, log=print):
+    """The expert of a distillation ``config`` (``config.distill.expert_checkpoint``) evaluated on the
+    apprentice's validation images as the distiller feeds them (``Distiller.expert_batch``: renormalised to the
+    expert's normalisation and upsampled ``distill.expert_upsample`` times, ``lidar2img`` scaled): what the
+    expert knows on the input it distils from. Writes ``workdir/eval/metrics_summary.json``; returns it."""
+    distiller, expert_params = build_distillation(config)
+    if distiller is None:
+        raise ConfigError('config.distill.method is none: there is no expert to evaluate')
+    expert_config = config.copy_and_resolve_references()
+    expert_config.model = config.expert.model     # the apprentice's data, the expert's model and BEV grid
+    trainer = Trainer(expert_config, num_train_samples=1)
+    trainer.eval_step = compile_eval_step(make_eval_step(trainer.model, expert_config, distiller.expert_batch),
+                                          trainer.mesh)
+    log(f'evaluating the expert {config.distill.expert_checkpoint} on the distillation input')
+    return evaluate_params(trainer, mesh_lib.replicate(expert_params, trainer.mesh), os.path.join(workdir, 'eval'),
+                           log=log)
 
 
 def evaluate_checkpoint(config, workdir, step=None, log=print):

@@ -30,10 +30,11 @@ def expert_forward(distiller, expert_params, batch):
     return jax.lax.stop_gradient(out)
 
 
-def make_loss_fn(model, config, distiller=None):
+def make_loss_fn(model, config, distiller=None, with_outputs=False):
     """``loss_fn(params, expert_params, batch, rng, expert_out=None) -> (loss, parts)``: the apprentice's
     detection loss [+ ``distiller.loss`` against the expert's outputs ``expert_out`` (default: computed
-    here by ``expert_forward``)]. ``params = {'model': ..., 'distill': ...}``."""
+    here by ``expert_forward``)]. ``params = {'model': ..., 'distill': ...}``. ``with_outputs``: the aux
+    output is ``(parts, apprentice outputs)``."""
 
     def loss_fn(params, expert_params, batch, rng, expert_out=None):
         drop_rng, distill_rng = jax.random.split(rng)
@@ -47,7 +48,7 @@ def make_loss_fn(model, config, distiller=None):
                                              expert_out, batch, distill_rng)
             loss = loss + d_loss
             parts.update(d_parts, loss_distill=d_loss)
-        return loss, parts
+        return loss, ((parts, out) if with_outputs else parts)
 
     return loss_fn
 
@@ -55,8 +56,10 @@ def make_loss_fn(model, config, distiller=None):
 def make_train_step(model, tx, config, lr_fn, distiller=None):
     """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a ``fd3d_jax.distill.Distiller``, or
     None. The expert runs outside the differentiated function (it needs no gradient; inside, XLA compiles and
-    keeps more: docs/benchmarks.md)."""
-    loss_fn = make_loss_fn(model, config, distiller)
+    keeps more: docs/benchmarks.md). With ``config.distill.log_grad_norms`` the metrics hold each term's gradient
+    norm on the apprentice's shared features (``Distiller.feature_grad_norms``)."""
+    grad_norms = distiller is not None and config.distill.log_grad_norms
+    loss_fn = make_loss_fn(model, config, distiller, with_outputs=grad_norms)
 
     skip = config.train.get('nonfinite', 'stop') == 'skip'
 
@@ -64,6 +67,12 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
         expert_out = None if distiller is None else expert_forward(distiller, expert_params, batch)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng,
                                                                          expert_out)
+        if grad_norms:
+            parts, out = parts
+            distill_rng = jax.random.split(rng)[1]   # the masks of the loss
+            parts = dict(parts, **distiller.feature_grad_norms(
+                state.params.get('distill'), state.params['model']['head'], expert_params,
+                jax.lax.stop_gradient(out), expert_out, batch, distill_rng))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -80,12 +89,15 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
     return train_step
 
 
-def make_eval_step(model, config):
+def make_eval_step(model, config, input_fn=None):
     """``eval_step(params, batch, prev_bev) -> dict(boxes (B, M, 9), scores, labels, valid (B, M),
     sample_idx (B,), bev)``: last-layer NMS-free top-k decoding. A detector with a BEV carries ``bev`` to the next
     frame of its stream (``prev_bev``); one without ignores ``prev_bev`` and returns a placeholder of
-    ``model.carried_shape``."""
+    ``model.carried_shape``. ``input_fn``: applied to the batch first (e.g. ``Distiller.expert_batch``, the
+    apprentice's batch as a distillation expert sees it)."""
     def eval_step(params, batch, prev_bev):
+        if input_fn is not None:
+            batch = input_fn(batch)
         out = model.apply({'params': params}, batch, prev_bev=prev_bev, deterministic=True)
         decode = functools.partial(decode_topk, max_num=config.model.max_num)
         boxes, scores, labels, valid = jax.vmap(decode)(out['cls_scores'][-1], out['bbox_preds'][-1])

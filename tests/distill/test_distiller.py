@@ -95,7 +95,7 @@ def test_every_method_gives_finite_nonzero_terms(fake, method):
 
 
 WEIGHT_KEYS = {'fitnet': {'fitnet_bev': 'fitnet.bev_weight', 'fitnet_pv': 'fitnet.pv_weight'},
-               'mgd': {'mgd_bev': 'mgd.alpha', 'mgd_pv': 'mgd.alpha'},
+               'mgd': {'mgd_bev': 'mgd.weight', 'mgd_pv': 'mgd.weight'},
                'heatmap': {'heatmap_bev': 'heatmap.bev_weight', 'cwd_pv': 'heatmap.cwd_weight'},
                'fd3d': {'gen_bev': 'generative.bev_weight', 'gen_pv': 'generative.pv_weight', 'focal': 'focal.weight'}}
 
@@ -138,7 +138,7 @@ def test_weights_are_applied_once_and_both_values_logged(fake, method):
 
 def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1))
+    d = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='instance'))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     assert float(parts['distill_stats/selected']) == 0.0
@@ -146,12 +146,16 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
         if k in parts:
             assert float(parts[k]) == 0.0
     assert float(parts['distill/focal']) > 0           # 'all' queries: the focal term does not depend on masks
+    # counted over the full map, the generative terms remain (the generator must still reproduce the map)
+    full = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='full'))
+    _, parts = jax.jit(full.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
+    assert all(float(parts[k]) > 0 for k in ('distill/gen_bev', 'distill/gen_pv') if k in parts)
 
 
 @pytest.mark.parametrize('options', [dict(mask__mode='random', focal__source='generated', focal__queries='selected'),
-                                     dict(mask__select='gt', generative__normalize='mgd', mask__box_scale=1.5),
+                                     dict(mask__select='gt', generative__area='instance', mask__box_scale=1.5),
                                      dict(feature_norm='both')],
-                         ids=['random-generated-selected', 'gt-mgd-scaled', 'standardised'])
+                         ids=['random-generated-selected', 'gt-instance-scaled', 'standardised'])
 def test_fd3d_switches(fake, options):
     kind, batch, out, exp_out, exp_params = fake
     d = make_distiller(_config(kind, **options))
@@ -203,7 +207,7 @@ def test_mismatched_pairs_fail_with_the_config_keys():
 def test_gradients_of_the_training_loss(kind):
     """Through both real models: exactly zero for the expert (frozen head included), non-zero for the
     apprentice and for every distillation module."""
-    config = _config(kind, generative__normalize='instance')
+    config = _config(kind, generative__area='instance')
     d = make_distiller(config)
     batch = _batch(config)
     exp_params = jax.jit(lambda b: d.expert.init({'params': jax.random.PRNGKey(1)}, b)['params'])(d.expert_batch(batch))

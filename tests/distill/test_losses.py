@@ -52,11 +52,13 @@ def test_generative_mgd_matches_mgd_formula_with_fixed_mask():
     # MGD get_dis_loss in NCHW: new = generation(S * mat); MSELoss(sum)(new, T) / N.
     gen_np = conv2d(np.maximum(conv2d(s * mask, kernel1, pad=1), 0), kernel2, pad=1)
     want = np.sum((to_nchw(gen_np) - to_nchw(t)) ** 2) / s.shape[0]
-    got = losses.generative_loss(gen_np.astype(np.float32), t, normalize='mgd')
+    # 'full' is the per-element mean: MGD's released value divided by the elements of one image.
+    got = losses.generative_loss(gen_np.astype(np.float32), t)
     assert got.dtype == jnp.float32 and got.shape == ()
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    # The region is ignored by 'mgd'.
-    np.testing.assert_allclose(losses.generative_loss(gen_np, t, np.zeros((3, 5, 6)), 'mgd'), want, rtol=1e-5)
+    np.testing.assert_allclose(got * (5 * 6 * 4), want, rtol=1e-5)
+    # The region is ignored by 'full'.
+    np.testing.assert_allclose(losses.generative_loss(gen_np, t, np.zeros((3, 5, 6)), 'full') * (5 * 6 * 4), want,
+                               rtol=1e-5)
 
 
 def test_generative_instance_hand_made_region():
@@ -68,19 +70,20 @@ def test_generative_instance_hand_made_region():
     d2 = (g.astype(np.float64) - t) ** 2
     want = (d2[0, 1:3, 2:4].sum() + 0.5 * d2[1, 0, 0].sum()) / (4.5 * 3)
     for r in (region, region[..., None]):
-        np.testing.assert_allclose(losses.generative_loss(g, t, r), want, rtol=1e-5)
+        np.testing.assert_allclose(losses.generative_loss(g, t, r, 'instance'), want, rtol=1e-5)
+        np.testing.assert_allclose(losses.generative_loss(g, t, r, 'full'), d2.mean(), rtol=1e-5)
     np.testing.assert_allclose(losses.generative_loss(g, t), d2.mean(), rtol=1e-5)
     # Small region: the denominator is floored at 1.
     tiny = np.zeros((2, 4, 5), np.float32)
     tiny[0, 0, 0] = 0.1
-    np.testing.assert_allclose(losses.generative_loss(g, t, tiny), 0.1 * d2[0, 0, 0].sum(), rtol=1e-5)
+    np.testing.assert_allclose(losses.generative_loss(g, t, tiny, 'instance'), 0.1 * d2[0, 0, 0].sum(), rtol=1e-5)
     # FPN layout (B, N_cam, H, W, C) with a (B, N_cam, H, W) region.
     g5, t5 = _rand(rng, 2, 3, 4, 5, 2), _rand(rng, 2, 3, 4, 5, 2)
     r5 = (rng.uniform(size=(2, 3, 4, 5)) > 0.5).astype(np.float32)
     want5 = (r5[..., None] * (g5.astype(np.float64) - t5) ** 2).sum() / (r5.sum() * 2)
-    np.testing.assert_allclose(losses.generative_loss(g5, t5, r5), want5, rtol=1e-5)
+    np.testing.assert_allclose(losses.generative_loss(g5, t5, r5, area='instance'), want5, rtol=1e-5)
     with pytest.raises(ValueError):
-        losses.generative_loss(g, t, normalize='sum')
+        losses.generative_loss(g, t, area='sum')
 
 
 def test_cwd_matches_released_formula():
@@ -125,7 +128,7 @@ def test_masked_l2_matches_released_formula():
     for mk in (mask, mask[..., None]):
         got = losses.masked_l2_loss(s, t, mk)
         assert got.dtype == jnp.float32 and got.shape == ()
-        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(got * s.shape[-1], want, rtol=1e-5)   # per element: the released value / C
 
 
 def test_focal_loss_matches_formula():
@@ -133,8 +136,8 @@ def test_focal_loss_matches_formula():
     ft, fs = _rand(rng, 3, 2, 7, 4), _rand(rng, 3, 2, 7, 4)
     w = rng.uniform(size=(2, 7)).astype(np.float32)
     d = ((ft.astype(np.float64) - fs) ** 2).sum(-1)
-    np.testing.assert_allclose(losses.focal_loss(ft, fs, w), (w * d).sum() / (3 * w.sum()), rtol=1e-5)
-    np.testing.assert_allclose(losses.focal_loss(ft, fs), d.sum() / (3 * 2 * 7), rtol=1e-5)
+    np.testing.assert_allclose(losses.focal_loss(ft, fs, w), (w * d).sum() / (3 * 4 * w.sum()), rtol=1e-5)
+    np.testing.assert_allclose(losses.focal_loss(ft, fs), d.sum() / (3 * 2 * 7 * 4), rtol=1e-5)
 
 
 def test_focal_loss_nan_inputs_finite():
@@ -144,7 +147,7 @@ def test_focal_loss_nan_inputs_finite():
     fs[1, 0, 3, :] = np.nan
     got = losses.focal_loss(ft, fs)
     assert np.isfinite(got)
-    want = ((np.nan_to_num(ft).astype(np.float64) - np.nan_to_num(fs)) ** 2).sum() / (2 * 5)
+    want = ((np.nan_to_num(ft).astype(np.float64) - np.nan_to_num(fs)) ** 2).sum() / (2 * 5 * 4)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     grad = jax.grad(losses.focal_loss, argnums=1)(jnp.asarray(ft), jnp.asarray(fs))
     assert np.all(np.isfinite(grad))
@@ -154,8 +157,8 @@ def test_zero_where_it_should_be():
     rng = np.random.default_rng(8)
     x = _rand(rng, 2, 4, 5, 3)
     region = (rng.uniform(size=(2, 4, 5)) > 0.5).astype(np.float32)
-    assert float(losses.generative_loss(x, x, normalize='mgd')) == 0.0
-    assert float(losses.generative_loss(x, x, region)) == 0.0
+    assert float(losses.generative_loss(x, x)) == 0.0
+    assert float(losses.generative_loss(x, x, region, 'instance')) == 0.0
     assert float(losses.fitnet_loss(x, x)) == 0.0
     assert float(losses.masked_l2_loss(x, x, region)) == 0.0
     f = _rand(rng, 2, 2, 6, 3)
@@ -163,7 +166,7 @@ def test_zero_where_it_should_be():
     # Empty region / mask / weights: 0 and finite (also the gradient).
     y = _rand(rng, 2, 4, 5, 3)
     empty = np.zeros((2, 4, 5), np.float32)
-    for fn in (lambda a: losses.generative_loss(a, y, empty), lambda a: losses.masked_l2_loss(a, y, empty)):
+    for fn in (lambda a: losses.generative_loss(a, y, empty, 'instance'), lambda a: losses.masked_l2_loss(a, y, empty)):
         val, grad = jax.value_and_grad(fn)(jnp.asarray(x))
         assert float(val) == 0.0 and np.all(np.isfinite(grad))
     g = _rand(rng, 2, 2, 6, 3)
@@ -175,7 +178,7 @@ def test_jit_and_bfloat16_inputs_give_float32_scalars():
     rng = np.random.default_rng(9)
     s, t = (jnp.asarray(_rand(rng, 2, 4, 5, 3), jnp.bfloat16) for _ in range(2))
     region = jnp.ones((2, 4, 5))
-    outs = jax.jit(lambda a, b: (losses.generative_loss(a, b, region), losses.generative_loss(a, b, normalize='mgd'),
+    outs = jax.jit(lambda a, b: (losses.generative_loss(a, b, region, 'instance'), losses.generative_loss(a, b),
                                  losses.cwd_loss(a, b), losses.fitnet_loss(a, b), losses.masked_l2_loss(a, b, region),
                                  losses.focal_loss(a, b)))(s, t)
     for o in outs:

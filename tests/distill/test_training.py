@@ -1,12 +1,16 @@
 """Distillation runs end to end: a toy expert's workdir -> ``train_and_evaluate`` of a pair config
 (trains, checkpoints, logs ``distill/*``, evaluates with the devkit) -> ``fd3d_jax.eval`` of the run."""
+import json
 import os
 
 import numpy as np
 import pytest
 
 from configs import bevformer_base, detr3d_r101, fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
-from fd3d_jax.distill.expert import ExpertError
+from fd3d_jax.data import records
+from fd3d_jax.distill import distiller as distiller_lib
+from fd3d_jax.distill import expert as expert_lib
+from fd3d_jax.errors import ExpertError
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import read_metrics
@@ -68,6 +72,31 @@ def test_fd3d_distillation_trains_checkpoints_and_evaluates(data_cfg, experts, t
     # the exported apprentice is params['model']: fd3d_jax.eval restores it without the generators
     summary = loop.evaluate_checkpoint(config, str(tmp_path), step=1, log=lambda *a: None)
     assert os.path.exists(tmp_path / 'eval' / 'step_1' / 'metrics_summary.json') and 'nd_score' in summary
+
+
+def test_the_expert_is_evaluated_on_the_distillation_input(data_cfg, experts, tmp_path, monkeypatch):
+    """``fd3d_jax.eval --expert``: the expert's detections on every val sample of the apprentice's data, its
+    images passed through ``Distiller.expert_batch`` (x2 upsampled for the BEVFormer pair)."""
+    config = _with_data(PAIRS['bevformer'][0].get_config('toy'), data_cfg)
+    config.distill.expert_checkpoint = experts['bevformer']
+    seen = []
+    real = expert_lib.expert_batch
+
+    def spy(batch, *args):
+        out = real(batch, *args)
+        seen.append((batch['img'].shape, out['img'].shape))
+        return out
+    monkeypatch.setattr(expert_lib, 'expert_batch', spy)
+    monkeypatch.setattr(distiller_lib, 'expert_batch', spy)
+    summary = loop.evaluate_expert(config, str(tmp_path), log=lambda *a: None)
+    assert 0.0 <= summary['nd_score'] <= 1.0
+    assert os.path.exists(tmp_path / 'eval' / 'metrics_summary.json')
+    with open(tmp_path / 'eval' / 'results.json') as f:
+        results = json.load(f)['results']
+    val = records.get_records(config.data.dataroot, config.data.version, config.data.val_split, config.data.records_dir)
+    assert set(results) == {s['token'] for s in val['samples']}
+    apprentice_hw, expert_hw = seen[-1][0][-3:-1], seen[-1][1][-3:-1]
+    assert expert_hw == (2 * apprentice_hw[0], 2 * apprentice_hw[1])
 
 
 def test_expert_checkpoint_of_another_model_is_refused(data_cfg, tmp_path):

@@ -1,7 +1,9 @@
 """experiments/distill_table.py: cells are run once and reused, other settings in a run folder are
 refused, failures name the folder, and the table files (json, md, png) hold mean +- std per row."""
+import glob
 import json
 import os
+import pathlib
 import sys
 
 import pytest
@@ -20,12 +22,13 @@ FAKE_TRAIN = '''
 import json, os, sys
 argv = sys.argv[1:]
 workdir = argv[argv.index('--workdir') + 1]
-seed = int([a for a in argv if a.startswith('--config.seed=')][0].split('=')[1])
+seed = int(([a for a in argv if a.startswith('--config.seed=')] or ['=9'])[0].split('=')[1])   # expert: 9
 os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
 with open(os.path.join(workdir, 'calls'), 'a') as f:
     f.write('x')
 print('some start-up line', flush=True)
-print('step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min', flush=True)
+if seed != 9:   # a training run (the expert's evaluation prints no progress)
+    print('step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min', flush=True)
 if '--config.distill.method=fail' in argv:
     sys.exit(3)
 with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
@@ -44,12 +47,29 @@ def fake(tmp_path, monkeypatch):
         assert cmd[1:3] == ['-m', 'fd3d_jax.train']
         return [sys.executable, str(script)] + cmd[3:]
     monkeypatch.setattr(dt, 'run_command', command)
+    real_expert = dt.expert_command
+
+    def expert_command(*args):
+        cmd = real_expert(*args)
+        assert cmd[1:4] == ['-m', 'fd3d_jax.eval', '--expert']
+        return [sys.executable, str(script)] + cmd[4:]
+    monkeypatch.setattr(dt, 'expert_command', expert_command)
     root = tmp_path / 'data'
     (root / 'v1.0-mini').mkdir(parents=True)
     expert = tmp_path / 'expert'
     expert.mkdir()
     (expert / 'metrics_summary.json').write_text(json.dumps(dict(nd_score=0.5, mean_ap=0.4)))
+    (expert / 'params').mkdir()
+    (expert / 'params' / 'weights').write_bytes(b'expert weights')
     return tmp_path, str(root), str(expert)
+
+
+def _cell(runs, *parts):
+    """The one run folder ``runs/<table>/<row>/<steps_seed>_<code hash>_<expert hash>``."""
+    *path, prefix = parts
+    found = glob.glob(os.path.join(str(runs), *path, prefix + '_*'))
+    assert len(found) == 1, found
+    return pathlib.Path(found[0])
 
 
 def _table(rows):
@@ -68,16 +88,17 @@ def test_table_runs_cells_once_and_writes_mean_and_std(fake):
     assert nds['std'] == pytest.approx(0.0707107, rel=1e-5)
     md = (tmp / 'out' / 't.md').read_text()
     assert '| FD3D | 0.1500 ± 0.0707 | 0.0750 ± 0.0354 | +0.0000 |' in md and '| expert (expert) | 0.5000 |' in md
+    assert '| expert on the distillation input | 1.0000 | 0.5000 |' in md and result['expert_input']['nds'] == 1.0
     assert (tmp / 'out' / 't.png').stat().st_size > 0
     saved = json.loads((tmp / 'out' / 't.json').read_text())
     assert saved['steps'] == 7 and saved['seeds'] == [0, 1]
-    run = json.loads((tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed1' / 'run.json').read_text())['argv']
+    run = json.loads((_cell(tmp / 'runs', 't', 'fd3d', 'steps7_seed1') / 'run.json').read_text())['argv']
     for arg in ('--config.seed=1', '--config.train.num_steps=7', '--config.distill.method=fd3d',
                 f'--config.distill.expert_checkpoint={expert}', '--config.data.version=v1.0-mini',
                 '--config.data.val_split=mini_val'):
         assert arg in run
     dt.run_table(*args, log=lambda *a: None)   # finished cells are reused, not retrained
-    assert (tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed1' / 'calls').read_text() == 'x'
+    assert (_cell(tmp / 'runs', 't', 'fd3d', 'steps7_seed1') / 'calls').read_text() == 'x'
 
 
 def test_progress_lines_of_a_training_run_are_shown_and_logged(fake):
@@ -88,7 +109,7 @@ def test_progress_lines_of_a_training_run_are_shown_and_logged(fake):
     progress = [line for line in shown if 'ETA' in line]
     assert progress == ['    step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min']
     assert not any('start-up' in line for line in shown)
-    log = (tmp / 'runs' / 't' / 'a' / 'steps7_seed0' / 'train.log').read_text()
+    log = (_cell(tmp / 'runs', 't', 'a', 'steps7_seed0') / 'train.log').read_text()
     assert 'some start-up line' in log and 'ETA' in log
 
 
@@ -96,10 +117,10 @@ def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
     tmp, root, expert = fake
     runs, out = str(tmp / 'runs'), str(tmp / 'out')
     dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
-    with pytest.raises(dt.TableError, match=r'runs/t/a/steps5_seed0 holds a run with other settings'):
+    with pytest.raises(dt.TableError, match=r'runs/t/a/steps5_seed0_\w+ holds a run with other settings'):
         dt.run_table('t', _table([('a', 'a', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
                      log=lambda *a: None)
-    with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/steps5_seed0 failed \(exit 3\)'):
+    with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/steps5_seed0_\w+ failed \(exit 3\)'):
         dt.run_table('t', _table([('b', 'b', {'distill.method': 'fail'})]), [0], 5, root, expert, runs, out,
                      log=lambda *a: None)
     with pytest.raises(dt.TableError, match=r'unknown rows'):
@@ -131,11 +152,68 @@ def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
                           reuse=[old], **quiet)
     cells = result['rows'][1]['cells']
     assert cells[0]['reused_from'] == old and 'reused_from' not in cells[1]
-    assert not (tmp / 'runs' / 'new' / 'fd3d' / 'steps7_seed0').exists()   # not retrained
-    assert (tmp / 'runs' / 'new' / 'fd3d' / 'steps7_seed1' / 'calls').read_text() == 'x'
+    assert not glob.glob(str(tmp / 'runs' / 'new' / 'fd3d' / 'steps7_seed0_*'))   # not retrained
+    assert (_cell(tmp / 'runs', 'new', 'fd3d', 'steps7_seed1') / 'calls').read_text() == 'x'
     assert result['rows'][1]['nds']['values'] == pytest.approx([0.1, 0.2])
     other = [('fd3d', 'FD3D', {'distill.method': 'fd3d', 'distill.focal.weight': 0.5})]   # other overrides: rerun
     dt.run_table('w', _table(other), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), reuse=[old], **quiet)
-    assert (tmp / 'runs' / 'w' / 'fd3d' / 'steps7_seed0' / 'calls').exists()
+    assert (_cell(tmp / 'runs', 'w', 'fd3d', 'steps7_seed0') / 'calls').exists()
     with pytest.raises(dt.TableError, match='holds another table'):   # other step count
         dt.run_table('x', _table(rows), [0], 8, root, expert, str(tmp / 'runs'), str(tmp / 'out'), reuse=[old], **quiet)
+
+
+def test_cells_are_reused_only_for_the_same_code_and_expert(fake, monkeypatch):
+    tmp, root, expert = fake
+    rows = [('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    quiet = dict(log=lambda *a: None)
+    first = dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
+    cell = first['rows'][0]['cells'][0]
+    assert cell['code_hash'] == dt.source_hash() and cell['expert_hash'] == dt.expert_hash(expert)
+    assert 'code hash, expert hash, commit' in (tmp / 'out' / 't.md').read_text()
+    recorded = str(tmp / 'out' / 't.json')
+    (pathlib.Path(expert) / 'params' / 'weights').write_bytes(b'retrained expert')   # the expert changed
+    second = dt.run_table('t2', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                          reuse=[recorded], **quiet)
+    assert 'reused_from' not in second['rows'][0]['cells'][0]
+    assert len(glob.glob(str(tmp / 'runs' / 't*' / 'fd3d' / 'steps7_seed0_*'))) == 2   # another folder, both kept
+    monkeypatch.setattr(dt, 'source_hash', lambda: 'another code')
+    dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
+    assert len(glob.glob(str(tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed0_*'))) == 2   # not the old run's numbers
+
+
+def test_paired_differences_per_seed_against_head_and_the_best_baseline():
+    def row(key, values):
+        return dict(key=key, nds=dict(values=values, mean=sum(values) / len(values)))
+    rows = [row('alone', [0.0, 0.0, 0.0]), row('head', [0.10, 0.20, 0.30]), row('fitnet', [0.15, 0.10, 0.50]),
+            row('mgd', [0.12, 0.22, 0.29]), row('fd3d', [0.20, 0.20, 0.40])]
+    paired = dt.paired_differences(rows)
+    assert paired['fd3d']['head']['values'] == pytest.approx([0.10, 0.0, 0.10])
+    assert paired['fd3d']['head']['positive'] == 2 and paired['fd3d']['head']['mean'] == pytest.approx(0.2 / 3)
+    assert paired['fd3d']['best_baseline']['against'] == 'fitnet'                  # the best mean: 0.25
+    assert paired['fd3d']['best_baseline']['values'] == pytest.approx([0.05, 0.10, -0.10])
+    assert paired['fitnet']['best_baseline']['against'] == 'mgd'                   # itself left out
+    assert 'head' not in paired['head']
+
+
+def test_tuning_splits_are_carved_from_the_training_scenes(tmp_path):
+    root = tmp_path / 'data'
+    (root / 'v1.0-trainval').mkdir(parents=True)
+    train = [f'scene-{i:04d}' for i in range(1, 11)]
+    val = ['scene-0003x', 'scene-0999x']
+    splits = {'train': train, 'val': val}
+    (root / 'v1.0-trainval' / 'splits.json').write_text(json.dumps(splits))
+    (root / 'v1.0-trainval' / 'scene.json').write_text(json.dumps([{'name': n} for n in train + val]))
+    assert dt.carve_tune_splits(str(root)) == ('tune_train', 'tune_val')
+    written = json.loads((root / 'v1.0-trainval' / 'splits.json').read_text())
+    assert written['tune_val'] == train[-2:] and written['tune_train'] == train[:-2]
+    assert written['train'] == train and written['val'] == val          # the others are kept
+
+
+def test_parallel_jobs_give_the_same_table(fake):
+    tmp, root, expert = fake
+    rows = [('alone', 'apprentice alone', dt.NONE), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    shown = []
+    result = dt.run_table('p', _table(rows), [0, 1, 2], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                          log=shown.append, jobs=3)
+    assert [r['nds']['values'] for r in result['rows']] == [pytest.approx([0.1, 0.2, 0.3])] * 2
+    assert any(line.startswith('[fd3d 2] ') and 'ETA' in line for line in shown)
