@@ -47,19 +47,19 @@ def boxes_to_results(record, boxes, scores, labels, class_names, attributes=None
     ego_boxes, ego_vel = geometry.transform_boxes(lidar2ego, boxes[:, :7], boxes[:, 7:9])
     glob_boxes, glob_vel = geometry.transform_boxes(ego2global, ego_boxes, ego_vel)
     out = []
-    for i in range(len(boxes)):
-        name = class_names[int(labels[i])]
-        if np.linalg.norm(ego_boxes[i, :2]) > class_ranges[name]:
+    for box_index in range(len(boxes)):
+        name = class_names[int(labels[box_index])]
+        if np.linalg.norm(ego_boxes[box_index, :2]) > class_ranges[name]:
             continue
-        attr = attributes[i] if attributes is not None else default_attribute(name, boxes[i, 7:9])
+        attr = attributes[box_index] if attributes is not None else default_attribute(name, boxes[box_index, 7:9])
         out.append(dict(
             sample_token=record['token'],
-            translation=glob_boxes[i, :3].tolist(),
-            size=boxes[i, 3:6].tolist(),
-            rotation=geometry.yaw_to_quat(glob_boxes[i, 6]).tolist(),
-            velocity=glob_vel[i].tolist(),
+            translation=glob_boxes[box_index, :3].tolist(),
+            size=boxes[box_index, 3:6].tolist(),
+            rotation=geometry.yaw_to_quat(glob_boxes[box_index, 6]).tolist(),
+            velocity=glob_vel[box_index].tolist(),
             detection_name=name,
-            detection_score=float(scores[i]),
+            detection_score=float(scores[box_index]),
             attribute_name=attr))
     return out
 
@@ -89,8 +89,8 @@ def gt_as_detections(records, class_names):
 
 def write_results(results, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(results, f)
+    with open(path, 'w') as out_file:
+        json.dump(results, out_file)
 
 
 def run_detection_eval(results_path, dataroot, version, split, out_dir, nusc=None, verbose=False):
@@ -109,8 +109,8 @@ def run_detection_eval(results_path, dataroot, version, split, out_dir, nusc=Non
         evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=results_path,
                                   eval_set=split, output_dir=out_dir, verbose=verbose)
         evaluator.main(plot_examples=0, render_curves=False)
-    with open(os.path.join(out_dir, 'metrics_summary.json')) as f:
-        return json.load(f)
+    with open(os.path.join(out_dir, 'metrics_summary.json')) as summary_file:
+        return json.load(summary_file)
 
 
 def format_metrics(summary):
@@ -122,7 +122,8 @@ def format_metrics(summary):
                  tp['orient_err'], tp['vel_err'], tp['attr_err']),
              '', '| class | AP | ATE | ASE | AOE | AVE | AAE |', '|---|---|---|---|---|---|---|']
     for name, ap in summary['mean_dist_aps'].items():
-        e = summary['label_tp_errors'][name]
+        class_errors = summary['label_tp_errors'][name]
         lines.append('| {} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.3f} |'.format(
-            name, ap, e['trans_err'], e['scale_err'], e['orient_err'], e['vel_err'], e['attr_err']))
+            name, ap, class_errors['trans_err'], class_errors['scale_err'], class_errors['orient_err'],
+            class_errors['vel_err'], class_errors['attr_err']))
     return '\n'.join(lines)

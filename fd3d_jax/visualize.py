@@ -27,25 +27,25 @@ def gt_of_record(record, class_names=CLASS_NAMES):
 
 
 def _draw_camera(ax, img, lidar2img, boxes, names, style):
-    h, w = img.shape[:2]
+    height, width = img.shape[:2]
     for box, name in zip(boxes, names):
         uv, depth, _ = geometry.project_points(geometry.box_corners(box[None, :7])[0], lidar2img)
-        if not ((depth > 0.5) & (uv[:, 0] > -w) & (uv[:, 0] < 2 * w)).any():
+        if not ((depth > 0.5) & (uv[:, 0] > -width) & (uv[:, 0] < 2 * width)).any():
             continue
-        for a, b in _EDGES:  # the front face carries a cross
-            if depth[a] > 0.5 and depth[b] > 0.5:
-                ax.plot(uv[[a, b], 0], uv[[a, b], 1], style, color=CLASS_COLORS.get(name, 'w'), lw=0.8)
+        for start, end in _EDGES:  # the front face carries a cross
+            if depth[start] > 0.5 and depth[end] > 0.5:
+                ax.plot(uv[[start, end], 0], uv[[start, end], 1], style, color=CLASS_COLORS.get(name, 'w'), lw=0.8)
 
 
 def _draw_bev(ax, boxes, names, style, scores=None):
-    for k, (box, name) in enumerate(zip(boxes, names)):
-        c = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
+    for index, (box, name) in enumerate(zip(boxes, names)):
+        corners = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
         color = CLASS_COLORS.get(name, 'k')
-        ax.plot(c[:, 0], c[:, 1], style, color=color, lw=0.9)
-        front = c[[0, 3]].mean(0)
+        ax.plot(corners[:, 0], corners[:, 1], style, color=color, lw=0.9)
+        front = corners[[0, 3]].mean(0)
         ax.plot([box[0], front[0]], [box[1], front[1]], style, color=color, lw=0.9)
         if scores is not None:
-            ax.text(box[0], box[1], f'{scores[k]:.2f}', fontsize=4, color=color)
+            ax.text(box[0], box[1], f'{scores[index]:.2f}', fontsize=4, color=color)
 
 
 def render_sample(record, dataroot, out_path, pred=None, score_threshold=0.3, bev_range=51.2,
@@ -67,8 +67,8 @@ def render_sample(record, dataroot, out_path, pred=None, score_threshold=0.3, be
     aspect = cams['CAM_FRONT']['height'] / cams['CAM_FRONT']['width']
     fig = plt.figure(figsize=(15, 2 * 5 * aspect + 5.2), dpi=100)
     grid = fig.add_gridspec(3, 6, height_ratios=[5 * aspect, 5 * aspect, 5.2])
-    for k, channel in enumerate(PANEL_ORDER):
-        ax = fig.add_subplot(grid[k // 3, 2 * (k % 3):2 * (k % 3) + 2])
+    for panel, channel in enumerate(PANEL_ORDER):
+        ax = fig.add_subplot(grid[panel // 3, 2 * (panel % 3):2 * (panel % 3) + 2])
         cam = cams[channel]
         img = load_image(os.path.join(dataroot, cam['path']), record['token'])
         l2i = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']))
@@ -133,19 +133,20 @@ def render_distillation(out_path, bev_t, bev_s, bev_mask, boxes, points, point_w
     for ax in axes[:3]:
         _draw_bev(ax, np.asarray(gt_boxes), gt_names, '-')
         for box in np.asarray(boxes):
-            c = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
-            ax.plot(c[:, 0], c[:, 1], '--', color='w', lw=0.8)
+            corners = geometry.box_corners(box[None, :7])[0, [0, 1, 2, 3, 0], :2]
+            ax.plot(corners[:, 0], corners[:, 1], '--', color='w', lw=0.8)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
         ax.tick_params(labelsize=6)
     for ax in (axes[0], axes[2]):
         ax.scatter(px, py, s=size, c='r', marker='.', linewidths=0)
     if image is not None:
-        h, w = image.shape[:2]
+        height, width = image.shape[:2]
         axes[3].imshow(image)
-        m = np.asarray(pv_mask)
-        axes[3].imshow(np.ma.masked_where(m == 0, m), extent=(0, w, h, 0), cmap='autumn', alpha=0.45, vmin=0, vmax=1)
-        axes[3].set_title(f'PV query mask on a {m.shape[0]}x{m.shape[1]} feature level', fontsize=8)
+        mask = np.asarray(pv_mask)
+        axes[3].imshow(np.ma.masked_where(mask == 0, mask), extent=(0, width, height, 0), cmap='autumn', alpha=0.45,
+                       vmin=0, vmax=1)
+        axes[3].set_title(f'PV query mask on a {mask.shape[0]}x{mask.shape[1]} feature level', fontsize=8)
         axes[3].axis('off')
     fig.suptitle(title + '  (solid: GT; dashed white: selected queries; red: focal points sized by weight)',
                  fontsize=8)

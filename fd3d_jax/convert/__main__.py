@@ -41,9 +41,9 @@ def main(argv):
     if FLAGS['to-torch'].value:
         if not FLAGS['params'].value or FLAGS['torch-checkpoint'].value:
             sys.exit('error: --to-torch reads --params DIR (not --torch-checkpoint)')
-        n = exit_on(checkpoint_files.to_torch, FLAGS['params'].value, config, out,
-                    FLAGS['template'].value, yaw, name)
-        print(f'wrote {n} keys to {out}')
+        num_keys = exit_on(checkpoint_files.to_torch, FLAGS['params'].value, config, out,
+                           FLAGS['template'].value, yaw, name)
+        print(f'wrote {num_keys} keys to {out}')
         return
     if not FLAGS['torch-checkpoint'].value:
         sys.exit('error: give --torch-checkpoint X.pth (or --to-torch --params DIR)')

@@ -26,8 +26,8 @@ def to_flax(torch_checkpoint, config, out, convert_yaw=True, config_name=''):
     save_params(params, out)
     info = dict(source=os.path.abspath(torch_checkpoint), config=config_name, model=config.model.name,
                 convert_yaw=bool(convert_yaw), **convert.summary(sd, params, config))
-    with open(os.path.join(out, REPORT), 'w') as f:
-        json.dump(info, f, indent=1)
+    with open(os.path.join(out, REPORT), 'w') as report_file:
+        json.dump(info, report_file, indent=1)
     return info
 
 

@@ -54,19 +54,19 @@ def normalize_state_dict(state_dict) -> Dict[str, object]:
     sd = dict(state_dict)
     if sd and all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
-    for k in list(sd):
-        m = re.fullmatch(r'(.*\.conv\d+)_offset\.(weight|bias)', k)
-        if m and f'{m[1]}.conv_offset.{m[2]}' not in sd:
-            sd[f'{m[1]}.conv_offset.{m[2]}'] = sd.pop(k)
+    for key in list(sd):
+        match = re.fullmatch(r'(.*\.conv\d+)_offset\.(weight|bias)', key)
+        if match and f'{match[1]}.conv_offset.{match[2]}' not in sd:
+            sd[f'{match[1]}.conv_offset.{match[2]}'] = sd.pop(key)
     return sd
 
 
 def _checked_plan(config, leaves, convert_yaw):
     """The mapping plan, verified against our model: every official key maps (or is ignored), every
     target exists with the shape the mapping computes, every leaf (slice) is filled exactly once."""
-    m = config.model
-    shapes = official_shapes(m)
-    plan = mapping.plan(m, convert_yaw)
+    model_cfg = config.model
+    shapes = official_shapes(model_cfg)
+    plan = mapping.plan(model_cfg, convert_yaw)
     problems, seen = [], {}
     for key, entry in plan.items():
         if entry is None:
@@ -74,21 +74,21 @@ def _checked_plan(config, leaves, convert_yaw):
             continue
         if isinstance(entry, Ignored):
             continue
-        for t in entry:
-            part = shapes[key] if t.rows is None else (t.rows[1] - t.rows[0],) + shapes[key][1:]
-            if t.path not in leaves:
-                problems.append(f'official key {key} -> {t.describe()}: our model has no such param')
+        for target in entry:
+            part = shapes[key] if target.rows is None else (target.rows[1] - target.rows[0],) + shapes[key][1:]
+            if target.path not in leaves:
+                problems.append(f'official key {key} -> {target.describe()}: our model has no such param')
                 continue
-            want = leaves[t.path][0] if t.index is None else leaves[t.path][0][1:]
-            got = mapping.flax_shape(t, part)
-            if t.index is not None and not 0 <= t.index < leaves[t.path][0][0]:
-                problems.append(f'official key {key} -> {t.describe()}: index outside {leaves[t.path][0]}')
+            want = leaves[target.path][0] if target.index is None else leaves[target.path][0][1:]
+            got = mapping.flax_shape(target, part)
+            if target.index is not None and not 0 <= target.index < leaves[target.path][0][0]:
+                problems.append(f'official key {key} -> {target.describe()}: index outside {leaves[target.path][0]}')
             elif tuple(got) != tuple(want):
-                problems.append(f'official key {key} {shapes[key]} -> {t.describe()}: gives {tuple(got)}, '
+                problems.append(f'official key {key} {shapes[key]} -> {target.describe()}: gives {tuple(got)}, '
                                 f'our param is {tuple(want)}')
-            if (t.path, t.index) in seen:
-                problems.append(f'{t.describe()} filled by both {seen[(t.path, t.index)]} and {key}')
-            seen[(t.path, t.index)] = key
+            if (target.path, target.index) in seen:
+                problems.append(f'{target.describe()} filled by both {seen[(target.path, target.index)]} and {key}')
+            seen[(target.path, target.index)] = key
     filled = collections.defaultdict(set)
     for path, index in seen:
         filled[path].add(index)
@@ -100,13 +100,13 @@ def _checked_plan(config, leaves, convert_yaw):
                 problems.append(mapping.Target(path, 'copy', index).describe()
                                 + f' {shape}: no official key fills it')
     if problems:
-        raise ConvertError(f'the official {m.name} layout and our model disagree for this config '
+        raise ConvertError(f'the official {model_cfg.name} layout and our model disagree for this config '
                            f'({len(problems)} problems):\n  ' + '\n  '.join(problems), unmapped=problems)
     return shapes, plan
 
 
-def _shape(x):
-    return tuple(np.shape(x))
+def _shape(array):
+    return tuple(np.shape(array))
 
 
 def torch_to_flax(state_dict, config, convert_yaw=True, abstract=None):
@@ -136,13 +136,13 @@ def torch_to_flax(state_dict, config, convert_yaw=True, abstract=None):
     for key, entry in plan.items():
         if isinstance(entry, Ignored):
             continue
-        x = np.asarray(sd[key])
-        for t in entry:
-            y = mapping.to_flax(t, x if t.rows is None else x[t.rows[0]:t.rows[1]])
-            if t.index is None:
-                out[t.path][...] = y
+        tensor = np.asarray(sd[key])
+        for target in entry:
+            leaf = mapping.to_flax(target, tensor if target.rows is None else tensor[target.rows[0]:target.rows[1]])
+            if target.index is None:
+                out[target.path][...] = leaf
             else:
-                out[t.path][t.index] = y
+                out[target.path][target.index] = leaf
     return traverse_util.unflatten_dict(out)
 
 
@@ -159,9 +159,9 @@ def _check_fit(what, config, unexpected, unexpected_why, missing, missing_why, m
 
 def ignored_keys(state_dict, config, convert_yaw=True) -> Dict[str, str]:
     """Keys (and row ranges, ``key[a:b]``) of ``state_dict`` that ``torch_to_flax`` drops -> reason."""
-    m = config.model
-    shapes = official_shapes(m)
-    plan = mapping.plan(m, convert_yaw)
+    model_cfg = config.model
+    shapes = official_shapes(model_cfg)
+    plan = mapping.plan(model_cfg, convert_yaw)
     out = {}
     for key in normalize_state_dict(state_dict):
         entry = plan.get(key)
@@ -210,18 +210,18 @@ def flax_to_torch(params, config, fill=None, convert_yaw=True, abstract=None) ->
             out[key] = np.array(fill[key]) if key in fill else _default(key, shape, config)
             continue
         if any(t.rows for t in entry):
-            x = (np.array(fill[key], np.float32) if key in fill
-                 else _default(key, shape, config))
-        for t in entry:
-            y = np.asarray(flat[t.path])
-            y = y if t.index is None else y[t.index]
-            part_shape = shape if t.rows is None else (t.rows[1] - t.rows[0],) + shape[1:]
-            part = mapping.to_torch(t, y, part_shape).astype(np.float32, copy=False)
-            if t.rows is None:
-                x = part
+            tensor = (np.array(fill[key], np.float32) if key in fill
+                      else _default(key, shape, config))
+        for target in entry:
+            leaf = np.asarray(flat[target.path])
+            leaf = leaf if target.index is None else leaf[target.index]
+            part_shape = shape if target.rows is None else (target.rows[1] - target.rows[0],) + shape[1:]
+            part = mapping.to_torch(target, leaf, part_shape).astype(np.float32, copy=False)
+            if target.rows is None:
+                tensor = part
             else:
-                x[t.rows[0]:t.rows[1]] = part
-        out[key] = x
+                tensor[target.rows[0]:target.rows[1]] = part
+        out[key] = tensor
     return out
 
 

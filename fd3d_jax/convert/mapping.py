@@ -101,60 +101,60 @@ Entry = Union[List[Target], Ignored]
 # Layouts
 # ------------------------------------------------------------------------------------------------
 
-def swap_yaw(x):
+def swap_yaw(array):
     """mmdet3d-0.x code rows (sin, cos)(yaw_0x) <-> ours (sin, cos)(yaw) on axis 0 (self-inverse)."""
-    y = np.array(x, copy=True)
-    s, c = YAW_ROWS
-    y[s], y[c] = -x[c], -x[s]
-    return y
+    swapped = np.array(array, copy=True)
+    sin_row, cos_row = YAW_ROWS
+    swapped[sin_row], swapped[cos_row] = -array[cos_row], -array[sin_row]
+    return swapped
 
 
-def flax_shape(t: Target, torch_shape):
-    """The Flax (slice) shape ``t`` produces from a PyTorch tensor (slice) of ``torch_shape``."""
-    s, m = tuple(torch_shape), t.heads
-    return {'copy': lambda: s, 'reg_out_bias': lambda: s,
-            'linear': lambda: (s[1], s[0]), 'reg_out': lambda: (s[1], s[0]),
-            'conv': lambda: (s[2], s[3], s[1], s[0]),
-            'heads_in': lambda: (s[1], m, s[0] // m),
-            'heads_bias': lambda: (m, s[0] // m),
-            'heads_out': lambda: (m, s[1] // m, s[0])}[t.kind]()
+def flax_shape(target: Target, torch_shape):
+    """The Flax (slice) shape ``target`` produces from a PyTorch tensor (slice) of ``torch_shape``."""
+    shape, heads = tuple(torch_shape), target.heads
+    return {'copy': lambda: shape, 'reg_out_bias': lambda: shape,
+            'linear': lambda: (shape[1], shape[0]), 'reg_out': lambda: (shape[1], shape[0]),
+            'conv': lambda: (shape[2], shape[3], shape[1], shape[0]),
+            'heads_in': lambda: (shape[1], heads, shape[0] // heads),
+            'heads_bias': lambda: (heads, shape[0] // heads),
+            'heads_out': lambda: (heads, shape[1] // heads, shape[0])}[target.kind]()
 
 
-def to_flax(t: Target, x):
+def to_flax(target: Target, torch_array):
     """PyTorch layout -> Flax layout (exact)."""
-    x = np.asarray(x)
-    if t.kind in ('copy', 'heads_bias'):
-        y = x
-    elif t.kind == 'reg_out_bias':
-        y = swap_yaw(x)
-    elif t.kind in ('linear', 'heads_in', 'heads_out'):
-        y = x.T
-    elif t.kind == 'reg_out':
-        y = swap_yaw(x).T
-    elif t.kind == 'conv':
-        y = x.transpose(2, 3, 1, 0)
+    torch_array = np.asarray(torch_array)
+    if target.kind in ('copy', 'heads_bias'):
+        flax_array = torch_array
+    elif target.kind == 'reg_out_bias':
+        flax_array = swap_yaw(torch_array)
+    elif target.kind in ('linear', 'heads_in', 'heads_out'):
+        flax_array = torch_array.T
+    elif target.kind == 'reg_out':
+        flax_array = swap_yaw(torch_array).T
+    elif target.kind == 'conv':
+        flax_array = torch_array.transpose(2, 3, 1, 0)
     else:
-        raise ValueError(t.kind)
-    return np.array(y, order='C').reshape(flax_shape(t, x.shape))
+        raise ValueError(target.kind)
+    return np.array(flax_array, order='C').reshape(flax_shape(target, torch_array.shape))
 
 
-def to_torch(t: Target, y, torch_shape):
+def to_torch(target: Target, flax_array, torch_shape):
     """Flax layout -> PyTorch layout (exact inverse of ``to_flax``)."""
-    s = tuple(torch_shape)
-    y = np.asarray(y)
-    if t.kind in ('copy', 'heads_bias'):
-        x = y.reshape(s)
-    elif t.kind == 'reg_out_bias':
-        x = swap_yaw(y.reshape(s))
-    elif t.kind in ('linear', 'heads_in', 'heads_out'):
-        x = y.reshape(s[1], s[0]).T
-    elif t.kind == 'reg_out':
-        x = swap_yaw(y.reshape(s[1], s[0]).T)
-    elif t.kind == 'conv':
-        x = y.reshape(s[2], s[3], s[1], s[0]).transpose(3, 2, 0, 1)
+    shape = tuple(torch_shape)
+    flax_array = np.asarray(flax_array)
+    if target.kind in ('copy', 'heads_bias'):
+        torch_array = flax_array.reshape(shape)
+    elif target.kind == 'reg_out_bias':
+        torch_array = swap_yaw(flax_array.reshape(shape))
+    elif target.kind in ('linear', 'heads_in', 'heads_out'):
+        torch_array = flax_array.reshape(shape[1], shape[0]).T
+    elif target.kind == 'reg_out':
+        torch_array = swap_yaw(flax_array.reshape(shape[1], shape[0]).T)
+    elif target.kind == 'conv':
+        torch_array = flax_array.reshape(shape[2], shape[3], shape[1], shape[0]).transpose(3, 2, 0, 1)
     else:
-        raise ValueError(t.kind)
-    return np.array(x, order='C')
+        raise ValueError(target.kind)
+    return np.array(torch_array, order='C')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,104 +176,105 @@ def _leaf(module, path, leaf, index=None):
 
 
 def _backbone(rest, base):
-    m = re.fullmatch(r'(conv1|bn1)\.(\w+)', rest)
-    if m:
-        return _leaf('conv' if m[1] == 'conv1' else 'bn', base + (m[1],), m[2])
-    m = re.fullmatch(r'layer(\d+)\.(\d+)\.(.+)', rest)
-    if not m:
+    match = re.fullmatch(r'(conv1|bn1)\.(\w+)', rest)
+    if match:
+        return _leaf('conv' if match[1] == 'conv1' else 'bn', base + (match[1],), match[2])
+    match = re.fullmatch(r'layer(\d+)\.(\d+)\.(.+)', rest)
+    if not match:
         return None
-    b = int(m[2])
-    block = base + ((f'layer{m[1]}_0',) if b == 0 else (f'layer{m[1]}_rest', 'block'))
-    index = None if b == 0 else b - 1
-    sub = m[3]
+    block_index = int(match[2])
+    block = base + ((f'layer{match[1]}_0',) if block_index == 0 else (f'layer{match[1]}_rest', 'block'))
+    index = None if block_index == 0 else block_index - 1
+    sub = match[3]
     for pattern, module, name in ((r'(conv\d)\.(weight)', 'conv', None),
                                   (r'conv2\.conv_offset\.(weight|bias)', 'conv', ('conv2', 'conv_offset')),
                                   (r'(bn\d)\.(\w+)', 'bn', None),
                                   (r'downsample\.0\.(weight)', 'conv', ('downsample_conv',)),
                                   (r'downsample\.1\.(\w+)', 'bn', ('downsample_bn',))):
-        s = re.fullmatch(pattern, sub)
-        if s:
-            names = name or (s[1],)
-            return _leaf(module, block + names, s.groups()[-1], index)
+        sub_match = re.fullmatch(pattern, sub)
+        if sub_match:
+            names = name or (sub_match[1],)
+            return _leaf(module, block + names, sub_match.groups()[-1], index)
     return None
 
 
 def _neck(rest, base):
-    m = re.fullmatch(r'(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)', rest)
-    return _leaf('conv', base + (f'{m[1]}_{m[2]}',), m[3]) if m else None
+    match = re.fullmatch(r'(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)', rest)
+    return _leaf('conv', base + (f'{match[1]}_{match[2]}',), match[3]) if match else None
 
 
 def _ffn_and_norms(rest, base, index=None):
-    m = re.fullmatch(r'ffns\.0\.layers\.(0\.0|1)\.(weight|bias)', rest)
-    if m:
-        return _leaf('linear', base + ('ffn', 'fc1' if m[1] == '0.0' else 'fc2'), m[2], index)
-    m = re.fullmatch(r'norms\.(\d)\.(weight|bias)', rest)
-    if m:
-        return _leaf('ln', base + (f'norm{int(m[1]) + 1}',), m[2], index)
+    match = re.fullmatch(r'ffns\.0\.layers\.(0\.0|1)\.(weight|bias)', rest)
+    if match:
+        return _leaf('linear', base + ('ffn', 'fc1' if match[1] == '0.0' else 'fc2'), match[2], index)
+    match = re.fullmatch(r'norms\.(\d)\.(weight|bias)', rest)
+    if match:
+        return _leaf('ln', base + (f'norm{int(match[1]) + 1}',), match[2], index)
     return None
 
 
 def _encoder_layer(rest, index):
     base = ('encoder', 'layers')
-    m = re.fullmatch(r'attentions\.0\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)', rest)
-    if m:
-        return _leaf('linear', base + ('tsa', m[1]), m[2], index)
-    m = re.fullmatch(r'attentions\.1\.deformable_attention\.(sampling_offsets|attention_weights|value_proj)'
-                     r'\.(weight|bias)', rest)
-    if m:
-        return _leaf('linear', base + ('sca', f'deformable_attention_{m[1]}'), m[2], index)
-    m = re.fullmatch(r'attentions\.1\.output_proj\.(weight|bias)', rest)
-    if m:
-        return _leaf('linear', base + ('sca', 'output_proj'), m[1], index)
+    match = re.fullmatch(r'attentions\.0\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)',
+                         rest)
+    if match:
+        return _leaf('linear', base + ('tsa', match[1]), match[2], index)
+    match = re.fullmatch(r'attentions\.1\.deformable_attention\.(sampling_offsets|attention_weights|value_proj)'
+                         r'\.(weight|bias)', rest)
+    if match:
+        return _leaf('linear', base + ('sca', f'deformable_attention_{match[1]}'), match[2], index)
+    match = re.fullmatch(r'attentions\.1\.output_proj\.(weight|bias)', rest)
+    if match:
+        return _leaf('linear', base + ('sca', 'output_proj'), match[1], index)
     return _ffn_and_norms(rest, base, index)
 
 
 def _decoder_layer(rest, layer, model_cfg):
     base = ('head', f'layers_{layer}')
-    c, heads = model_cfg.embed_dims, model_cfg.num_heads
+    channels, heads = model_cfg.embed_dims, model_cfg.num_heads
     attn = base + ('self_attn', 'attn')
-    m = re.fullmatch(r'attentions\.0\.attn\.in_proj_(weight|bias)', rest)
-    if m:
-        kind, leaf = ('heads_in', 'kernel') if m[1] == 'weight' else ('heads_bias', 'bias')
-        return [Target(attn + (name, leaf), kind, rows=(i * c, (i + 1) * c), heads=heads)
+    match = re.fullmatch(r'attentions\.0\.attn\.in_proj_(weight|bias)', rest)
+    if match:
+        kind, leaf = ('heads_in', 'kernel') if match[1] == 'weight' else ('heads_bias', 'bias')
+        return [Target(attn + (name, leaf), kind, rows=(i * channels, (i + 1) * channels), heads=heads)
                 for i, name in enumerate(('query', 'key', 'value'))]
-    m = re.fullmatch(r'attentions\.0\.attn\.out_proj\.(weight|bias)', rest)
-    if m:
-        return [Target(attn + ('out', 'kernel'), 'heads_out', heads=heads) if m[1] == 'weight'
+    match = re.fullmatch(r'attentions\.0\.attn\.out_proj\.(weight|bias)', rest)
+    if match:
+        return [Target(attn + ('out', 'kernel'), 'heads_out', heads=heads) if match[1] == 'weight'
                 else Target(attn + ('out', 'bias'), 'copy')]
     cross = base + ('cross_attn',)
     if detector_class(model_cfg).has_bev:   # BEVFormer's deformable cross-attention
-        m = re.fullmatch(r'attentions\.1\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)',
-                         rest)
-        if m:
-            return _leaf('linear', cross + ('attn', m[1]), m[2])
+        match = re.fullmatch(r'attentions\.1\.(sampling_offsets|attention_weights|value_proj|output_proj)'
+                             r'\.(weight|bias)', rest)
+        if match:
+            return _leaf('linear', cross + ('attn', match[1]), match[2])
     else:
-        m = re.fullmatch(r'attentions\.1\.(attention_weights|output_proj)\.(weight|bias)', rest)
-        if m:
-            return _leaf('linear', cross + (m[1],), m[2])
-        m = re.fullmatch(r'attentions\.1\.position_encoder\.([0134])\.(weight|bias)', rest)
-        if m:
+        match = re.fullmatch(r'attentions\.1\.(attention_weights|output_proj)\.(weight|bias)', rest)
+        if match:
+            return _leaf('linear', cross + (match[1],), match[2])
+        match = re.fullmatch(r'attentions\.1\.position_encoder\.([0134])\.(weight|bias)', rest)
+        if match:
             module, name = {'0': ('linear', 'fc0'), '1': ('ln', 'norm0'), '3': ('linear', 'fc1'),
-                            '4': ('ln', 'norm1')}[m[1]]
-            return _leaf(module, cross + (f'position_encoder_{name}',), m[2])
+                            '4': ('ln', 'norm1')}[match[1]]
+            return _leaf(module, cross + (f'position_encoder_{name}',), match[2])
     return _ffn_and_norms(rest, base)
 
 
 def _branch(rest, convert_yaw):
-    m = re.fullmatch(r'(cls|reg)_branches\.(\d+)\.(\d+)\.(weight|bias)', rest)
-    if not m:
+    match = re.fullmatch(r'(cls|reg)_branches\.(\d+)\.(\d+)\.(weight|bias)', rest)
+    if not match:
         return None
-    base = ('head', f'{m[1]}_branches_{m[2]}')
+    base = ('head', f'{match[1]}_branches_{match[2]}')
     layers = ({'0': ('linear', 'fc0'), '1': ('ln', 'norm0'), '3': ('linear', 'fc1'), '4': ('ln', 'norm1'),
-               '6': ('linear', 'out')} if m[1] == 'cls' else
+               '6': ('linear', 'out')} if match[1] == 'cls' else
               {'0': ('linear', 'fc0'), '2': ('linear', 'fc1'), '4': ('linear', 'out')})
-    if m[3] not in layers:
+    if match[3] not in layers:
         return None
-    module, name = layers[m[3]]
-    if m[1] == 'reg' and name == 'out' and convert_yaw:
-        return [Target(base + (name, 'kernel' if m[4] == 'weight' else 'bias'),
-                       'reg_out' if m[4] == 'weight' else 'reg_out_bias')]
-    return _leaf(module, base + (name,), m[4])
+    module, name = layers[match[3]]
+    if match[1] == 'reg' and name == 'out' and convert_yaw:
+        return [Target(base + (name, 'kernel' if match[4] == 'weight' else 'bias'),
+                       'reg_out' if match[4] == 'weight' else 'reg_out_bias')]
+    return _leaf(module, base + (name,), match[4])
 
 
 def _head(rest, model_cfg, convert_yaw):
@@ -282,35 +283,35 @@ def _head(rest, model_cfg, convert_yaw):
         return [Target(('head', 'query_embedding'), 'copy')]
     if bevformer and rest == 'bev_embedding.weight':
         return [Target(('bev_embedding',), 'copy')]
-    m = re.fullmatch(r'positional_encoding\.(row|col)_embed\.weight', rest)
-    if bevformer and m:
-        return [Target((f'{m[1]}_embed',), 'copy')]
+    match = re.fullmatch(r'positional_encoding\.(row|col)_embed\.weight', rest)
+    if bevformer and match:
+        return [Target((f'{match[1]}_embed',), 'copy')]
     found = _branch(rest, convert_yaw)
     if found:
         return found
     if not rest.startswith('transformer.'):
         return None
     rest = rest[len('transformer.'):]
-    m = re.fullmatch(r'reference_points\.(weight|bias)', rest)
-    if m:
-        return _leaf('linear', ('head', 'reference_points'), m[1])
-    m = re.fullmatch(r'decoder\.layers\.(\d+)\.(.+)', rest)
-    if m:
-        return _decoder_layer(m[2], int(m[1]), model_cfg)
+    match = re.fullmatch(r'reference_points\.(weight|bias)', rest)
+    if match:
+        return _leaf('linear', ('head', 'reference_points'), match[1])
+    match = re.fullmatch(r'decoder\.layers\.(\d+)\.(.+)', rest)
+    if match:
+        return _decoder_layer(match[2], int(match[1]), model_cfg)
     if not bevformer:
         return None
     if rest == 'level_embeds':
         return [Target(('level_embeds',), 'copy', rows=(0, model_cfg.num_levels))]
     if rest == 'cams_embeds':
         return [Target(('cams_embeds',), 'copy')]
-    m = re.fullmatch(r'can_bus_mlp\.(0|2|norm)\.(weight|bias)', rest)
-    if m:
+    match = re.fullmatch(r'can_bus_mlp\.(0|2|norm)\.(weight|bias)', rest)
+    if match:
         module, name = {'0': ('linear', 'can_bus_fc0'), '2': ('linear', 'can_bus_fc1'),
-                        'norm': ('ln', 'can_bus_norm')}[m[1]]
-        return _leaf(module, (name,), m[2])
-    m = re.fullmatch(r'encoder\.layers\.(\d+)\.(.+)', rest)
-    if m:
-        return _encoder_layer(m[2], int(m[1]))
+                        'norm': ('ln', 'can_bus_norm')}[match[1]]
+        return _leaf(module, (name,), match[2])
+    match = re.fullmatch(r'encoder\.layers\.(\d+)\.(.+)', rest)
+    if match:
+        return _encoder_layer(match[2], int(match[1]))
     return None
 
 

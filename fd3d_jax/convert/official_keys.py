@@ -64,16 +64,16 @@ def linear(prefix, out_features, in_features) -> Dict[str, Shape]:
     return {f'{prefix}.weight': (out_features, in_features), f'{prefix}.bias': (out_features,)}
 
 
-def layer_norm(prefix, c) -> Dict[str, Shape]:
-    return {f'{prefix}.weight': (c,), f'{prefix}.bias': (c,)}
+def layer_norm(prefix, channels) -> Dict[str, Shape]:
+    return {f'{prefix}.weight': (channels,), f'{prefix}.bias': (channels,)}
 
 
-def batch_norm(prefix, c) -> Dict[str, Shape]:
-    return {f'{prefix}.{leaf}': (() if leaf == 'num_batches_tracked' else (c,)) for leaf in BN_LEAVES}
+def batch_norm(prefix, channels) -> Dict[str, Shape]:
+    return {f'{prefix}.{leaf}': (() if leaf == 'num_batches_tracked' else (channels,)) for leaf in BN_LEAVES}
 
 
-def conv(prefix, out_c, in_c, k, bias=False) -> Dict[str, Shape]:
-    keys = {f'{prefix}.weight': (out_c, in_c, k, k)}
+def conv(prefix, out_c, in_c, kernel_size, bias=False) -> Dict[str, Shape]:
+    keys = {f'{prefix}.weight': (out_c, in_c, kernel_size, kernel_size)}
     if bias:
         keys[f'{prefix}.bias'] = (out_c,)
     return keys
@@ -88,22 +88,22 @@ def resnet(prefix, backbone) -> Dict[str, Shape]:
     keys = dict(conv(f'{prefix}.conv1', width, 3, 7))
     keys.update(batch_norm(f'{prefix}.bn1', width))
     inplanes = width
-    for s, num_blocks in enumerate(blocks):
-        planes = width * 2 ** s
-        for b in range(num_blocks):
-            p = f'{prefix}.layer{s + 1}.{b}'
-            cin = inplanes if b == 0 else planes * EXPANSION
-            keys.update(conv(f'{p}.conv1', planes, cin, 1))
-            keys.update(batch_norm(f'{p}.bn1', planes))
-            keys.update(conv(f'{p}.conv2', planes, planes, 3))
-            if dcn[s]:
-                keys.update(conv(f'{p}.conv2.conv_offset', DCN_OFFSET_CHANNELS, planes, 3, bias=True))
-            keys.update(batch_norm(f'{p}.bn2', planes))
-            keys.update(conv(f'{p}.conv3', planes * EXPANSION, planes, 1))
-            keys.update(batch_norm(f'{p}.bn3', planes * EXPANSION))
-            if b == 0 and (strides[s] != 1 or inplanes != planes * EXPANSION):
-                keys.update(conv(f'{p}.downsample.0', planes * EXPANSION, inplanes, 1))
-                keys.update(batch_norm(f'{p}.downsample.1', planes * EXPANSION))
+    for stage, num_blocks in enumerate(blocks):
+        planes = width * 2 ** stage
+        for block in range(num_blocks):
+            block_prefix = f'{prefix}.layer{stage + 1}.{block}'
+            cin = inplanes if block == 0 else planes * EXPANSION
+            keys.update(conv(f'{block_prefix}.conv1', planes, cin, 1))
+            keys.update(batch_norm(f'{block_prefix}.bn1', planes))
+            keys.update(conv(f'{block_prefix}.conv2', planes, planes, 3))
+            if dcn[stage]:
+                keys.update(conv(f'{block_prefix}.conv2.conv_offset', DCN_OFFSET_CHANNELS, planes, 3, bias=True))
+            keys.update(batch_norm(f'{block_prefix}.bn2', planes))
+            keys.update(conv(f'{block_prefix}.conv3', planes * EXPANSION, planes, 1))
+            keys.update(batch_norm(f'{block_prefix}.bn3', planes * EXPANSION))
+            if block == 0 and (strides[stage] != 1 or inplanes != planes * EXPANSION):
+                keys.update(conv(f'{block_prefix}.downsample.0', planes * EXPANSION, inplanes, 1))
+                keys.update(batch_norm(f'{block_prefix}.downsample.1', planes * EXPANSION))
         inplanes = planes * EXPANSION
     return keys
 
@@ -114,122 +114,124 @@ def fpn(prefix, neck) -> Dict[str, Shape]:
     start = neck.get('start_level', 0)
     used = len(ins) - start
     keys = {}
-    for i in range(used):
-        keys.update(conv(f'{prefix}.lateral_convs.{i}.conv', out_c, ins[start + i], 1, bias=True))
-    for i in range(used):
-        keys.update(conv(f'{prefix}.fpn_convs.{i}.conv', out_c, out_c, 3, bias=True))
+    for level in range(used):
+        keys.update(conv(f'{prefix}.lateral_convs.{level}.conv', out_c, ins[start + level], 1, bias=True))
+    for level in range(used):
+        keys.update(conv(f'{prefix}.fpn_convs.{level}.conv', out_c, out_c, 3, bias=True))
     extra = neck['num_outs'] - used
     mode = neck.get('add_extra_convs', False)
     if mode and extra > 0:
-        for j in range(extra):
-            cin = ins[-1] if (j == 0 and mode in (True, 'on_input')) else out_c
-            keys.update(conv(f'{prefix}.fpn_convs.{used + j}.conv', out_c, cin, 3, bias=True))
+        for extra_index in range(extra):
+            cin = ins[-1] if (extra_index == 0 and mode in (True, 'on_input')) else out_c
+            keys.update(conv(f'{prefix}.fpn_convs.{used + extra_index}.conv', out_c, cin, 3, bias=True))
     return keys
 
 
-def msda(prefix, c, heads, levels, points, out_proj=True) -> Dict[str, Shape]:
+def msda(prefix, channels, heads, levels, points, out_proj=True) -> Dict[str, Shape]:
     """mmcv ``MultiScaleDeformableAttention``-style Linears (``CustomMSDeformableAttention``,
     ``MSDeformableAttention3D`` without ``output_proj``)."""
-    keys = dict(linear(f'{prefix}.sampling_offsets', heads * levels * points * 2, c))
-    keys.update(linear(f'{prefix}.attention_weights', heads * levels * points, c))
-    keys.update(linear(f'{prefix}.value_proj', c, c))
+    keys = dict(linear(f'{prefix}.sampling_offsets', heads * levels * points * 2, channels))
+    keys.update(linear(f'{prefix}.attention_weights', heads * levels * points, channels))
+    keys.update(linear(f'{prefix}.value_proj', channels, channels))
     if out_proj:
-        keys.update(linear(f'{prefix}.output_proj', c, c))
+        keys.update(linear(f'{prefix}.output_proj', channels, channels))
     return keys
 
 
-def temporal_self_attention(prefix, c, heads, points, queue=2, levels=1) -> Dict[str, Shape]:
-    keys = dict(linear(f'{prefix}.sampling_offsets', queue * heads * levels * points * 2, queue * c))
-    keys.update(linear(f'{prefix}.attention_weights', queue * heads * levels * points, queue * c))
-    keys.update(linear(f'{prefix}.value_proj', c, c))
-    keys.update(linear(f'{prefix}.output_proj', c, c))
+def temporal_self_attention(prefix, channels, heads, points, queue=2, levels=1) -> Dict[str, Shape]:
+    keys = dict(linear(f'{prefix}.sampling_offsets', queue * heads * levels * points * 2, queue * channels))
+    keys.update(linear(f'{prefix}.attention_weights', queue * heads * levels * points, queue * channels))
+    keys.update(linear(f'{prefix}.value_proj', channels, channels))
+    keys.update(linear(f'{prefix}.output_proj', channels, channels))
     return keys
 
 
-def multihead_attention(prefix, c) -> Dict[str, Shape]:
+def multihead_attention(prefix, channels) -> Dict[str, Shape]:
     """mmcv ``MultiheadAttention``: ``attn`` = ``nn.MultiheadAttention`` (packed q/k/v)."""
-    return {f'{prefix}.attn.in_proj_weight': (3 * c, c), f'{prefix}.attn.in_proj_bias': (3 * c,),
-            f'{prefix}.attn.out_proj.weight': (c, c), f'{prefix}.attn.out_proj.bias': (c,)}
+    return {f'{prefix}.attn.in_proj_weight': (3 * channels, channels), f'{prefix}.attn.in_proj_bias': (3 * channels,),
+            f'{prefix}.attn.out_proj.weight': (channels, channels), f'{prefix}.attn.out_proj.bias': (channels,)}
 
 
-def ffn_and_norms(prefix, c, ffn) -> Dict[str, Shape]:
-    keys = dict(linear(f'{prefix}.ffns.0.layers.0.0', ffn, c))
-    keys.update(linear(f'{prefix}.ffns.0.layers.1', c, ffn))
-    for k in range(3):
-        keys.update(layer_norm(f'{prefix}.norms.{k}', c))
+def ffn_and_norms(prefix, channels, ffn) -> Dict[str, Shape]:
+    keys = dict(linear(f'{prefix}.ffns.0.layers.0.0', ffn, channels))
+    keys.update(linear(f'{prefix}.ffns.0.layers.1', channels, ffn))
+    for norm_index in range(3):
+        keys.update(layer_norm(f'{prefix}.norms.{norm_index}', channels))
     return keys
 
 
-def detr3d_cross_attention(prefix, c, cams, levels, points) -> Dict[str, Shape]:
-    keys = dict(linear(f'{prefix}.attention_weights', cams * levels * points, c))
-    keys.update(linear(f'{prefix}.output_proj', c, c))
-    keys.update(linear(f'{prefix}.position_encoder.0', c, 3))
-    keys.update(layer_norm(f'{prefix}.position_encoder.1', c))
-    keys.update(linear(f'{prefix}.position_encoder.3', c, c))
-    keys.update(layer_norm(f'{prefix}.position_encoder.4', c))
+def detr3d_cross_attention(prefix, channels, cams, levels, points) -> Dict[str, Shape]:
+    keys = dict(linear(f'{prefix}.attention_weights', cams * levels * points, channels))
+    keys.update(linear(f'{prefix}.output_proj', channels, channels))
+    keys.update(linear(f'{prefix}.position_encoder.0', channels, 3))
+    keys.update(layer_norm(f'{prefix}.position_encoder.1', channels))
+    keys.update(linear(f'{prefix}.position_encoder.3', channels, channels))
+    keys.update(layer_norm(f'{prefix}.position_encoder.4', channels))
     return keys
 
 
-def branches(prefix, m) -> Dict[str, Shape]:
+def branches(prefix, model_cfg) -> Dict[str, Shape]:
     """``cls_branches`` and ``reg_branches`` (one clone per decoder layer, ``with_box_refine``)."""
-    c = m.embed_dims
+    channels = model_cfg.embed_dims
     keys = {}
-    for l in range(m.decoder_layers):
-        keys.update(linear(f'{prefix}.cls_branches.{l}.0', c, c))
-        keys.update(layer_norm(f'{prefix}.cls_branches.{l}.1', c))
-        keys.update(linear(f'{prefix}.cls_branches.{l}.3', c, c))
-        keys.update(layer_norm(f'{prefix}.cls_branches.{l}.4', c))
-        keys.update(linear(f'{prefix}.cls_branches.{l}.6', m.num_classes, c))
-    for l in range(m.decoder_layers):
-        keys.update(linear(f'{prefix}.reg_branches.{l}.0', c, c))
-        keys.update(linear(f'{prefix}.reg_branches.{l}.2', c, c))
-        keys.update(linear(f'{prefix}.reg_branches.{l}.4', CODE_SIZE, c))
+    for layer in range(model_cfg.decoder_layers):
+        keys.update(linear(f'{prefix}.cls_branches.{layer}.0', channels, channels))
+        keys.update(layer_norm(f'{prefix}.cls_branches.{layer}.1', channels))
+        keys.update(linear(f'{prefix}.cls_branches.{layer}.3', channels, channels))
+        keys.update(layer_norm(f'{prefix}.cls_branches.{layer}.4', channels))
+        keys.update(linear(f'{prefix}.cls_branches.{layer}.6', model_cfg.num_classes, channels))
+    for layer in range(model_cfg.decoder_layers):
+        keys.update(linear(f'{prefix}.reg_branches.{layer}.0', channels, channels))
+        keys.update(linear(f'{prefix}.reg_branches.{layer}.2', channels, channels))
+        keys.update(linear(f'{prefix}.reg_branches.{layer}.4', CODE_SIZE, channels))
     return keys
 
 
-def bevformer_head(m) -> Dict[str, Shape]:
-    c, h = m.embed_dims, 'pts_bbox_head'
-    t = f'{h}.transformer'
-    keys = {f'{h}.positional_encoding.row_embed.weight': (m.bev_h, c // 2),
-            f'{h}.positional_encoding.col_embed.weight': (m.bev_w, c // 2)}
-    for i in range(m.encoder_layers):
-        p = f'{t}.encoder.layers.{i}'
-        keys.update(temporal_self_attention(f'{p}.attentions.0', c, m.num_heads, m.tsa_points))
-        keys.update(msda(f'{p}.attentions.1.deformable_attention', c, m.num_heads, m.num_levels, m.sca_points,
-                         out_proj=False))
-        keys.update(linear(f'{p}.attentions.1.output_proj', c, c))
-        keys.update(ffn_and_norms(p, c, m.ffn_dims))
-    for l in range(m.decoder_layers):
-        p = f'{t}.decoder.layers.{l}'
-        keys.update(multihead_attention(f'{p}.attentions.0', c))
-        keys.update(msda(f'{p}.attentions.1', c, m.num_heads, 1, m.decoder_points))
-        keys.update(ffn_and_norms(p, c, m.ffn_dims))
-    keys[f'{t}.level_embeds'] = (max(NUM_FEATURE_LEVELS, m.num_levels), c)
-    keys[f'{t}.cams_embeds'] = (m.num_cams, c)
-    keys.update(linear(f'{t}.reference_points', 3, c))
-    keys.update(linear(f'{t}.can_bus_mlp.0', c // 2, CAN_BUS_DIMS))
-    keys.update(linear(f'{t}.can_bus_mlp.2', c, c // 2))
-    keys.update(layer_norm(f'{t}.can_bus_mlp.norm', c))
-    keys.update(branches(h, m))
-    keys[f'{h}.bev_embedding.weight'] = (m.bev_h * m.bev_w, c)
-    keys[f'{h}.query_embedding.weight'] = (m.num_query, 2 * c)
-    keys[f'{h}.code_weights'] = (CODE_SIZE,)
+def bevformer_head(model_cfg) -> Dict[str, Shape]:
+    channels, head = model_cfg.embed_dims, 'pts_bbox_head'
+    transformer = f'{head}.transformer'
+    keys = {f'{head}.positional_encoding.row_embed.weight': (model_cfg.bev_h, channels // 2),
+            f'{head}.positional_encoding.col_embed.weight': (model_cfg.bev_w, channels // 2)}
+    for layer in range(model_cfg.encoder_layers):
+        prefix = f'{transformer}.encoder.layers.{layer}'
+        keys.update(temporal_self_attention(f'{prefix}.attentions.0', channels, model_cfg.num_heads,
+                                            model_cfg.tsa_points))
+        keys.update(msda(f'{prefix}.attentions.1.deformable_attention', channels, model_cfg.num_heads,
+                         model_cfg.num_levels, model_cfg.sca_points, out_proj=False))
+        keys.update(linear(f'{prefix}.attentions.1.output_proj', channels, channels))
+        keys.update(ffn_and_norms(prefix, channels, model_cfg.ffn_dims))
+    for layer in range(model_cfg.decoder_layers):
+        prefix = f'{transformer}.decoder.layers.{layer}'
+        keys.update(multihead_attention(f'{prefix}.attentions.0', channels))
+        keys.update(msda(f'{prefix}.attentions.1', channels, model_cfg.num_heads, 1, model_cfg.decoder_points))
+        keys.update(ffn_and_norms(prefix, channels, model_cfg.ffn_dims))
+    keys[f'{transformer}.level_embeds'] = (max(NUM_FEATURE_LEVELS, model_cfg.num_levels), channels)
+    keys[f'{transformer}.cams_embeds'] = (model_cfg.num_cams, channels)
+    keys.update(linear(f'{transformer}.reference_points', 3, channels))
+    keys.update(linear(f'{transformer}.can_bus_mlp.0', channels // 2, CAN_BUS_DIMS))
+    keys.update(linear(f'{transformer}.can_bus_mlp.2', channels, channels // 2))
+    keys.update(layer_norm(f'{transformer}.can_bus_mlp.norm', channels))
+    keys.update(branches(head, model_cfg))
+    keys[f'{head}.bev_embedding.weight'] = (model_cfg.bev_h * model_cfg.bev_w, channels)
+    keys[f'{head}.query_embedding.weight'] = (model_cfg.num_query, 2 * channels)
+    keys[f'{head}.code_weights'] = (CODE_SIZE,)
     return keys
 
 
-def detr3d_head(m) -> Dict[str, Shape]:
-    c, h = m.embed_dims, 'pts_bbox_head'
-    t = f'{h}.transformer'
+def detr3d_head(model_cfg) -> Dict[str, Shape]:
+    channels, head = model_cfg.embed_dims, 'pts_bbox_head'
+    transformer = f'{head}.transformer'
     keys = {}
-    for l in range(m.decoder_layers):
-        p = f'{t}.decoder.layers.{l}'
-        keys.update(multihead_attention(f'{p}.attentions.0', c))
-        keys.update(detr3d_cross_attention(f'{p}.attentions.1', c, m.num_cams, m.num_levels, m.num_points))
-        keys.update(ffn_and_norms(p, c, m.ffn_dims))
-    keys.update(linear(f'{t}.reference_points', 3, c))
-    keys.update(branches(h, m))
-    keys[f'{h}.query_embedding.weight'] = (m.num_query, 2 * c)
-    keys[f'{h}.code_weights'] = (CODE_SIZE,)
+    for layer in range(model_cfg.decoder_layers):
+        prefix = f'{transformer}.decoder.layers.{layer}'
+        keys.update(multihead_attention(f'{prefix}.attentions.0', channels))
+        keys.update(detr3d_cross_attention(f'{prefix}.attentions.1', channels, model_cfg.num_cams, model_cfg.num_levels,
+                                           model_cfg.num_points))
+        keys.update(ffn_and_norms(prefix, channels, model_cfg.ffn_dims))
+    keys.update(linear(f'{transformer}.reference_points', 3, channels))
+    keys.update(branches(head, model_cfg))
+    keys[f'{head}.query_embedding.weight'] = (model_cfg.num_query, 2 * channels)
+    keys[f'{head}.code_weights'] = (CODE_SIZE,)
     return keys
 
 

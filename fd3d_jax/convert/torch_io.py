@@ -32,9 +32,9 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise ConvertError(f'no such checkpoint: {path}') from None
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
         raise ConvertError(
-            f'{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {e}). If the file holds '
+            f'{path}: torch.load(weights_only=True) failed ({type(error).__name__}: {error}). If the file holds '
             f'other Python objects than tensors and plain containers, extract the state dict where you '
             f"trust the file: torch.save(torch.load(p, weights_only=False)['state_dict'], 'sd.pth')") from None
     if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):

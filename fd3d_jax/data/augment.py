@@ -20,21 +20,21 @@ def photometric_params(rng, brightness_delta=32, contrast_range=(0.5, 1.5), satu
     """The random draws of one image, in the original's order, from a numpy Generator: dict of
     brightness, contrast, saturation, hue (float or None = skipped), contrast_first (bool) and
     swap ((3,) permutation of BGR channel indices, or None)."""
-    p = dict(brightness=None, contrast=None, saturation=None, hue=None, swap=None)
+    params = dict(brightness=None, contrast=None, saturation=None, hue=None, swap=None)
     if rng.integers(2):
-        p['brightness'] = rng.uniform(-brightness_delta, brightness_delta)
-    p['contrast_first'] = bool(rng.integers(2) == 1)
-    if p['contrast_first'] and rng.integers(2):
-        p['contrast'] = rng.uniform(*contrast_range)
+        params['brightness'] = rng.uniform(-brightness_delta, brightness_delta)
+    params['contrast_first'] = bool(rng.integers(2) == 1)
+    if params['contrast_first'] and rng.integers(2):
+        params['contrast'] = rng.uniform(*contrast_range)
     if rng.integers(2):
-        p['saturation'] = rng.uniform(*saturation_range)
+        params['saturation'] = rng.uniform(*saturation_range)
     if rng.integers(2):
-        p['hue'] = rng.uniform(-hue_delta, hue_delta)
-    if not p['contrast_first'] and rng.integers(2):
-        p['contrast'] = rng.uniform(*contrast_range)
+        params['hue'] = rng.uniform(-hue_delta, hue_delta)
+    if not params['contrast_first'] and rng.integers(2):
+        params['contrast'] = rng.uniform(*contrast_range)
     if rng.integers(2):
-        p['swap'] = rng.permutation(3)
-    return p
+        params['swap'] = rng.permutation(3)
+    return params
 
 
 def photometric_from_params(img, params):

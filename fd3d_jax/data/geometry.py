@@ -9,34 +9,35 @@ import numpy as np
 EPS_DEPTH = 1e-5  # BEVFormer/DETR3D point_sampling eps for the homogeneous depth
 
 
-def quat_to_matrix(q):
+def quat_to_matrix(quat):
     """(4,) quaternion (w, x, y, z) -> (3, 3) rotation matrix."""
-    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    qw, qx, qy, qz = np.asarray(quat, dtype=np.float64) / np.linalg.norm(quat)
     return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        [1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qz * qw), 2 * (qx * qz + qy * qw)],
+        [2 * (qx * qy + qz * qw), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qx * qw)],
+        [2 * (qx * qz - qy * qw), 2 * (qy * qz + qx * qw), 1 - 2 * (qx * qx + qy * qy)],
     ])
 
 
 def matrix_to_quat(rot):
     """(3, 3) rotation matrix -> (4,) quaternion (w, x, y, z) with w >= 0."""
-    r = np.asarray(rot, dtype=np.float64)
-    tr = np.trace(r)
+    mat = np.asarray(rot, dtype=np.float64)
+    tr = np.trace(mat)
     if tr > 0:
-        s = 2.0 * np.sqrt(1.0 + tr)
-        q = [0.25 * s, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s]
+        scale = 2.0 * np.sqrt(1.0 + tr)
+        quat = [0.25 * scale, (mat[2, 1] - mat[1, 2]) / scale, (mat[0, 2] - mat[2, 0]) / scale,
+                (mat[1, 0] - mat[0, 1]) / scale]
     else:
-        i = int(np.argmax(np.diag(r)))
-        j, k = (i + 1) % 3, (i + 2) % 3
-        s = 2.0 * np.sqrt(1.0 + r[i, i] - r[j, j] - r[k, k])
-        q = np.zeros(4)
-        q[0] = (r[k, j] - r[j, k]) / s
-        q[1 + i] = 0.25 * s
-        q[1 + j] = (r[j, i] + r[i, j]) / s
-        q[1 + k] = (r[k, i] + r[i, k]) / s
-    q = np.asarray(q, dtype=np.float64)
-    return q if q[0] >= 0 else -q
+        axis_i = int(np.argmax(np.diag(mat)))
+        axis_j, axis_k = (axis_i + 1) % 3, (axis_i + 2) % 3
+        scale = 2.0 * np.sqrt(1.0 + mat[axis_i, axis_i] - mat[axis_j, axis_j] - mat[axis_k, axis_k])
+        quat = np.zeros(4)
+        quat[0] = (mat[axis_k, axis_j] - mat[axis_j, axis_k]) / scale
+        quat[1 + axis_i] = 0.25 * scale
+        quat[1 + axis_j] = (mat[axis_j, axis_i] + mat[axis_i, axis_j]) / scale
+        quat[1 + axis_k] = (mat[axis_k, axis_i] + mat[axis_i, axis_k]) / scale
+    quat = np.asarray(quat, dtype=np.float64)
+    return quat if quat[0] >= 0 else -quat
 
 
 def yaw_to_quat(yaw):
@@ -112,8 +113,8 @@ def project_points(points, lidar2img_mat, image_hw=None):
     uv = cam[..., :2] / np.maximum(depth, EPS_DEPTH)[..., None]
     mask = depth > EPS_DEPTH
     if image_hw is not None:
-        h, w = image_hw
-        mask &= (uv[..., 0] > 0) & (uv[..., 0] < w) & (uv[..., 1] > 0) & (uv[..., 1] < h)
+        height, width = image_hw
+        mask &= (uv[..., 0] > 0) & (uv[..., 0] < width) & (uv[..., 1] > 0) & (uv[..., 1] < height)
     return uv, depth, mask
 
 
@@ -125,16 +126,16 @@ def box_corners(boxes):
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     boxes = boxes.reshape(-1, boxes.shape[-1])
-    w, l, h, yaw = boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
+    width, length, height, yaw = boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
     sx = np.array([1, -1, -1, 1, 1, -1, -1, 1]) * 0.5
     sy = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * 0.5
     sz = np.array([-1, -1, -1, -1, 1, 1, 1, 1]) * 0.5
-    lx, ly, lz = l[:, None] * sx, w[:, None] * sy, h[:, None] * sz
-    c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
-    x = boxes[:, 0:1] + c * lx - s * ly
-    y = boxes[:, 1:2] + s * lx + c * ly
-    z = boxes[:, 2:3] + lz
-    return np.stack([x, y, z], axis=-1)
+    lx, ly, lz = length[:, None] * sx, width[:, None] * sy, height[:, None] * sz
+    cos_yaw, sin_yaw = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
+    xs = boxes[:, 0:1] + cos_yaw * lx - sin_yaw * ly
+    ys = boxes[:, 1:2] + sin_yaw * lx + cos_yaw * ly
+    zs = boxes[:, 2:3] + lz
+    return np.stack([xs, ys, zs], axis=-1)
 
 
 def transform_boxes(transform, boxes, velocity=None):
@@ -222,15 +223,15 @@ def bev_rotation_index(angle_deg, bev_hw, center):
     float32: a cell within ~1e-6 of a rounding tie may pick the other neighbour).
     center: (cx, cy) in pixels, x = column. Returns index (H*W,) int32 and valid (H*W,) bool.
     """
-    h, w = bev_hw
-    a = np.radians(angle_deg)
-    col, row = np.meshgrid(np.arange(w), np.arange(h))
-    x, y = col + 0.5 - w / 2, row + 0.5 - h / 2
-    cx, cy = center[0] - w / 2, center[1] - h / 2
-    xs = np.cos(a) * (x - cx) - np.sin(a) * (y - cy) + cx
-    ys = np.sin(a) * (x - cx) + np.cos(a) * (y - cy) + cy
-    src_col = np.rint(xs + w / 2 - 0.5).astype(np.int64)
-    src_row = np.rint(ys + h / 2 - 0.5).astype(np.int64)
-    valid = (src_col >= 0) & (src_col < w) & (src_row >= 0) & (src_row < h)
-    index = np.clip(src_row, 0, h - 1) * w + np.clip(src_col, 0, w - 1)
+    height, width = bev_hw
+    angle_rad = np.radians(angle_deg)
+    col, row = np.meshgrid(np.arange(width), np.arange(height))
+    px, py = col + 0.5 - width / 2, row + 0.5 - height / 2
+    cx, cy = center[0] - width / 2, center[1] - height / 2
+    xs = np.cos(angle_rad) * (px - cx) - np.sin(angle_rad) * (py - cy) + cx
+    ys = np.sin(angle_rad) * (px - cx) + np.cos(angle_rad) * (py - cy) + cy
+    src_col = np.rint(xs + width / 2 - 0.5).astype(np.int64)
+    src_row = np.rint(ys + height / 2 - 0.5).astype(np.int64)
+    valid = (src_col >= 0) & (src_col < width) & (src_row >= 0) & (src_row < height)
+    index = np.clip(src_row, 0, height - 1) * width + np.clip(src_col, 0, width - 1)
     return index.reshape(-1).astype(np.int32), valid.reshape(-1)

@@ -43,9 +43,9 @@ from fd3d_jax.errors import DataConfigError, DataError
 def output_image_hw(records, cfg):
     """Padded (H, W) of the pipeline's images (static for jit)."""
     cam = records['samples'][0]['cams'][0]
-    h, w = int(cam['height'] * cfg.image_scale), int(cam['width'] * cfg.image_scale)
-    d = cfg.pad_divisor
-    return -(-h // d) * d, -(-w // d) * d
+    height, width = int(cam['height'] * cfg.image_scale), int(cam['width'] * cfg.image_scale)
+    divisor = cfg.pad_divisor
+    return -(-height // divisor) * divisor, -(-width // divisor) * divisor
 
 
 def load_image(path, sample_token):
@@ -54,8 +54,8 @@ def load_image(path, sample_token):
             return np.asarray(im.convert('RGB'))
     except FileNotFoundError:
         raise DataError(f'image not found: {path} (sample {sample_token})') from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f'cannot decode image {path} (sample {sample_token}): {e}') from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f'cannot decode image {path} (sample {sample_token}): {error}') from None
 
 
 def load_frame(record, dataroot, cfg, out_hw, rng=None):
@@ -63,10 +63,10 @@ def load_frame(record, dataroot, cfg, out_hw, rng=None):
     numpy Generator ``rng`` every raw image first gets its own photometric distortion (training)."""
     mean = np.asarray(cfg.image_mean, np.float32)
     std = np.asarray(cfg.image_std, np.float32)
-    s = cfg.image_scale
+    scale = cfg.image_scale
     imgs = np.zeros((len(record['cams']), *out_hw, 3), np.float32)
     l2i = np.zeros((len(record['cams']), 4, 4), np.float32)
-    for n, cam in enumerate(record['cams']):
+    for cam_index, cam in enumerate(record['cams']):
         img = load_image(os.path.join(dataroot, cam['path']), record['token'])
         if img.shape[:2] != (cam['height'], cam['width']):
             raise DataError(f"image {cam['path']} is {img.shape[1]}x{img.shape[0]}, the tables say "
@@ -77,14 +77,14 @@ def load_frame(record, dataroot, cfg, out_hw, rng=None):
         if not cfg.to_rgb:
             img = img[..., ::-1]
         img = (img - mean) / std
-        h, w = int(img.shape[0] * s), int(img.shape[1] * s)
-        if (h, w) != img.shape[:2]:
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-        if h > out_hw[0] or w > out_hw[1]:
+        height, width = int(img.shape[0] * scale), int(img.shape[1] * scale)
+        if (height, width) != img.shape[:2]:
+            img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        if height > out_hw[0] or width > out_hw[1]:
             raise DataError(f"camera {cam['channel']} of sample {record['token']} is larger than the "
                             f'first camera of the split; all images must share one size')
-        imgs[n, :h, :w] = img
-        l2i[n] = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']), s)
+        imgs[cam_index, :height, :width] = img
+        l2i[cam_index] = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']), scale)
     return imgs, l2i
 
 
@@ -93,9 +93,9 @@ def check_boxes(boxes, sample_token):
     non-finite centre/size/yaw or a non-positive size."""
     bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 3:6] <= 0).any(axis=1)
     if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f'sample {sample_token}: GT box of annotation {i} is invalid (non-finite or non-positive '
-                        f'size): (x, y, z, w, l, h, yaw) = {boxes[i].tolist()}')
+        index = int(np.flatnonzero(bad)[0])
+        raise DataError(f'sample {sample_token}: GT box of annotation {index} is invalid (non-finite or non-positive '
+                        f'size): (x, y, z, w, l, h, yaw) = {boxes[index].tolist()}')
 
 
 def ground_truth(record, cfg):
@@ -134,12 +134,12 @@ def _queue_can_bus(samples, indices):
     """``union2one``: can_bus deltas w.r.t. the previous queue frame of the same scene."""
     can_bus, exists = [], []
     prev = None
-    for i in indices:
-        rec = samples[i]
+    for index in indices:
+        rec = samples[index]
         same = prev is not None and samples[prev]['scene_token'] == rec['scene_token']
         can_bus.append(can_bus_delta(rec['can_bus'], samples[prev]['can_bus'] if same else None))
         exists.append(same)
-        prev = i
+        prev = index
     return np.asarray(can_bus, np.float32), np.asarray(exists, bool)
 
 
@@ -206,12 +206,12 @@ class SampleLoader:
                 return self._train_queue(index, rng)
             except DataConfigError:
                 raise
-            except DataError as e:
+            except DataError as error:
                 if not self.cfg.get('skip_bad_samples', False):
                     raise
                 self.skipped += 1
                 logging.warning('data.skip_bad_samples: skipping training index %d (%d skipped so far): %s',
-                                int(index), self.skipped, e)
+                                int(index), self.skipped, error)
             index = rng.integers(len(self.samples))
         raise DataError(f"{MAX_DRAWS} consecutive training samples of split '{self.split}' failed to load with "
                         f'config data.skip_bad_samples=True (see the warnings); check the data')
@@ -262,7 +262,7 @@ def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard
     if shard_count > 1:
         stream, per_batch = ds, batch_size * shard_count
         ds = grain.MapDataset.range(len(stream) // shard_count).map(
-            lambda k: stream[(k // batch_size) * per_batch + shard_index * batch_size + k % batch_size])
+            lambda index: stream[(index // batch_size) * per_batch + shard_index * batch_size + index % batch_size])
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
 
@@ -271,8 +271,8 @@ def eval_streams(records, num_streams):
     """Splits the scenes into ``num_streams`` sequences of record indices (whole scenes, in time
     order, balanced by length) so every stream can carry its previous BEV from frame to frame."""
     scenes = {}
-    for i, rec in enumerate(records['samples']):
-        scenes.setdefault(rec['scene_token'], []).append(i)
+    for index, rec in enumerate(records['samples']):
+        scenes.setdefault(rec['scene_token'], []).append(index)
     streams = [[] for _ in range(num_streams)]
     for chain in sorted(scenes.values(), key=len, reverse=True):
         min(streams, key=len).extend(chain)

@@ -48,8 +48,8 @@ def split_scene_names(nusc, split):
     custom = os.path.join(nusc.dataroot, version, 'splits.json')
     available = sorted(official)
     if os.path.exists(custom):
-        with open(custom) as f:
-            splits = json.load(f)
+        with open(custom) as splits_file:
+            splits = json.load(splits_file)
         if split in splits:
             return splits[split]
         available += sorted(splits)
@@ -117,26 +117,26 @@ def _can_pose(messages, timestamp):
     return chosen
 
 
-def _pose_motion(ego2globals, timestamps, k):
-    """Ego-frame velocity, acceleration and yaw rate at frame k of a scene from its ego poses
+def _pose_motion(ego2globals, timestamps, frame_idx):
+    """Ego-frame velocity, acceleration and yaw rate at frame ``frame_idx`` of a scene from its ego poses
     (finite differences; used when there is no CAN bus)."""
-    def vel(i):
-        j0, j1 = max(i - 1, 0), min(i + 1, len(timestamps) - 1)
+    def vel(index):
+        j0, j1 = max(index - 1, 0), min(index + 1, len(timestamps) - 1)
         if j0 == j1:
             return np.zeros(3), 0.0
         dt = (timestamps[j1] - timestamps[j0]) * 1e-6
         v_global = (ego2globals[j1][:3, 3] - ego2globals[j0][:3, 3]) / dt
         dyaw = geometry.wrap_angle(geometry.matrix_yaw(ego2globals[j1][:3, :3])
                                    - geometry.matrix_yaw(ego2globals[j0][:3, :3]))
-        return ego2globals[i][:3, :3].T @ v_global, float(dyaw) / dt
+        return ego2globals[index][:3, :3].T @ v_global, float(dyaw) / dt
 
-    v, yaw_rate = vel(k)
-    j0, j1 = max(k - 1, 0), min(k + 1, len(timestamps) - 1)
+    velocity, yaw_rate = vel(frame_idx)
+    j0, j1 = max(frame_idx - 1, 0), min(frame_idx + 1, len(timestamps) - 1)
     accel = np.zeros(3)
     if j1 > j0:
         accel = (vel(j1)[0] - vel(j0)[0]) / ((timestamps[j1] - timestamps[j0]) * 1e-6)
     accel[2] += 9.81
-    return dict(accel=accel, rotation_rate=np.array([0.0, 0.0, yaw_rate]), vel=v)
+    return dict(accel=accel, rotation_rate=np.array([0.0, 0.0, yaw_rate]), vel=velocity)
 
 
 def _sample_record(nusc, sample, frame_idx, scene, can_pose):
@@ -215,15 +215,16 @@ def _scene_records(nusc, scene, chain):
     messages = _can_bus_messages(nusc.dataroot, scene['name'])
     ego2globals = [_lidar_ego2global(nusc, s) for s in chain]
     timestamps = [s['timestamp'] for s in chain]
-    for a, b in zip(chain, chain[1:]):
-        if b['timestamp'] <= a['timestamp']:
-            raise RecordsError(f"scene {scene['name']}: sample {b['token']} (timestamp {b['timestamp']}) does not come "
-                               f"after the sample before it, {a['token']} (timestamp {a['timestamp']})")
+    for earlier, later in zip(chain, chain[1:]):
+        if later['timestamp'] <= earlier['timestamp']:
+            raise RecordsError(f"scene {scene['name']}: sample {later['token']} (timestamp {later['timestamp']}) "
+                               f"does not come after the sample before it, {earlier['token']} "
+                               f"(timestamp {earlier['timestamp']})")
     out = []
-    for k, sample in enumerate(chain):
+    for frame_idx, sample in enumerate(chain):
         can_pose = (_can_pose(messages, sample['timestamp']) if messages is not None
-                    else _pose_motion(ego2globals, timestamps, k))
-        out.append(_sample_record(nusc, sample, k, scene, can_pose))
+                    else _pose_motion(ego2globals, timestamps, frame_idx))
+        out.append(_sample_record(nusc, sample, frame_idx, scene, can_pose))
     return out
 
 
@@ -254,19 +255,19 @@ def build_records(nusc, split):
 
 def tables_fingerprint(dataroot, version):
     """Cheap identity of a dataroot's tables (sizes and mtimes), to detect stale records."""
-    h = hashlib.sha1()
+    hasher = hashlib.sha1()
     for table in ('scene', 'sample', 'sample_data', 'sample_annotation', 'ego_pose', 'calibrated_sensor'):
         path = os.path.join(dataroot, version, f'{table}.json')
         st = os.stat(path)
-        h.update(f'{table}:{st.st_size}:{st.st_mtime_ns}'.encode())
-    return h.hexdigest()
+        hasher.update(f'{table}:{st.st_size}:{st.st_mtime_ns}'.encode())
+    return hasher.hexdigest()
 
 
 def save_records(records, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'   # processes of one multi-host job may build the same cache at once
-    with open(tmp, 'w') as f:
-        json.dump(records, f)
+    with open(tmp, 'w') as out_file:
+        json.dump(records, out_file)
     os.replace(tmp, path)
 
 
@@ -274,12 +275,12 @@ def load_records(path, version=None, split=None):
     """Loads a records file and checks its format, version, split and that its calibration, pose
     and can_bus arrays are finite (JSON as Python writes it allows NaN and Infinity)."""
     try:
-        with open(path) as f:
-            records = json.load(f)
+        with open(path) as records_file:
+            records = json.load(records_file)
     except FileNotFoundError:
         raise RecordsError(f'records file not found: {path}') from None
-    except json.JSONDecodeError as e:
-        raise RecordsError(f'records file {path} is not valid JSON ({e})') from None
+    except json.JSONDecodeError as error:
+        raise RecordsError(f'records file {path} is not valid JSON ({error})') from None
     if not isinstance(records, dict) or records.get('format') != FORMAT:
         found = records.get('format') if isinstance(records, dict) else type(records).__name__
         raise RecordsError(f'{path} is not a {FORMAT} records file (format: {found!r}); rebuild it with '
@@ -287,13 +288,13 @@ def load_records(path, version=None, split=None):
     for key, want in (('version', version), ('split', split)):
         if want is not None and records.get(key) != want:
             raise RecordsError(f"records file {path} is for {key} '{records.get(key)}', expected '{want}'")
-    for k, rec in enumerate(records.get('samples', [])):
+    for index, rec in enumerate(records.get('samples', [])):
         try:
             bad = non_finite_field(rec)
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             token = rec.get('token') if isinstance(rec, dict) else None
-            raise RecordsError(f'records file {path}: sample {k} ({token}) has malformed calibration, pose or '
-                               f'can_bus arrays ({type(e).__name__}: {e}); rebuild it') from None
+            raise RecordsError(f'records file {path}: sample {index} ({token}) has malformed calibration, pose or '
+                               f'can_bus arrays ({type(error).__name__}: {error}); rebuild it') from None
         if bad:
             raise RecordsError(f"records file {path}: sample {rec['token']} has a non-finite {bad}; check the "
                                f'tables and rebuild it with python -m fd3d_jax.data.records')
@@ -332,8 +333,8 @@ def main(argv=None):
         from nuscenes import NuScenes
         nusc = NuScenes(version=args.version, dataroot=args.dataroot, verbose=False)
         records = build_records(nusc, args.split)
-    except (RecordsError, AssertionError) as e:
-        sys.exit(f'error: {e}')
+    except (RecordsError, AssertionError) as error:
+        sys.exit(f'error: {error}')
     out = args.out or default_records_path(args.dataroot, args.version, args.split)
     save_records(records, out)
     print(f'wrote {len(records["samples"])} records to {out}')

@@ -32,8 +32,8 @@ LIDAR_MAX_RANGE = 70.0
 def camera_rotation(yaw):
     """Camera->ego rotation for a level camera looking along ``yaw`` (camera x right, y down,
     z forward)."""
-    c, s = np.cos(yaw), np.sin(yaw)
-    return np.array([[s, 0.0, c], [-c, 0.0, s], [0.0, -1.0, 0.0]])
+    cos_yaw, sin_yaw = np.cos(yaw), np.sin(yaw)
+    return np.array([[sin_yaw, 0.0, cos_yaw], [-cos_yaw, 0.0, sin_yaw], [0.0, -1.0, 0.0]])
 
 
 def camera_rig(width, height):
@@ -41,11 +41,11 @@ def camera_rig(width, height):
     sx, sy = width / NUSCENES_IMAGE_WH[0], height / NUSCENES_IMAGE_WH[1]
     rig = {}
     for name in CAMERA_NAMES:
-        trans, yaw_deg, f, cx, cy = _CAMERAS[name]
+        trans, yaw_deg, focal, cx, cy = _CAMERAS[name]
         rig[name] = dict(
             translation=np.array(trans),
             rotation=geometry.matrix_to_quat(camera_rotation(np.radians(yaw_deg))),
-            intrinsic=np.array([[f * sx, 0.0, cx * sx], [0.0, f * sy, cy * sy], [0.0, 0.0, 1.0]]),
+            intrinsic=np.array([[focal * sx, 0.0, cx * sx], [0.0, focal * sy, cy * sy], [0.0, 0.0, 1.0]]),
         )
     return rig
 

@@ -70,16 +70,16 @@ class FrozenBatchNorm(nn.Module):
     scale_init: Any = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param('scale', self.scale_init, (c,))
-        bias = self.param('bias', nn.initializers.zeros, (c,))
-        mean = self.param('mean', nn.initializers.zeros, (c,))
-        var = self.param('var', nn.initializers.ones, (c,))
+    def __call__(self, inputs):
+        channels = inputs.shape[-1]
+        scale = self.param('scale', self.scale_init, (channels,))
+        bias = self.param('bias', nn.initializers.zeros, (channels,))
+        mean = self.param('mean', nn.initializers.zeros, (channels,))
+        var = self.param('var', nn.initializers.ones, (channels,))
         scale, bias, mean, var = jax.lax.stop_gradient((scale, bias, mean, var))
         mul = scale * jax.lax.rsqrt(var + self.eps)
         add = bias - mean * mul
-        return x * mul.astype(x.dtype) + add.astype(x.dtype)
+        return inputs * mul.astype(inputs.dtype) + add.astype(inputs.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -98,26 +98,26 @@ class Bottleneck(nn.Module):
     dtype: Optional[Any] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, inputs):
         assert self.style in ('pytorch', 'caffe'), self.style
         s1, s2 = (1, self.stride) if self.style == 'pytorch' else (self.stride, 1)
-        d = self.dilation
-        out = conv2d(self.planes, 1, s1, name='conv1', dtype=self.dtype)(x)
+        dilation = self.dilation
+        out = conv2d(self.planes, 1, s1, name='conv1', dtype=self.dtype)(inputs)
         out = nn.relu(FrozenBatchNorm(name='bn1')(out))
         if self.dcn:
-            out = ModulatedDeformConv2dPack(self.planes, 3, strides=s2, padding=d, dilation=d,
+            out = ModulatedDeformConv2dPack(self.planes, 3, strides=s2, padding=dilation, dilation=dilation,
                                             use_bias=False, dtype=self.dtype, name='conv2')(out)
         else:
-            out = conv2d(self.planes, 3, s2, padding=d, dilation=d, name='conv2',
+            out = conv2d(self.planes, 3, s2, padding=dilation, dilation=dilation, name='conv2',
                          dtype=self.dtype)(out)
         out = nn.relu(FrozenBatchNorm(name='bn2')(out))
         out = conv2d(self.planes * BOTTLENECK_EXPANSION, 1, name='conv3', dtype=self.dtype)(out)
         bn3_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         out = FrozenBatchNorm(scale_init=bn3_init, name='bn3')(out)
-        identity = x
+        identity = inputs
         if self.downsample:
             identity = conv2d(self.planes * BOTTLENECK_EXPANSION, 1, self.stride,
-                              name='downsample_conv', dtype=self.dtype)(x)
+                              name='downsample_conv', dtype=self.dtype)(inputs)
             identity = FrozenBatchNorm(name='downsample_bn')(identity)
         return nn.relu(out + identity)
 
@@ -153,45 +153,45 @@ class ResNet(nn.Module):
     dtype: Optional[Any] = None
 
     @nn.compact
-    def __call__(self, x) -> Tuple[jnp.ndarray, ...]:
+    def __call__(self, feat) -> Tuple[jnp.ndarray, ...]:
         blocks = tuple(self.stage_blocks or RESNET_STAGE_BLOCKS[self.depth])
         assert len(blocks) == len(self.dcn_stages) == len(self.strides) == len(self.dilations)
         assert all(0 <= i < len(blocks) for i in self.out_indices), self.out_indices
-        x = conv2d(self.base_width, 7, 2, 3, name='conv1', dtype=self.dtype)(x)
-        x = nn.relu(FrozenBatchNorm(name='bn1')(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        feat = conv2d(self.base_width, 7, 2, 3, name='conv1', dtype=self.dtype)(feat)
+        feat = nn.relu(FrozenBatchNorm(name='bn1')(feat))
+        feat = nn.max_pool(feat, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.frozen_stages >= 0:
-            x = jax.lax.stop_gradient(x)
+            feat = jax.lax.stop_gradient(feat)
         block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
         step_cls = nn.remat(_BlockStep, prevent_cse=False) if self.remat else _BlockStep
         inplanes = self.base_width
         outs = []
-        for s, num_blocks in enumerate(blocks):
-            planes = self.base_width * 2 ** s
-            kwargs = dict(dilation=self.dilations[s], style=self.style, dcn=bool(self.dcn_stages[s]),
+        for stage, num_blocks in enumerate(blocks):
+            planes = self.base_width * 2 ** stage
+            kwargs = dict(dilation=self.dilations[stage], style=self.style, dcn=bool(self.dcn_stages[stage]),
                           zero_init_residual=self.zero_init_residual, dtype=self.dtype)
-            downsample = self.strides[s] != 1 or inplanes != planes * BOTTLENECK_EXPANSION
-            x = block_cls(planes, stride=self.strides[s], downsample=downsample, **kwargs,
-                          name=f'layer{s + 1}_0')(x)
+            downsample = self.strides[stage] != 1 or inplanes != planes * BOTTLENECK_EXPANSION
+            feat = block_cls(planes, stride=self.strides[stage], downsample=downsample, **kwargs,
+                             name=f'layer{stage + 1}_0')(feat)
             inplanes = planes * BOTTLENECK_EXPANSION
             if num_blocks > 1:
                 scan = nn.scan(step_cls, variable_axes={'params': 0}, split_rngs={'params': True},
                                length=num_blocks - 1)
-                x, _ = scan(dict(planes=planes, **kwargs), name=f'layer{s + 1}_rest')(x, None)
-            if s < self.frozen_stages:
-                x = jax.lax.stop_gradient(x)
-            if s in self.out_indices:
-                outs.append(x)
+                feat, _ = scan(dict(planes=planes, **kwargs), name=f'layer{stage + 1}_rest')(feat, None)
+            if stage < self.frozen_stages:
+                feat = jax.lax.stop_gradient(feat)
+            if stage in self.out_indices:
+                outs.append(feat)
         return tuple(outs)
 
 
 class _BlockStep(nn.Module):
-    """Scan body over a stage's repeated blocks: (x, _) -> (Bottleneck(x), None)."""
+    """Scan body over a stage's repeated blocks: (feat, _) -> (Bottleneck(feat), None)."""
     block: dict
 
     @nn.compact
-    def __call__(self, x, _):
-        return Bottleneck(**self.block, name='block')(x), None
+    def __call__(self, feat, _):
+        return Bottleneck(**self.block, name='block')(feat), None
 
 
 _BN_NAME = re.compile(r'^(bn\d+|downsample_bn)$')
@@ -229,11 +229,11 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(src, in_size - 1)
 
 
-def resize_nearest(x, size: Tuple[int, int]):
+def resize_nearest(feat, size: Tuple[int, int]):
     """(N, h, w, C) -> (N, H, W, C) nearest resize to an explicit size (PyTorch semantics)."""
-    rows = nearest_indices(x.shape[1], size[0])
-    cols = nearest_indices(x.shape[2], size[1])
-    return x[:, rows][:, :, cols]
+    rows = nearest_indices(feat.shape[1], size[0])
+    cols = nearest_indices(feat.shape[2], size[1])
+    return feat[:, rows][:, :, cols]
 
 
 class FPN(nn.Module):
@@ -268,16 +268,16 @@ class FPN(nn.Module):
             extra = 'on_input'
         assert extra in (False, 'on_input', 'on_lateral', 'on_output'), extra
 
-        def conv(k, stride, name):
-            return conv2d(self.out_channels, k, stride, padding=k // 2, use_bias=True, name=name,
+        def conv(kernel, stride, name):
+            return conv2d(self.out_channels, kernel, stride, padding=kernel // 2, use_bias=True, name=name,
                           dtype=self.dtype, kernel_init=xavier_uniform)
 
         laterals = [conv(1, 1, f'lateral_convs_{i}')(inputs[self.start_level + i])
                     for i in range(backbone_end - self.start_level)]
         used = len(laterals)
-        for i in range(used - 1, 0, -1):
-            up = resize_nearest(laterals[i], laterals[i - 1].shape[1:3])
-            laterals[i - 1] = laterals[i - 1] + up
+        for level in range(used - 1, 0, -1):
+            up = resize_nearest(laterals[level], laterals[level - 1].shape[1:3])
+            laterals[level - 1] = laterals[level - 1] + up
         outs = [conv(3, 1, f'fpn_convs_{i}')(laterals[i]) for i in range(used)]
         if self.num_outs > used:
             if not extra:
@@ -288,7 +288,7 @@ class FPN(nn.Module):
                           'on_lateral': lambda: laterals[-1],
                           'on_output': lambda: outs[-1]}[extra]()
                 outs.append(conv(3, 2, f'fpn_convs_{used}')(source))
-                for i in range(used + 1, self.num_outs):
+                for level in range(used + 1, self.num_outs):
                     src = nn.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
-                    outs.append(conv(3, 2, f'fpn_convs_{i}')(src))
+                    outs.append(conv(3, 2, f'fpn_convs_{level}')(src))
         return tuple(outs)

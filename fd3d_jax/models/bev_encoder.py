@@ -1,8 +1,8 @@
 """BEVFormer's encoder: layers of ``TSA -> LN -> SCA -> LN -> FFN -> LN`` on the BEV queries.
 
 With a previous BEV, every layer's TSA value is ``[rotated previous BEV, the initial BEV queries]``
-(the "current" half stays the initial queries across layers); without one it is ``[x, x]`` from the
-layer input. Both cases are computed per sample with the ``prev_exists`` flag (static shapes).
+(the "current" half stays the initial queries across layers); without one it is ``[bev, bev]`` from
+the layer input. Both cases are computed per sample with the ``prev_exists`` flag (static shapes).
 
 The layers run as one ``nn.scan`` (parameters stacked on axis 0 under ``layers``), optionally
 rematerialised: the backward pass then keeps one (B, Q, C) BEV per layer and recomputes one
@@ -17,7 +17,7 @@ from fd3d_jax.models.temporal_self_attention import TemporalSelfAttention
 
 
 class EncoderLayer(nn.Module):
-    """One layer as a scan step: (x, broadcast inputs...) -> (x, None)."""
+    """One layer as a scan step: (bev, broadcast inputs...) -> (bev, None)."""
     embed_dims: int
     num_heads: int
     ffn_dims: int
@@ -33,18 +33,19 @@ class EncoderLayer(nn.Module):
     sca_batch0_hits: bool = False
 
     @nn.compact
-    def __call__(self, x, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask):
+    def __call__(self, bev, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask):
         det = self.deterministic
-        value = jnp.where(prev_exists[:, None, None, None], prev_stack, jnp.stack([x, x], 1))
-        x, _ = TemporalSelfAttention(self.embed_dims, self.num_heads, self.tsa_points, self.dropout,
-                                     self.tsa_batch_bug, name='tsa')(x, bev_pos, value, ref_hybrid, self.bev_hw, det)
-        x = layer_norm('norm1')(x)
-        x, _ = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
-                                     self.num_z_anchors, self.dropout, self.sca_batch0_hits,
-                                     name='sca')(x, feats, self.spatial_shapes, ref_cam, bev_mask, det)
-        x = layer_norm('norm2')(x)
-        x = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(x, det)
-        return layer_norm('norm3')(x), None
+        value = jnp.where(prev_exists[:, None, None, None], prev_stack, jnp.stack([bev, bev], 1))
+        bev, _ = TemporalSelfAttention(self.embed_dims, self.num_heads, self.tsa_points, self.dropout,
+                                       self.tsa_batch_bug,
+                                       name='tsa')(bev, bev_pos, value, ref_hybrid, self.bev_hw, det)
+        bev = layer_norm('norm1')(bev)
+        bev, _ = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
+                                       self.num_z_anchors, self.dropout, self.sca_batch0_hits,
+                                       name='sca')(bev, feats, self.spatial_shapes, ref_cam, bev_mask, det)
+        bev = layer_norm('norm2')(bev)
+        bev = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(bev, det)
+        return layer_norm('norm3')(bev), None
 
 
 class BEVEncoder(nn.Module):
@@ -61,7 +62,7 @@ class BEVEncoder(nn.Module):
         step = nn.remat(EncoderLayer, prevent_cse=False) if self.remat else EncoderLayer
         layers = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                          in_axes=(nn.broadcast,) * 7, length=self.num_layers)
-        x, _ = layers(**self.layer_kwargs, spatial_shapes=tuple(tuple(s) for s in spatial_shapes),
-                      deterministic=deterministic, name='layers')(
+        bev, _ = layers(**self.layer_kwargs, spatial_shapes=tuple(tuple(s) for s in spatial_shapes),
+                        deterministic=deterministic, name='layers')(
             bev_query, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask)
-        return x
+        return bev

@@ -38,13 +38,13 @@ class ImageFeatures(nn.Module):
 
     @nn.compact
     def __call__(self, img, deterministic=True):
-        b, n = img.shape[:2]
-        img = img.reshape((b * n,) + img.shape[2:])
+        batch, num_cams = img.shape[:2]
+        img = img.reshape((batch * num_cams,) + img.shape[2:])
         if self.grid_mask and not deterministic:
             img = apply_grid_mask(img, self.make_rng('dropout'))
         feats = ResNet(**self.backbone, name='backbone')(img)
         feats = FPN(**self.neck, name='neck')(feats)
-        return [f.reshape((b, n) + f.shape[1:]) for f in feats]
+        return [f.reshape((batch, num_cams) + f.shape[1:]) for f in feats]
 
 
 class BEVFormer(Detector):
@@ -79,18 +79,18 @@ class BEVFormer(Detector):
     grid_mask: bool = False               # GridMask on the current frame's images in training
 
     def setup(self):
-        c, q = self.embed_dims, self.bev_h * self.bev_w
+        embed_dims, num_bev_queries = self.embed_dims, self.bev_h * self.bev_w
         self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask)
-        self.bev_embedding = self.param('bev_embedding', nn.initializers.normal(1.0), (q, c))
+        self.bev_embedding = self.param('bev_embedding', nn.initializers.normal(1.0), (num_bev_queries, embed_dims))
         # LearnedPositionalEncoding(num_feats=C/2): [col_embed(x) | row_embed(y)].
-        self.row_embed = self.param('row_embed', nn.initializers.normal(1.0), (self.bev_h, c // 2))
-        self.col_embed = self.param('col_embed', nn.initializers.normal(1.0), (self.bev_w, c // 2))
-        self.cams_embeds = self.param('cams_embeds', nn.initializers.normal(1.0), (self.num_cams, c))
-        self.level_embeds = self.param('level_embeds', nn.initializers.normal(1.0), (self.num_levels, c))
-        self.can_bus_fc0 = nn.Dense(c // 2, kernel_init=xavier_uniform)
-        self.can_bus_fc1 = nn.Dense(c, kernel_init=xavier_uniform)
+        self.row_embed = self.param('row_embed', nn.initializers.normal(1.0), (self.bev_h, embed_dims // 2))
+        self.col_embed = self.param('col_embed', nn.initializers.normal(1.0), (self.bev_w, embed_dims // 2))
+        self.cams_embeds = self.param('cams_embeds', nn.initializers.normal(1.0), (self.num_cams, embed_dims))
+        self.level_embeds = self.param('level_embeds', nn.initializers.normal(1.0), (self.num_levels, embed_dims))
+        self.can_bus_fc0 = nn.Dense(embed_dims // 2, kernel_init=xavier_uniform)
+        self.can_bus_fc1 = nn.Dense(embed_dims, kernel_init=xavier_uniform)
         self.can_bus_norm = layer_norm()
-        layer_kwargs = dict(embed_dims=c, num_heads=self.num_heads, ffn_dims=self.ffn_dims,
+        layer_kwargs = dict(embed_dims=embed_dims, num_heads=self.num_heads, ffn_dims=self.ffn_dims,
                             num_levels=self.num_levels, sca_points=self.sca_points, tsa_points=self.tsa_points,
                             num_z_anchors=self.num_points_in_pillar, bev_hw=(self.bev_h, self.bev_w),
                             dropout=self.dropout, tsa_batch_bug=self.tsa_batch_bug,
@@ -105,9 +105,10 @@ class BEVFormer(Detector):
     @nn.nowrap
     def extra_batch_keys(self, batch_size, queue_length):
         """The BEV alignment of each frame to the next (``fd3d_jax.data.pipeline.bev_alignment``)."""
-        b, t, q = batch_size, queue_length, self.bev_h * self.bev_w
-        return dict(bev_shift=((b, t, 2), jnp.float32), bev_rot_index=((b, t, q), jnp.int32),
-                    bev_rot_valid=((b, t, q), jnp.bool_))
+        batch, num_frames, num_bev_queries = batch_size, queue_length, self.bev_h * self.bev_w
+        return dict(bev_shift=((batch, num_frames, 2), jnp.float32),
+                    bev_rot_index=((batch, num_frames, num_bev_queries), jnp.int32),
+                    bev_rot_valid=((batch, num_frames, num_bev_queries), jnp.bool_))
 
     @nn.nowrap
     def build_head(self, img_hw, name=None):
@@ -132,21 +133,21 @@ class BEVFormer(Detector):
     def flatten_feats(self, feats):
         """list of (B, N, H_l, W_l, C) -> (B, N, S, C) with camera and level embeddings."""
         out = []
-        for lvl, f in enumerate(feats):
-            b, n, h, w, c = f.shape
-            f = f.reshape(b, n, h * w, c)
+        for lvl, feat in enumerate(feats):
+            batch, num_cams, height, width, channels = feat.shape
+            feat = feat.reshape(batch, num_cams, height * width, channels)
             if self.use_cams_embeds:
-                f = f + self.cams_embeds[None, :, None, :].astype(f.dtype)
-            out.append(f + self.level_embeds[lvl][None, None, None, :].astype(f.dtype))
+                feat = feat + self.cams_embeds[None, :, None, :].astype(feat.dtype)
+            out.append(feat + self.level_embeds[lvl][None, None, None, :].astype(feat.dtype))
         return jnp.concatenate(out, 2), tuple((f.shape[2], f.shape[3]) for f in feats)
 
     def encode_bev(self, feats, lidar2img, can_bus, prev_bev, prev_exists, shift, rot_index, rot_valid,
                    img_hw, deterministic):
         """One frame's BEV. feats: list of (B, N, H_l, W_l, C); lidar2img (B, N, 4, 4); can_bus (B, 18);
         prev_bev (B, Q, C); prev_exists (B,); shift (B, 2); rot_index/rot_valid (B, Q)."""
-        b = lidar2img.shape[0]
+        batch = lidar2img.shape[0]
         dtype = feats[0].dtype
-        bev_query = jnp.broadcast_to(self.bev_embedding[None].astype(dtype), (b,) + self.bev_embedding.shape)
+        bev_query = jnp.broadcast_to(self.bev_embedding[None].astype(dtype), (batch,) + self.bev_embedding.shape)
         can = self.can_bus_norm(nn.relu(self.can_bus_fc1(nn.relu(self.can_bus_fc0(can_bus.astype(dtype))))))
         bev_query = bev_query + can[:, None, :] * float(self.use_can_bus)
         flat, shapes = self.flatten_feats(feats)
@@ -155,7 +156,7 @@ class BEVFormer(Detector):
         prev = rotate_bev(prev_bev, rot_index, rot_valid).astype(dtype)
         hybrid = hybrid_reference_points(jnp.asarray(reference_points_2d(self.bev_h, self.bev_w)), shift,
                                          prev_exists, self.reproduce_shift_bug)
-        return self.encoder(bev_query, self.bev_pos(b).astype(dtype), prev, prev_exists, hybrid, flat, shapes,
+        return self.encoder(bev_query, self.bev_pos(batch).astype(dtype), prev, prev_exists, hybrid, flat, shapes,
                             ref_cam, bev_mask, deterministic)
 
     def __call__(self, batch, prev_bev=None, deterministic=True):
@@ -163,26 +164,27 @@ class BEVFormer(Detector):
         prev_bev_exists (B, T), bev_shift (B, T, 2), bev_rot_index / bev_rot_valid (B, T, Q).
         prev_bev: optional (B, Q, C) BEV of the frame before the first one (evaluation)."""
         img = batch['img']
-        b, t = img.shape[:2]
+        batch_size, num_frames = img.shape[:2]
         img_hw = img.shape[3:5]
-        q, c = self.bev_h * self.bev_w, self.embed_dims
-        prev = jnp.zeros((b, q, c), img.dtype) if prev_bev is None else prev_bev
+        num_bev_queries, embed_dims = self.bev_h * self.bev_w, self.embed_dims
+        prev = jnp.zeros((batch_size, num_bev_queries, embed_dims), img.dtype) if prev_bev is None else prev_bev
 
         keys = ('img', 'lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift', 'bev_rot_index', 'bev_rot_valid')
 
-        def encode_frame(mdl, prev, f, deterministic):
-            feats = mdl.image_features(f['img'], deterministic)
-            bev = mdl.encode_bev(feats, f['lidar2img'], f['can_bus'], prev, f['prev_bev_exists'], f['bev_shift'],
-                                 f['bev_rot_index'], f['bev_rot_valid'], img_hw, deterministic)
+        def encode_frame(mdl, prev, frame, deterministic):
+            feats = mdl.image_features(frame['img'], deterministic)
+            bev = mdl.encode_bev(feats, frame['lidar2img'], frame['can_bus'], prev, frame['prev_bev_exists'],
+                                 frame['bev_shift'], frame['bev_rot_index'], frame['bev_rot_valid'], img_hw,
+                                 deterministic)
             return bev, feats
 
-        if t > 1:  # history: no gradient, inference mode, one frame at a time
-            def history_step(mdl, prev, f):
-                return jax.lax.stop_gradient(encode_frame(mdl, prev, f, True)[0]), None
-            history = {k: jnp.moveaxis(batch[k][:, :t - 1], 1, 0) for k in keys}
+        if num_frames > 1:  # history: no gradient, inference mode, one frame at a time
+            def history_step(mdl, prev, frame):
+                return jax.lax.stop_gradient(encode_frame(mdl, prev, frame, True)[0]), None
+            history = {k: jnp.moveaxis(batch[k][:, :num_frames - 1], 1, 0) for k in keys}
             prev, _ = nn.scan(history_step, variable_broadcast='params', split_rngs={'params': False, 'dropout': False})(
                 self, prev, history)
-        bev, feats = encode_frame(self, prev, {k: batch[k][:, t - 1] for k in keys}, deterministic)
-        out = self.head(dict(bev=bev), b, deterministic)
+        bev, feats = encode_frame(self, prev, {k: batch[k][:, num_frames - 1] for k in keys}, deterministic)
+        out = self.head(dict(bev=bev), batch_size, deterministic)
         return dict(out, bev=bev, img_feats=feats)
 

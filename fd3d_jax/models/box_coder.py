@@ -14,42 +14,44 @@ CODE_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
 POST_CENTER_RANGE = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
 
 
-def inverse_sigmoid(x, eps=1e-5):
-    """``log(x / (1 - x))`` with x clamped to [0, 1] and both terms to >= eps (mmdet)."""
-    x = jnp.clip(x, 0.0, 1.0)
-    return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
+def inverse_sigmoid(prob, eps=1e-5):
+    """``log(prob / (1 - prob))`` with prob clamped to [0, 1] and both terms to >= eps (mmdet)."""
+    prob = jnp.clip(prob, 0.0, 1.0)
+    return jnp.log(jnp.maximum(prob, eps) / jnp.maximum(1.0 - prob, eps))
 
 
 def normalize_bbox(boxes):
     """(..., 9) boxes -> (..., 10) code (``normalize_bbox``)."""
-    x, y, z, w, l, h, yaw, vx, vy = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([x, y, jnp.log(w), jnp.log(l), z, jnp.log(h), jnp.sin(yaw), jnp.cos(yaw), vx, vy], -1)
+    cx, cy, cz, width, length, height, yaw, vx, vy = jnp.moveaxis(boxes, -1, 0)
+    return jnp.stack([cx, cy, jnp.log(width), jnp.log(length), cz, jnp.log(height), jnp.sin(yaw), jnp.cos(yaw),
+                      vx, vy], -1)
 
 
 def denormalize_bbox(code):
     """(..., 10) code -> (..., 9) boxes (``denormalize_bbox``; yaw = atan2(sin, cos))."""
-    cx, cy, lw, ll, cz, lh, s, c, vx, vy = jnp.moveaxis(code, -1, 0)
-    return jnp.stack([cx, cy, cz, jnp.exp(lw), jnp.exp(ll), jnp.exp(lh), jnp.arctan2(s, c), vx, vy], -1)
+    cx, cy, lw, ll, cz, lh, sin_yaw, cos_yaw, vx, vy = jnp.moveaxis(code, -1, 0)
+    return jnp.stack([cx, cy, cz, jnp.exp(lw), jnp.exp(ll), jnp.exp(lh), jnp.arctan2(sin_yaw, cos_yaw), vx, vy], -1)
 
 
 def decode_centers(raw, reference, pc_range):
     """Regression-branch output -> code with metric centres (BEVFormer/DETR3D head forward).
 
     ``cx = sigmoid(t0 + r0)`` scaled to pc_range x, ``cy`` likewise with ``(t1, r1)``, ``cz`` with
-    ``(t4, r2)``; ``r = inverse_sigmoid(reference)``. raw: (..., 10), reference: (..., 3) in [0, 1].
+    ``(t4, r2)``; ``r = ref_logit = inverse_sigmoid(reference)``. raw: (..., 10), reference: (..., 3) in [0, 1].
     """
-    r = inverse_sigmoid(reference)
+    ref_logit = inverse_sigmoid(reference)
     lo, hi = jnp.asarray(pc_range[:3], raw.dtype), jnp.asarray(pc_range[3:], raw.dtype)
-    xy = jax.nn.sigmoid(raw[..., 0:2] + r[..., 0:2]) * (hi[:2] - lo[:2]) + lo[:2]
-    z = jax.nn.sigmoid(raw[..., 4:5] + r[..., 2:3]) * (hi[2] - lo[2]) + lo[2]
-    return jnp.concatenate([xy, raw[..., 2:4], z, raw[..., 5:]], -1)
+    xy = jax.nn.sigmoid(raw[..., 0:2] + ref_logit[..., 0:2]) * (hi[:2] - lo[:2]) + lo[:2]
+    cz = jax.nn.sigmoid(raw[..., 4:5] + ref_logit[..., 2:3]) * (hi[2] - lo[2]) + lo[2]
+    return jnp.concatenate([xy, raw[..., 2:4], cz, raw[..., 5:]], -1)
 
 
 def refine_reference(raw, reference):
     """Iterative box refinement of the decoder: new (x, y) from ``raw[0:2]`` and z from ``raw[4]``
     in inverse-sigmoid space, with a stop-gradient (``.detach()``). raw (..., 10), reference (..., 3)."""
-    r = inverse_sigmoid(reference)
-    new = jax.nn.sigmoid(jnp.concatenate([raw[..., 0:2] + r[..., 0:2], raw[..., 4:5] + r[..., 2:3]], -1))
+    ref_logit = inverse_sigmoid(reference)
+    new = jax.nn.sigmoid(jnp.concatenate([raw[..., 0:2] + ref_logit[..., 0:2],
+                                          raw[..., 4:5] + ref_logit[..., 2:3]], -1))
     return jax.lax.stop_gradient(new)
 
 

@@ -1,6 +1,6 @@
 """Modulated deformable convolution (DCNv2), mmcv ``ModulatedDeformConv2dPack`` semantics, in JAX.
 
-Layout is channel-last: ``x`` (N, H, W, C_in), ``kernel`` (kh, kw, C_in, C_out) (flax HWIO).
+Layout is channel-last: ``inputs`` (N, H, W, C_in), ``kernel`` (kh, kw, C_in, C_out) (flax HWIO).
 
 Offset / mask channels (one deformable group). mmcv's CUDA im2col kernel
 (``modulated_deform_conv_cuda_kernel.cuh``, ``modulated_deformable_im2col_gpu_kernel``) reads, for
@@ -36,12 +36,12 @@ import numpy as np
 IntOrPair = Union[int, Sequence[int]]
 
 
-def _pair(v: IntOrPair) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    assert len(v) == 2, v
-    return v
+def _pair(value: IntOrPair) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(a) for a in value)
+    assert len(value) == 2, value
+    return value
 
 
 def deform_conv_output_size(size: int, kernel: int, stride: int, padding: int,
@@ -50,20 +50,20 @@ def deform_conv_output_size(size: int, kernel: int, stride: int, padding: int,
     return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
-def bilinear_corners(y, x, height: int, width: int):
+def bilinear_corners(coord_y, coord_x, height: int, width: int):
     """mmcv DCNv2 bilinear taps at pixel coordinates.
 
     Args:
-      y, x: (...,) float sampling coordinates (pixel centres at integers).
+      coord_y, coord_x: (...,) float sampling coordinates (pixel centres at integers).
       height, width: input map size.
     Returns:
       idx (..., 4) int32 flat indices ``row * width + col`` (clipped into range) and
       w (..., 4) weights, zero for invalid corners and for points outside ``(-1, H) x (-1, W)``.
     """
-    inside = (y > -1) & (x > -1) & (y < height) & (x < width)
-    y0 = jnp.floor(y)
-    x0 = jnp.floor(x)
-    ly, lx = y - y0, x - x0
+    inside = (coord_y > -1) & (coord_x > -1) & (coord_y < height) & (coord_x < width)
+    y0 = jnp.floor(coord_y)
+    x0 = jnp.floor(coord_x)
+    ly, lx = coord_y - y0, coord_x - x0
     hy, hx = 1.0 - ly, 1.0 - lx
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
@@ -76,22 +76,22 @@ def bilinear_corners(y, x, height: int, width: int):
     return jnp.stack(idx, axis=-1), jnp.stack(wts, axis=-1)
 
 
-def _point_contribution(x_flat, y, x, mask_k, w_k, height: int, width: int):
+def _point_contribution(x_flat, coord_y, coord_x, mask_k, w_k, height: int, width: int):
     """One kernel point: bilinear sample * mask, then (C_in -> C_out) matmul.
 
-    x_flat (N, H*W, C_in); y, x, mask_k (N, Ho, Wo); w_k (C_in, C_out) -> (N, Ho, Wo, C_out).
+    x_flat (N, H*W, C_in); coord_y, coord_x, mask_k (N, Ho, Wo); w_k (C_in, C_out) -> (N, Ho, Wo, C_out).
     """
-    n, ho, wo = y.shape
-    idx, wts = bilinear_corners(y, x, height, width)            # (N, Ho, Wo, 4)
+    num_images, ho, wo = coord_y.shape
+    idx, wts = bilinear_corners(coord_y, coord_x, height, width)  # (N, Ho, Wo, 4)
     wts = (wts * mask_k[..., None]).astype(x_flat.dtype)
-    idx = idx.reshape(n, ho * wo * 4)
+    idx = idx.reshape(num_images, ho * wo * 4)
     taps = jax.vmap(lambda xf, i: jnp.take(xf, i, axis=0))(x_flat, idx)  # (N, Ho*Wo*4, C_in)
-    taps = taps.reshape(n, ho, wo, 4, -1)
+    taps = taps.reshape(num_images, ho, wo, 4, -1)
     sample = jnp.einsum('nhwk,nhwkc->nhwc', wts, taps)           # (N, Ho, Wo, C_in)
     return jnp.einsum('nhwc,co->nhwo', sample, w_k.astype(sample.dtype))
 
 
-def modulated_deform_conv(x, offset, mask, kernel, stride: IntOrPair = 1, padding: IntOrPair = 0,
+def modulated_deform_conv(inputs, offset, mask, kernel, stride: IntOrPair = 1, padding: IntOrPair = 0,
                           dilation: IntOrPair = 1, bias=None, remat_points: bool = True):
     """Modulated deformable conv v2 (one deformable group, one conv group).
 
@@ -99,7 +99,7 @@ def modulated_deform_conv(x, offset, mask, kernel, stride: IntOrPair = 1, paddin
     output pixel, applies weights * mask and accumulates ``sample @ kernel[i, j]``.
 
     Args:
-      x: (N, H, W, C_in) input.
+      inputs: (N, H, W, C_in) input.
       offset: (N, Ho, Wo, 2*kh*kw), interleaved ``(dy_k, dx_k)`` per kernel point ``k = i*kw + j``.
       mask: (N, Ho, Wo, kh*kw) modulation (already through the sigmoid).
       kernel: (kh, kw, C_in, C_out).
@@ -113,34 +113,34 @@ def modulated_deform_conv(x, offset, mask, kernel, stride: IntOrPair = 1, paddin
       (N, Ho, Wo, C_out).
     """
     kh, kw, cin, cout = kernel.shape
-    n, height, width, c = x.shape
-    assert c == cin, (x.shape, kernel.shape)
+    num_images, height, width, channels = inputs.shape
+    assert channels == cin, (inputs.shape, kernel.shape)
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     ho = deform_conv_output_size(height, kh, sh, ph, dh)
     wo = deform_conv_output_size(width, kw, sw, pw, dw)
     kk = kh * kw
-    assert offset.shape == (n, ho, wo, 2 * kk), (offset.shape, (n, ho, wo, 2 * kk))
-    assert mask.shape == (n, ho, wo, kk), (mask.shape, (n, ho, wo, kk))
+    assert offset.shape == (num_images, ho, wo, 2 * kk), (offset.shape, (num_images, ho, wo, 2 * kk))
+    assert mask.shape == (num_images, ho, wo, kk), (mask.shape, (num_images, ho, wo, kk))
 
     coord_dtype = jnp.promote_types(offset.dtype, jnp.float32)
-    x_flat = x.reshape(n, height * width, cin)
+    x_flat = inputs.reshape(num_images, height * width, cin)
     base_y = (jnp.arange(ho) * sh - ph).astype(coord_dtype)[None, :, None]
     base_x = (jnp.arange(wo) * sw - pw).astype(coord_dtype)[None, None, :]
     ii, jj = np.meshgrid(np.arange(kh), np.arange(kw), indexing='ij')  # k = i * kw + j
     xs = (jnp.asarray(ii.ravel() * dh, coord_dtype), jnp.asarray(jj.ravel() * dw, coord_dtype),
-          jnp.moveaxis(offset.reshape(n, ho, wo, kk, 2), 3, 0).astype(coord_dtype),
+          jnp.moveaxis(offset.reshape(num_images, ho, wo, kk, 2), 3, 0).astype(coord_dtype),
           jnp.moveaxis(mask, 3, 0), kernel.reshape(kk, cin, cout))
 
     def body(out, inp):
         di, dj, off, msk, w_k = inp
-        y = base_y + di + off[..., 0]
+        coord_y = base_y + di + off[..., 0]
         xx = base_x + dj + off[..., 1]
-        return out + _point_contribution(x_flat, y, xx, msk, w_k, height, width), None
+        return out + _point_contribution(x_flat, coord_y, xx, msk, w_k, height, width), None
 
     if remat_points:
         body = jax.checkpoint(body)
-    out_dtype = jnp.result_type(x.dtype, kernel.dtype)
-    out, _ = jax.lax.scan(body, jnp.zeros((n, ho, wo, cout), out_dtype), xs)
+    out_dtype = jnp.result_type(inputs.dtype, kernel.dtype)
+    out, _ = jax.lax.scan(body, jnp.zeros((num_images, ho, wo, cout), out_dtype), xs)
     if bias is not None:
         out = out + bias.astype(out.dtype)
     return out
@@ -166,11 +166,11 @@ class ModulatedDeformConv2dPack(nn.Module):
     remat_points: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, inputs):
         assert self.deform_groups == 1, 'only deform_groups=1 is implemented'
         kh, kw = _pair(self.kernel_size)
         pad = _pair(self.padding)
-        cin = x.shape[-1]
+        cin = inputs.shape[-1]
         kernel = self.param('kernel', self.kernel_init, (kh, kw, cin, self.features))
         bias = None
         if self.use_bias:
@@ -179,11 +179,11 @@ class ModulatedDeformConv2dPack(nn.Module):
                       padding=((pad[0], pad[0]), (pad[1], pad[1])),
                       kernel_dilation=_pair(self.dilation), use_bias=True, dtype=self.dtype,
                       kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                      name='conv_offset')(x)
+                      name='conv_offset')(inputs)
         offset = out[..., :2 * kh * kw]
         mask = jax.nn.sigmoid(out[..., 2 * kh * kw:])
-        dtype = self.dtype or x.dtype
+        dtype = self.dtype or inputs.dtype
         return modulated_deform_conv(
-            x.astype(dtype), offset, mask.astype(dtype), kernel.astype(dtype), self.strides,
+            inputs.astype(dtype), offset, mask.astype(dtype), kernel.astype(dtype), self.strides,
             self.padding, self.dilation, None if bias is None else bias.astype(dtype),
             remat_points=self.remat_points)

@@ -30,34 +30,34 @@ def layer_norm(name=None):
 
 
 class FFN(nn.Module):
-    """mmcv FFN: ``x + Dropout(Linear(Dropout(ReLU(Linear(x)))))``."""
+    """mmcv FFN: ``inputs + Dropout(Linear(Dropout(ReLU(Linear(inputs)))))``."""
     embed_dims: int = 256
     ffn_dims: int = 512
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, x, deterministic=True):
-        y = nn.relu(nn.Dense(self.ffn_dims, kernel_init=xavier_uniform, name='fc1')(x))
-        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        y = nn.Dense(self.embed_dims, kernel_init=xavier_uniform, name='fc2')(y)
-        return x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    def __call__(self, inputs, deterministic=True):
+        hidden = nn.relu(nn.Dense(self.ffn_dims, kernel_init=xavier_uniform, name='fc1')(inputs))
+        hidden = nn.Dropout(self.dropout)(hidden, deterministic=deterministic)
+        hidden = nn.Dense(self.embed_dims, kernel_init=xavier_uniform, name='fc2')(hidden)
+        return inputs + nn.Dropout(self.dropout)(hidden, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
-    """mmcv ``MultiheadAttention`` (torch ``nn.MultiheadAttention``): q = k = x + pos, v = x;
+    """mmcv ``MultiheadAttention`` (torch ``nn.MultiheadAttention``): q = k = query + pos, v = query;
     ``dropout=0.1`` drops attention weights and the residual branch."""
     embed_dims: int = 256
     num_heads: int = 8
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, x, pos, deterministic=True):
-        qk = x + pos
+    def __call__(self, query, pos, deterministic=True):
+        qk = query + pos
         out = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, qkv_features=self.embed_dims, out_features=self.embed_dims,
             dropout_rate=self.dropout, broadcast_dropout=False, deterministic=deterministic,
-            kernel_init=xavier_uniform, name='attn')(qk, qk, x)
-        return x + nn.Dropout(self.dropout)(out, deterministic=deterministic)
+            kernel_init=xavier_uniform, name='attn')(qk, qk, query)
+        return query + nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -69,12 +69,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, query, query_pos, reference, context, deterministic=True):
-        x = SelfAttention(self.embed_dims, self.num_heads, self.dropout, name='self_attn')(query, query_pos, deterministic)
-        x = layer_norm('norm1')(x)
-        x, sampling = self.cross_attn(name='cross_attn')(x, query_pos, reference, context, deterministic)
-        x = layer_norm('norm2')(x)
-        x = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(x, deterministic)
-        return layer_norm('norm3')(x), sampling
+        hidden = SelfAttention(self.embed_dims, self.num_heads, self.dropout, name='self_attn')(
+            query, query_pos, deterministic)
+        hidden = layer_norm('norm1')(hidden)
+        hidden, sampling = self.cross_attn(name='cross_attn')(hidden, query_pos, reference, context, deterministic)
+        hidden = layer_norm('norm2')(hidden)
+        hidden = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(hidden, deterministic)
+        return layer_norm('norm3')(hidden), sampling
 
 
 def prior_prob_bias(prob=0.01):
@@ -88,10 +89,11 @@ class ClsBranch(nn.Module):
     num_classes: int
 
     @nn.compact
-    def __call__(self, x):
-        for i in range(2):
-            x = nn.relu(layer_norm(f'norm{i}')(nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{i}')(x)))
-        return nn.Dense(self.num_classes, kernel_init=torch_default, bias_init=prior_prob_bias(), name='out')(x)
+    def __call__(self, hidden):
+        for layer in range(2):
+            hidden = nn.relu(layer_norm(f'norm{layer}')(
+                nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{layer}')(hidden)))
+        return nn.Dense(self.num_classes, kernel_init=torch_default, bias_init=prior_prob_bias(), name='out')(hidden)
 
 
 class RegBranch(nn.Module):
@@ -100,10 +102,10 @@ class RegBranch(nn.Module):
     code_size: int = box_coder.CODE_SIZE
 
     @nn.compact
-    def __call__(self, x):
-        for i in range(2):
-            x = nn.relu(nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{i}')(x))
-        return nn.Dense(self.code_size, kernel_init=torch_default, name='out')(x)
+    def __call__(self, hidden):
+        for layer in range(2):
+            hidden = nn.relu(nn.Dense(self.embed_dims, kernel_init=torch_default, name=f'fc{layer}')(hidden))
+        return nn.Dense(self.code_size, kernel_init=torch_default, name='out')(hidden)
 
 
 class DetectionHead(nn.Module):
@@ -127,18 +129,18 @@ class DetectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, context, batch_size, deterministic=True):
-        c = self.embed_dims
-        embed = self.param('query_embedding', nn.initializers.normal(1.0), (self.num_query, 2 * c))
-        query_pos = jnp.broadcast_to(embed[:, :c], (batch_size, self.num_query, c))
-        query = jnp.broadcast_to(embed[:, c:], (batch_size, self.num_query, c))
+        embed_dims = self.embed_dims
+        embed = self.param('query_embedding', nn.initializers.normal(1.0), (self.num_query, 2 * embed_dims))
+        query_pos = jnp.broadcast_to(embed[:, :embed_dims], (batch_size, self.num_query, embed_dims))
+        query = jnp.broadcast_to(embed[:, embed_dims:], (batch_size, self.num_query, embed_dims))
         reference = jax.nn.sigmoid(nn.Dense(3, kernel_init=xavier_uniform, name='reference_points')(query_pos))
         layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         cls_out, reg_out, queries, refs, samplings = [], [], [], [reference], []
-        for l in range(self.num_layers):
-            query, sampling = layer_cls(c, self.num_heads, self.ffn_dims, self.dropout, self.cross_attn,
-                                        name=f'layers_{l}')(query, query_pos, reference, context, deterministic)
-            raw = RegBranch(c, name=f'reg_branches_{l}')(query)
-            cls_out.append(ClsBranch(c, self.num_classes, name=f'cls_branches_{l}')(query))
+        for layer in range(self.num_layers):
+            query, sampling = layer_cls(embed_dims, self.num_heads, self.ffn_dims, self.dropout, self.cross_attn,
+                                        name=f'layers_{layer}')(query, query_pos, reference, context, deterministic)
+            raw = RegBranch(embed_dims, name=f'reg_branches_{layer}')(query)
+            cls_out.append(ClsBranch(embed_dims, self.num_classes, name=f'cls_branches_{layer}')(query))
             reg_out.append(box_coder.decode_centers(raw, reference, self.pc_range))
             reference = box_coder.refine_reference(raw, reference)
             queries.append(query)

@@ -52,9 +52,10 @@ def _static_shapes(spatial_shapes):
 
 
 def _check(value, spatial_shapes, sampling_locations, attention_weights):
-    b, s, m, _ = value.shape
-    assert s == sum(h * w for h, w in spatial_shapes), (value.shape, spatial_shapes)
-    assert sampling_locations.shape[:3] == (b, sampling_locations.shape[1], m), (value.shape, sampling_locations.shape)
+    batch, value_len, num_heads, _ = value.shape
+    assert value_len == sum(h * w for h, w in spatial_shapes), (value.shape, spatial_shapes)
+    assert sampling_locations.shape[:3] == (batch, sampling_locations.shape[1], num_heads), \
+        (value.shape, sampling_locations.shape)
     assert sampling_locations.shape[3] == len(spatial_shapes) and sampling_locations.shape[-1] == 2, \
         (sampling_locations.shape, spatial_shapes)
     assert attention_weights.shape == sampling_locations.shape[:-1], (attention_weights.shape, sampling_locations.shape)
@@ -69,27 +70,27 @@ def ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attentio
     spatial_shapes = _static_shapes(spatial_shapes)
     value, sampling_locations, attention_weights = map(jnp.asarray, (value, sampling_locations, attention_weights))
     _check(value, spatial_shapes, sampling_locations, attention_weights)
-    b, q, m, _, p, _ = sampling_locations.shape
-    bi = jnp.arange(b)[:, None, None, None]                                 # (B, 1, 1, 1)
-    mi = jnp.arange(m)[None, None, :, None]                                 # (1, 1, M, 1)
+    batch, num_queries, num_heads, _, num_points, _ = sampling_locations.shape
+    bi = jnp.arange(batch)[:, None, None, None]                             # (B, 1, 1, 1)
+    mi = jnp.arange(num_heads)[None, None, :, None]                         # (1, 1, M, 1)
     out, start = 0.0, 0
     for lvl, (hh, ww) in enumerate(spatial_shapes):
-        v = value[:, start:start + hh * ww].reshape(b, hh, ww, m, -1)
+        level_value = value[:, start:start + hh * ww].reshape(batch, hh, ww, num_heads, -1)
         start += hh * ww
-        w = sampling_locations[:, :, :, lvl, :, 0] * ww - 0.5               # (B, Q, M, P)
-        h = sampling_locations[:, :, :, lvl, :, 1] * hh - 0.5
-        h0, w0 = jnp.floor(h), jnp.floor(w)
-        lh, lw = h - h0, w - w0
+        pix_w = sampling_locations[:, :, :, lvl, :, 0] * ww - 0.5           # (B, Q, M, P)
+        pix_h = sampling_locations[:, :, :, lvl, :, 1] * hh - 0.5
+        h0, w0 = jnp.floor(pix_h), jnp.floor(pix_w)
+        lh, lw = pix_h - h0, pix_w - w0
         for dh, dw, corner in ((0, 0, (1 - lh) * (1 - lw)), (0, 1, (1 - lh) * lw),
                                (1, 0, lh * (1 - lw)), (1, 1, lh * lw)):
-            r, c = h0 + dh, w0 + dw                                         # float corner coords
-            inside = (r >= 0) & (r <= hh - 1) & (c >= 0) & (c <= ww - 1)
-            r = jnp.clip(r, 0, hh - 1).astype(jnp.int32)
-            c = jnp.clip(c, 0, ww - 1).astype(jnp.int32)
-            tap = v[bi, r, c, mi]                                           # (B, Q, M, P, Dh)
+            row, col = h0 + dh, w0 + dw                                     # float corner coords
+            inside = (row >= 0) & (row <= hh - 1) & (col >= 0) & (col <= ww - 1)
+            row = jnp.clip(row, 0, hh - 1).astype(jnp.int32)
+            col = jnp.clip(col, 0, ww - 1).astype(jnp.int32)
+            tap = level_value[bi, row, col, mi]                             # (B, Q, M, P, Dh)
             wt = jnp.where(inside, corner, 0.0) * attention_weights[:, :, :, lvl]
             out = out + jnp.einsum('bqmp,bqmpd->bqmd', wt, tap)
-    return out.reshape(b, q, -1).astype(value.dtype)
+    return out.reshape(batch, num_queries, -1).astype(value.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +108,8 @@ def default_chunk_bytes():
 
 def _row_bytes(value, sampling_locations):
     """Bytes of gathered taps per flattened (batch, query) row."""
-    _, _, m, lv, p, _ = sampling_locations.shape
-    return m * lv * p * 4 * value.shape[-1] * max(jnp.dtype(value.dtype).itemsize, 4)
+    _, _, num_heads, lv, num_points, _ = sampling_locations.shape
+    return num_heads * lv * num_points * 4 * value.shape[-1] * max(jnp.dtype(value.dtype).itemsize, 4)
 
 
 def choose_chunk(rows, row_bytes, chunk_bytes):
@@ -119,9 +120,9 @@ def choose_chunk(rows, row_bytes, chunk_bytes):
     target = max(1, int(chunk_bytes) // int(row_bytes))
     if target >= rows:
         return rows
-    for d in range(target, (target - 1) // 2, -1):
-        if rows % d == 0:
-            return d
+    for divisor in range(target, (target - 1) // 2, -1):
+        if rows % divisor == 0:
+            return divisor
     return -(-rows // -(-rows // target))
 
 
@@ -138,25 +139,25 @@ def _geometry(spatial_shapes):
 
 
 def _pixel(loc, spatial_shapes):
-    """loc (c, M, L, P, 2) -> pixel coordinates (h, w), each (c, M, L, P) in at least float32.
-    Points with h <= -1 or h >= H sample nothing; clipping them to [-2, H + 1] keeps that (every
+    """loc (c, M, L, P, 2) -> pixel coordinates (pix_h, pix_w), each (c, M, L, P) in at least float32.
+    Points with pix_h <= -1 or pix_h >= H sample nothing; clipping them to [-2, H + 1] keeps that (every
     corner stays outside) and keeps far-away coordinates within int32."""
     heights, widths, _ = _geometry(spatial_shapes)
     cdt = jnp.promote_types(loc.dtype, jnp.float32)
-    w = jnp.clip(loc[..., 0].astype(cdt) * widths.astype(cdt) - 0.5, -2.0, widths + 1.0)
-    h = jnp.clip(loc[..., 1].astype(cdt) * heights.astype(cdt) - 0.5, -2.0, heights + 1.0)
-    return h, w
+    pix_w = jnp.clip(loc[..., 0].astype(cdt) * widths.astype(cdt) - 0.5, -2.0, widths + 1.0)
+    pix_h = jnp.clip(loc[..., 1].astype(cdt) * heights.astype(cdt) - 0.5, -2.0, heights + 1.0)
+    return pix_h, pix_w
 
 
 def _corner_indices(row_base, loc, spatial_shapes, num_heads):
     """Rows of the (B*S*M, Dh) value table under each bilinear corner: (4, c, M, L*P) int32.
     row_base (c,) = b * S of each row; corners outside the map are clipped in (their weight is 0)."""
     heights, widths, starts = _geometry(spatial_shapes)
-    h, w = _pixel(loc, spatial_shapes)
-    r = jnp.clip(jnp.floor(h).astype(jnp.int32)[None] + _DY, 0, heights - 1)
-    col = jnp.clip(jnp.floor(w).astype(jnp.int32)[None] + _DX, 0, widths - 1)
+    pix_h, pix_w = _pixel(loc, spatial_shapes)
+    row = jnp.clip(jnp.floor(pix_h).astype(jnp.int32)[None] + _DY, 0, heights - 1)
+    col = jnp.clip(jnp.floor(pix_w).astype(jnp.int32)[None] + _DX, 0, widths - 1)
     base = (row_base[:, None, None, None] + starts) * num_heads + jnp.arange(num_heads, dtype=jnp.int32)[:, None, None]
-    idx = base + (r * widths + col) * num_heads
+    idx = base + (row * widths + col) * num_heads
     return idx.reshape(idx.shape[:3] + (-1,))
 
 
@@ -165,12 +166,12 @@ def _bilinear(loc, spatial_shapes):
     lh) and the column factor ``wx`` (1 - lw or lw), in at least float32; the corner's bilinear
     weight is ``where(inside, wy * wx, 0)``."""
     heights, widths, _ = _geometry(spatial_shapes)
-    h, w = _pixel(loc, spatial_shapes)
-    h0, w0 = jnp.floor(h), jnp.floor(w)
-    lh, lw = (h - h0)[None], (w - w0)[None]
-    r = h0.astype(jnp.int32)[None] + _DY
+    pix_h, pix_w = _pixel(loc, spatial_shapes)
+    h0, w0 = jnp.floor(pix_h), jnp.floor(pix_w)
+    lh, lw = (pix_h - h0)[None], (pix_w - w0)[None]
+    row = h0.astype(jnp.int32)[None] + _DY
     col = w0.astype(jnp.int32)[None] + _DX
-    inside = (r >= 0) & (r < heights) & (col >= 0) & (col < widths)
+    inside = (row >= 0) & (row < heights) & (col >= 0) & (col < widths)
     return inside, jnp.where(_DY == 0, 1 - lh, lh), jnp.where(_DX == 0, 1 - lw, lw)
 
 
@@ -216,11 +217,11 @@ def _chunk_forward(table, row_base, loc, attn, spatial_shapes, num_heads):
     wts = _corner_weights(loc, attn, spatial_shapes)
     acc = jnp.promote_types(table.dtype, wts.dtype)
 
-    def corner(k, out):
-        i = jax.lax.dynamic_index_in_dim(idx, k, keepdims=False)            # (c, M, L*P)
-        w = jax.lax.dynamic_index_in_dim(wts, k, keepdims=False)
-        for j in range(idx.shape[-1]):
-            out = out + w[:, :, j, None] * _rows(table, i[:, :, j]).astype(acc)
+    def corner(corner_id, out):
+        corner_rows = jax.lax.dynamic_index_in_dim(idx, corner_id, keepdims=False)  # (c, M, L*P)
+        corner_wts = jax.lax.dynamic_index_in_dim(wts, corner_id, keepdims=False)
+        for point in range(idx.shape[-1]):
+            out = out + corner_wts[:, :, point, None] * _rows(table, corner_rows[:, :, point]).astype(acc)
         return out
 
     return _corner_loop(corner, jnp.zeros(idx.shape[1:3] + (table.shape[1],), acc))
@@ -238,71 +239,74 @@ def _chunk_backward(table, d_table, row_base, loc, attn, cot, spatial_shapes, nu
     heights, widths, _ = _geometry(spatial_shapes)
     idx = _corner_indices(row_base, loc, spatial_shapes, num_heads)
     inside, wy, wx = _bilinear(loc, spatial_shapes)                        # (4, c, M, L, P)
-    a = attn.astype(wy.dtype)
-    wts = (jnp.where(inside, wy * wx, 0.0) * a[None]).reshape(idx.shape)
+    attn_acc = attn.astype(wy.dtype)
+    wts = (jnp.where(inside, wy * wx, 0.0) * attn_acc[None]).reshape(idx.shape)
     cot = cot.astype(wts.dtype)
 
-    def corner(k, carry):
+    def corner(corner_id, carry):
         d_table, d_wts = carry
-        i = jax.lax.dynamic_index_in_dim(idx, k, keepdims=False)            # (c, M, L*P)
-        wk = jax.lax.dynamic_index_in_dim(wts, k, keepdims=False)
-        taps = _rows(table, i).astype(wts.dtype)                           # (c, M, L*P, Dh)
-        d_wts = jax.lax.dynamic_update_index_in_dim(d_wts, jnp.einsum('cmd,cmjd->cmj', cot, taps), k, 0)
-        d_table = jax.lax.scatter_add(d_table, i[..., None], (wk[..., None] * cot[:, :, None, :]).astype(d_table.dtype),
+        corner_rows = jax.lax.dynamic_index_in_dim(idx, corner_id, keepdims=False)  # (c, M, L*P)
+        wk = jax.lax.dynamic_index_in_dim(wts, corner_id, keepdims=False)
+        taps = _rows(table, corner_rows).astype(wts.dtype)                 # (c, M, L*P, Dh)
+        d_wts = jax.lax.dynamic_update_index_in_dim(d_wts, jnp.einsum('cmd,cmjd->cmj', cot, taps), corner_id, 0)
+        d_table = jax.lax.scatter_add(d_table, corner_rows[..., None],
+                                      (wk[..., None] * cot[:, :, None, :]).astype(d_table.dtype),
                                       _SCATTER_ROWS, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
         return d_table, d_wts
 
     d_table, d_wts = _corner_loop(corner, (d_table, jnp.zeros_like(wts)))
-    e = jnp.where(inside, d_wts.reshape(inside.shape), 0.0)                # (4, c, M, L, P)
-    d_attn = sum(e[k] * wy[k] * wx[k] for k in range(4))
-    ey = (e[2] - e[0]) * wx[0] + (e[3] - e[1]) * wx[1]                     # d / d lh (per unit attn)
-    ex = (e[1] - e[0]) * wy[0] + (e[3] - e[2]) * wy[2]                     # d / d lw
-    d_loc = jnp.stack([ex * a * widths.astype(a.dtype), ey * a * heights.astype(a.dtype)], -1)
+    d_corner = jnp.where(inside, d_wts.reshape(inside.shape), 0.0)         # (4, c, M, L, P)
+    d_attn = sum(d_corner[k] * wy[k] * wx[k] for k in range(4))
+    ey = (d_corner[2] - d_corner[0]) * wx[0] + (d_corner[3] - d_corner[1]) * wx[1]  # d / d lh (per unit attn)
+    ex = (d_corner[1] - d_corner[0]) * wy[0] + (d_corner[3] - d_corner[2]) * wy[2]  # d / d lw
+    d_loc = jnp.stack([ex * attn_acc * widths.astype(attn_acc.dtype), ey * attn_acc * heights.astype(attn_acc.dtype)],
+                      -1)
     return d_table, d_loc.astype(loc.dtype), d_attn.astype(attn.dtype)
 
 
-def _chunk_layout(b, q, chunk):
-    rows = b * q
+def _chunk_layout(batch, num_queries, chunk):
+    rows = batch * num_queries
     nc = -(-rows // chunk)
     return rows, nc, nc * chunk - rows
 
 
-def _to_chunks(x, rows, nc, pad):
+def _to_chunks(array, rows, nc, pad):
     """(B, Q, ...) -> (nc, chunk, ...), zero rows padded at the end (attention 0: no output, no
     gradient)."""
-    x = x.reshape((rows,) + x.shape[2:])
+    array = array.reshape((rows,) + array.shape[2:])
     if pad:
-        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape((nc, -1) + x.shape[1:])
+        array = jnp.pad(array, ((0, pad),) + ((0, 0),) * (array.ndim - 1))
+    return array.reshape((nc, -1) + array.shape[1:])
 
 
-def _from_chunks(x, b, q, rows):
+def _from_chunks(array, batch, num_queries, rows):
     """(nc, chunk, ...) -> (B, Q, ...), padded rows dropped."""
-    x = x.reshape((-1,) + x.shape[2:])
-    if x.shape[0] != rows:
-        x = x[:rows]
-    return x.reshape((b, q) + x.shape[1:])
+    array = array.reshape((-1,) + array.shape[2:])
+    if array.shape[0] != rows:
+        array = array[:rows]
+    return array.reshape((batch, num_queries) + array.shape[1:])
 
 
-def _row_base(i, chunk, b, q, s):
-    ids = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    return jnp.minimum(ids // q, b - 1) * s                                # padded rows -> last element
+def _row_base(chunk_index, chunk, batch, num_queries, value_len):
+    ids = chunk_index * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    return jnp.minimum(ids // num_queries, batch - 1) * value_len          # padded rows -> last element
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights):
-    b, s, m, dh = value.shape
-    q = sampling_locations.shape[1]
-    rows, nc, pad = _chunk_layout(b, q, chunk)
-    table = value.reshape(b * s * m, dh)
+    batch, value_len, num_heads, dh = value.shape
+    num_queries = sampling_locations.shape[1]
+    rows, nc, pad = _chunk_layout(batch, num_queries, chunk)
+    table = value.reshape(batch * value_len * num_heads, dh)
 
     def step(args):
-        i, loc, attn = args
-        return _chunk_forward(table, _row_base(i, chunk, b, q, s), loc, attn, spatial_shapes, m)
+        chunk_index, loc, attn = args
+        return _chunk_forward(table, _row_base(chunk_index, chunk, batch, num_queries, value_len), loc, attn,
+                              spatial_shapes, num_heads)
 
     out = jax.lax.map(step, (jnp.arange(nc, dtype=jnp.int32), _to_chunks(sampling_locations, rows, nc, pad),
                              _to_chunks(attention_weights, rows, nc, pad)))  # (nc, chunk, M, Dh)
-    return _from_chunks(out, b, q, rows).reshape(b, q, m * dh).astype(value.dtype)
+    return _from_chunks(out, batch, num_queries, rows).reshape(batch, num_queries, num_heads * dh).astype(value.dtype)
 
 
 def _ms_deform_attn_chunked_fwd(spatial_shapes, chunk, value, sampling_locations, attention_weights):
@@ -312,23 +316,25 @@ def _ms_deform_attn_chunked_fwd(spatial_shapes, chunk, value, sampling_locations
 
 def _ms_deform_attn_chunked_bwd(spatial_shapes, chunk, residuals, cot):
     value, sampling_locations, attention_weights = residuals
-    b, s, m, dh = value.shape
-    q = sampling_locations.shape[1]
-    rows, nc, pad = _chunk_layout(b, q, chunk)
-    table = value.reshape(b * s * m, dh)
+    batch, value_len, num_heads, dh = value.shape
+    num_queries = sampling_locations.shape[1]
+    rows, nc, pad = _chunk_layout(batch, num_queries, chunk)
+    table = value.reshape(batch * value_len * num_heads, dh)
     acc = jnp.promote_types(value.dtype, jnp.float32)
 
     def step(d_table, args):
-        i, loc, attn, g = args
-        d_table, d_loc, d_attn = _chunk_backward(table, d_table, _row_base(i, chunk, b, q, s), loc, attn, g,
-                                                 spatial_shapes, m)
+        chunk_index, loc, attn, cot_chunk = args
+        d_table, d_loc, d_attn = _chunk_backward(table, d_table,
+                                                 _row_base(chunk_index, chunk, batch, num_queries, value_len),
+                                                 loc, attn, cot_chunk, spatial_shapes, num_heads)
         return d_table, (d_loc, d_attn)
 
     xs = (jnp.arange(nc, dtype=jnp.int32), _to_chunks(sampling_locations, rows, nc, pad),
-          _to_chunks(attention_weights, rows, nc, pad), _to_chunks(cot.reshape(b, q, m, dh), rows, nc, pad))
-    d_table, (d_loc, d_attn) = jax.lax.scan(step, jnp.zeros((b * s * m, dh), acc), xs)
-    return (d_table.reshape(value.shape).astype(value.dtype), _from_chunks(d_loc, b, q, rows),
-            _from_chunks(d_attn, b, q, rows))
+          _to_chunks(attention_weights, rows, nc, pad),
+          _to_chunks(cot.reshape(batch, num_queries, num_heads, dh), rows, nc, pad))
+    d_table, (d_loc, d_attn) = jax.lax.scan(step, jnp.zeros((batch * value_len * num_heads, dh), acc), xs)
+    return (d_table.reshape(value.shape).astype(value.dtype), _from_chunks(d_loc, batch, num_queries, rows),
+            _from_chunks(d_attn, batch, num_queries, rows))
 
 
 _ms_deform_attn_chunked.defvjp(_ms_deform_attn_chunked_fwd, _ms_deform_attn_chunked_bwd)
@@ -376,9 +382,9 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     spatial_shapes = _static_shapes(spatial_shapes)
     value, sampling_locations, attention_weights = map(jnp.asarray, (value, sampling_locations, attention_weights))
     _check(value, spatial_shapes, sampling_locations, attention_weights)
-    b, s, m, _ = value.shape
-    rows = b * sampling_locations.shape[1]
-    assert b * s * m < 2 ** 31, 'int32 gather indices'
+    batch, value_len, num_heads, _ = value.shape
+    rows = batch * sampling_locations.shape[1]
+    assert batch * value_len * num_heads < 2 ** 31, 'int32 gather indices'
     if query_chunk is None:
         chunk = choose_chunk(rows, _row_bytes(value, sampling_locations),
                              default_chunk_bytes() if chunk_bytes is None else chunk_bytes)
@@ -421,23 +427,26 @@ class MSDeformableAttention(nn.Module):
     @nn.compact
     def __call__(self, query, value, reference_points, spatial_shapes, query_pos=None, deterministic=True):
         spatial_shapes = _static_shapes(spatial_shapes)
-        m, lv, p, c = self.num_heads, self.num_levels, self.num_points, self.embed_dims
-        assert c % m == 0 and len(spatial_shapes) == lv, (c, m, spatial_shapes, lv)
+        num_heads, lv, num_points, embed_dims = self.num_heads, self.num_levels, self.num_points, self.embed_dims
+        assert embed_dims % num_heads == 0 and len(spatial_shapes) == lv, (embed_dims, num_heads, spatial_shapes, lv)
         assert reference_points.shape[-1] == 2, 'only 2-d (x, y) reference points are supported'
         identity = query
         if query_pos is not None:
             query = query + query_pos
-        b, nq, _ = query.shape
-        v = nn.Dense(c, kernel_init=xavier_uniform, name='value_proj')(value).reshape(b, -1, m, c // m)
-        off = nn.Dense(m * lv * p * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=_constant_init(grid_init_bias(m, lv, p)),
-                       name='sampling_offsets')(query).reshape(b, nq, m, lv, p, 2)
-        logits = nn.Dense(m * lv * p, kernel_init=nn.initializers.zeros, name='attention_weights')(query)
-        attn = jax.nn.softmax(logits.reshape(b, nq, m, lv * p), -1).reshape(b, nq, m, lv, p)
+        batch, nq, _ = query.shape
+        proj_value = nn.Dense(embed_dims, kernel_init=xavier_uniform, name='value_proj')(value).reshape(
+            batch, -1, num_heads, embed_dims // num_heads)
+        off = nn.Dense(num_heads * lv * num_points * 2, kernel_init=nn.initializers.zeros,
+                       bias_init=_constant_init(grid_init_bias(num_heads, lv, num_points)),
+                       name='sampling_offsets')(query).reshape(batch, nq, num_heads, lv, num_points, 2)
+        logits = nn.Dense(num_heads * lv * num_points, kernel_init=nn.initializers.zeros,
+                          name='attention_weights')(query)
+        attn = jax.nn.softmax(logits.reshape(batch, nq, num_heads, lv * num_points), -1).reshape(
+            batch, nq, num_heads, lv, num_points)
         normalizer = np.array([[w, h] for h, w in spatial_shapes], np.float32)  # (L, 2) = (W_l, H_l)
         ref = reference_points[:, :, None, :, None, :].astype(off.dtype)       # (B, Q, 1, L|1, 1, 2)
         loc = ref + off / normalizer[:, None, :].astype(off.dtype)
-        out = ms_deform_attn(v, spatial_shapes, loc, attn)
-        out = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(out)
+        out = ms_deform_attn(proj_value, spatial_shapes, loc, attn)
+        out = nn.Dense(embed_dims, kernel_init=xavier_uniform, name='output_proj')(out)
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
         return out + identity, dict(sampling_locations=loc, attention_weights=attn)

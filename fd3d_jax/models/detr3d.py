@@ -55,24 +55,26 @@ class Detr3DCrossAttention(nn.Module):
     def __call__(self, query, query_pos, reference, context, deterministic=True):
         residual = query
         query = query + query_pos
-        b, nq, c = query.shape
-        n, lv = self.num_cams, self.num_levels
+        batch, nq, channels = query.shape
+        num_cams, lv = self.num_cams, self.num_levels
         feats = context['feats']
         assert len(feats) == lv, (len(feats), lv)
-        w = nn.Dense(n * lv, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                     name='attention_weights')(query).reshape(b, nq, n, 1, lv)
+        attn_logits = nn.Dense(num_cams * lv, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                               name='attention_weights')(query).reshape(batch, nq, num_cams, 1, lv)
         uv, mask = project_reference(reference, self.pc_range, context['lidar2img'], self.img_hw)
-        weights = jax.nn.sigmoid(w) * mask.transpose(0, 2, 1)[..., None, None].astype(w.dtype)  # (B, NQ, N, 1, L)
-        value = jnp.concatenate([f.reshape(b * n, -1, 1, c) for f in feats], 1)          # (B*N, S, 1, C)
+        weights = (jax.nn.sigmoid(attn_logits)
+                   * mask.transpose(0, 2, 1)[..., None, None].astype(attn_logits.dtype))      # (B, NQ, N, 1, L)
+        value = jnp.concatenate([f.reshape(batch * num_cams, -1, 1, channels) for f in feats], 1)  # (B*N, S, 1, C)
         shapes = tuple((f.shape[2], f.shape[3]) for f in feats)
-        loc = jnp.broadcast_to(uv.reshape(b * n, nq, 1, 1, 1, 2), (b * n, nq, 1, lv, 1, 2)).astype(w.dtype)
-        wts = weights.transpose(0, 2, 1, 3, 4).reshape(b * n, nq, 1, lv, 1)
-        out = ms_deform_attn(value, shapes, loc, wts).reshape(b, n, nq, c).sum(1)
-        out = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(out)
+        loc = jnp.broadcast_to(uv.reshape(batch * num_cams, nq, 1, 1, 1, 2),
+                               (batch * num_cams, nq, 1, lv, 1, 2)).astype(attn_logits.dtype)
+        wts = weights.transpose(0, 2, 1, 3, 4).reshape(batch * num_cams, nq, 1, lv, 1)
+        out = ms_deform_attn(value, shapes, loc, wts).reshape(batch, num_cams, nq, channels).sum(1)
+        out = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(out)
         pos = box_coder.inverse_sigmoid(reference)
-        for i in range(2):
-            pos = nn.relu(layer_norm(f'position_encoder_norm{i}')(
-                nn.Dense(c, kernel_init=xavier_uniform, name=f'position_encoder_fc{i}')(pos)))
+        for layer in range(2):
+            pos = nn.relu(layer_norm(f'position_encoder_norm{layer}')(
+                nn.Dense(channels, kernel_init=xavier_uniform, name=f'position_encoder_fc{layer}')(pos)))
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic) + residual + pos
         return out, dict(points=uv, mask=mask, weights=weights)
 

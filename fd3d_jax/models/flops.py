@@ -23,12 +23,12 @@ def _size(aval):
 
 
 def _sub_jaxprs(eqn):
-    for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
-            if isinstance(x, jex_core.ClosedJaxpr):
-                yield x.jaxpr
-            elif isinstance(x, jex_core.Jaxpr):
-                yield x
+    for param in eqn.params.values():
+        for item in (param if isinstance(param, (tuple, list)) else (param,)):
+            if isinstance(item, jex_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jex_core.Jaxpr):
+                yield item
 
 
 def _count(jaxpr):
@@ -38,33 +38,33 @@ def _count(jaxpr):
         if name == 'dot_general':
             (lc, _), (lb, _) = eqn.params['dimension_numbers']
             lhs = eqn.invars[0].aval.shape
-            k = int(np.prod([lhs[i] for i in lc]))
-            m = _size(eqn.outvars[0].aval) * k
-            macs += m
-            flops += 2 * m
+            contract_size = int(np.prod([lhs[i] for i in lc]))
+            eqn_macs = _size(eqn.outvars[0].aval) * contract_size
+            macs += eqn_macs
+            flops += 2 * eqn_macs
         elif name == 'conv_general_dilated':
             rhs = eqn.invars[1].aval.shape
             dn = eqn.params['dimension_numbers']
             spatial = int(np.prod([rhs[i] for i in dn.rhs_spec[2:]]))
             cin = rhs[dn.rhs_spec[1]]
-            m = _size(eqn.outvars[0].aval) * cin * spatial
-            macs += m
-            flops += 2 * m
+            eqn_macs = _size(eqn.outvars[0].aval) * cin * spatial
+            macs += eqn_macs
+            flops += 2 * eqn_macs
         elif name == 'scan':
-            f, mm = _count(eqn.params['jaxpr'].jaxpr)
-            flops += eqn.params['length'] * f
+            sub_flops, mm = _count(eqn.params['jaxpr'].jaxpr)
+            flops += eqn.params['length'] * sub_flops
             macs += eqn.params['length'] * mm
         elif name == 'cond':
             costs = [_count(b.jaxpr) for b in eqn.params['branches']]
-            f, mm = max(costs)
-            flops += f
+            sub_flops, mm = max(costs)
+            flops += sub_flops
             macs += mm
         elif name in _ELEMENTWISE:
             flops += sum(_size(v.aval) for v in eqn.outvars)
         else:
             for sub in _sub_jaxprs(eqn):
-                f, mm = _count(sub)
-                flops += f
+                sub_flops, mm = _count(sub)
+                flops += sub_flops
                 macs += mm
     return flops, macs
 

@@ -21,55 +21,56 @@ import jax
 import jax.numpy as jnp
 
 
-def _in_stripe(r, full, d, st, l):
-    """bool like ``r``: canvas positions ``r`` (int, ``0 <= r < full``) of one axis that a stripe covers."""
-    rel = r - st
-    return (rel >= 0) & (jnp.floor_divide(jnp.maximum(rel, 0), d) < full // d) & (jnp.mod(jnp.maximum(rel, 0), d) < l)
+def _in_stripe(pos, full, period, st, stripe_len):
+    """bool like ``pos``: canvas positions ``pos`` (int, ``0 <= pos < full``) of one axis that a stripe covers."""
+    rel = pos - st
+    return ((rel >= 0) & (jnp.floor_divide(jnp.maximum(rel, 0), period) < full // period)
+            & (jnp.mod(jnp.maximum(rel, 0), period) < stripe_len))
 
 
-def _stripes(size, full, offset, d, st, l):
+def _stripes(size, full, offset, period, st, stripe_len):
     """(size,) bool: positions ``offset .. offset + size`` of a ``full``-long canvas axis in a stripe."""
-    return _in_stripe(jnp.arange(size, dtype=jnp.int32) + offset, full, d, st, l)
+    return _in_stripe(jnp.arange(size, dtype=jnp.int32) + offset, full, period, st, stripe_len)
 
 
-def _rotated_canvas(h, w, hh, ww, d, st_h, st_w, l, use_h, use_w, angle):
-    """(h, w) bool: the centre crop of the (hh, ww) canvas (True = not in a stripe) rotated by ``angle``
+def _rotated_canvas(height, width, hh, ww, period, st_h, st_w, stripe_len, use_h, use_w, angle):
+    """(height, width) bool: the centre crop of the (hh, ww) canvas (True = not in a stripe) rotated by ``angle``
     degrees counter-clockwise about its centre, nearest neighbour, False outside (PIL ``Image.rotate``)."""
-    y = jnp.arange(h, dtype=jnp.float32)[:, None] + ((hh - h) // 2 + 0.5 - hh / 2)   # pixel centres about
-    x = jnp.arange(w, dtype=jnp.float32)[None, :] + ((ww - w) // 2 + 0.5 - ww / 2)   # the canvas centre
-    t = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
-    cos, sin = jnp.cos(t), jnp.sin(t)
-    xi = jnp.floor(cos * x - sin * y + ww / 2).astype(jnp.int32)   # PIL's inverse map for -angle
-    yi = jnp.floor(sin * x + cos * y + hh / 2).astype(jnp.int32)
+    pix_y = jnp.arange(height, dtype=jnp.float32)[:, None] + ((hh - height) // 2 + 0.5 - hh / 2)  # pixel centres about
+    pix_x = jnp.arange(width, dtype=jnp.float32)[None, :] + ((ww - width) // 2 + 0.5 - ww / 2)    # the canvas centre
+    theta = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    xi = jnp.floor(cos * pix_x - sin * pix_y + ww / 2).astype(jnp.int32)  # PIL's inverse map for -angle
+    yi = jnp.floor(sin * pix_x + cos * pix_y + hh / 2).astype(jnp.int32)
     inside = (xi >= 0) & (xi < ww) & (yi >= 0) & (yi < hh)
-    stripe = jnp.zeros((h, w), bool)
+    stripe = jnp.zeros((height, width), bool)
     if use_h:
-        stripe |= _in_stripe(yi, hh, d, st_h, l)
+        stripe |= _in_stripe(yi, hh, period, st_h, stripe_len)
     if use_w:
-        stripe |= _in_stripe(xi, ww, d, st_w, l)
+        stripe |= _in_stripe(xi, ww, period, st_w, stripe_len)
     return inside & ~stripe
 
 
-def grid_mask_from_params(img, d, st_h, st_w, apply, ratio=0.5, use_h=True, use_w=True, mode=1, offset=None,
+def grid_mask_from_params(img, period, st_h, st_w, apply, ratio=0.5, use_h=True, use_w=True, mode=1, offset=None,
                           angle=None):
-    """GridMask with given draws. img (M, H, W, C); d, st_h, st_w int scalars (may be traced); apply
+    """GridMask with given draws. img (M, H, W, C); period (``d``), st_h, st_w int scalars (may be traced); apply
     bool scalar; offset: None or the (H, W) noise of ``offset=True``; angle: None (no rotation) or the
     rotation in degrees (may be traced). Returns (M, H, W, C), img's dtype."""
     if mode not in (0, 1):
         raise ValueError(f'GridMask mode must be 0 or 1, got {mode}')
-    h, w = img.shape[1:3]
-    hh, ww = int(1.5 * h), int(1.5 * w)
-    d = jnp.asarray(d, jnp.int32)
-    l = jnp.clip(jnp.floor(d.astype(jnp.float32) * ratio + 0.5).astype(jnp.int32), 1, None)
-    l = jnp.minimum(l, d - 1)
+    height, width = img.shape[1:3]
+    hh, ww = int(1.5 * height), int(1.5 * width)
+    period = jnp.asarray(period, jnp.int32)
+    stripe_len = jnp.clip(jnp.floor(period.astype(jnp.float32) * ratio + 0.5).astype(jnp.int32), 1, None)
+    stripe_len = jnp.minimum(stripe_len, period - 1)
     st_h, st_w = jnp.asarray(st_h, jnp.int32), jnp.asarray(st_w, jnp.int32)
     if angle is None:
-        zero = jnp.zeros((h, w), bool)
-        rows = _stripes(h, hh, (hh - h) // 2, d, st_h, l)[:, None] if use_h else zero
-        cols = _stripes(w, ww, (ww - w) // 2, d, st_w, l)[None, :] if use_w else zero
+        zero = jnp.zeros((height, width), bool)
+        rows = _stripes(height, hh, (hh - height) // 2, period, st_h, stripe_len)[:, None] if use_h else zero
+        cols = _stripes(width, ww, (ww - width) // 2, period, st_w, stripe_len)[None, :] if use_w else zero
         mask = ~(rows | cols)                   # canvas of ones with zeroed stripes, centre crop
     else:
-        mask = _rotated_canvas(h, w, hh, ww, d, st_h, st_w, l, use_h, use_w, angle)
+        mask = _rotated_canvas(height, width, hh, ww, period, st_h, st_w, stripe_len, use_h, use_w, angle)
     if mode == 1:
         mask = ~mask
     mask = mask.astype(img.dtype)[None, :, :, None]
@@ -86,14 +87,14 @@ def grid_mask(img, rng, prob=0.7, ratio=0.5, use_h=True, use_w=True, mode=1, rot
     Returns (M, H, W, C)."""
     if rotate < 1:
         raise ValueError(f'GridMask rotate must be >= 1 (randint(rotate) degrees), got {rotate}')
-    h, w = img.shape[1:3]
-    if h <= 2:
-        raise ValueError(f'GridMask needs images taller than 2 pixels, got H={h}')
+    height, width = img.shape[1:3]
+    if height <= 2:
+        raise ValueError(f'GridMask needs images taller than 2 pixels, got H={height}')
     k_apply, k_d, k_h, k_w, k_off, k_rot = jax.random.split(rng, 6)
     apply = jax.random.uniform(k_apply) < prob
-    d = jax.random.randint(k_d, (), 2, h)
-    st_h = jax.random.randint(k_h, (), 0, d)
-    st_w = jax.random.randint(k_w, (), 0, d)
-    noise = 2.0 * (jax.random.uniform(k_off, (h, w)) - 0.5) if offset else None
+    period = jax.random.randint(k_d, (), 2, height)
+    st_h = jax.random.randint(k_h, (), 0, period)
+    st_w = jax.random.randint(k_w, (), 0, period)
+    noise = 2.0 * (jax.random.uniform(k_off, (height, width)) - 0.5) if offset else None
     angle = jax.random.randint(k_rot, (), 0, rotate) if rotate > 1 else None
-    return grid_mask_from_params(img, d, st_h, st_w, apply, ratio, use_h, use_w, mode, noise, angle)
+    return grid_mask_from_params(img, period, st_h, st_w, apply, ratio, use_h, use_w, mode, noise, angle)

@@ -85,34 +85,36 @@ class SpatialCrossAttention(nn.Module):
     def __call__(self, query, feats, spatial_shapes, ref_cam, bev_mask, deterministic=True):
         """query (B, Q, C); feats (B, N, S, C); ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D).
         Returns (B, Q, C) and the sampling dict (locations (B, N, Q, M, L, P, 2), weights)."""
-        b, nq, c = query.shape
-        n = feats.shape[1]
-        m, lv, p, d = self.num_heads, self.num_levels, self.num_points, self.num_z_anchors
-        assert len(spatial_shapes) == lv and p % d == 0, (spatial_shapes, p, d)
+        batch, nq, channels = query.shape
+        num_cams = feats.shape[1]
+        num_heads, lv, num_points, num_anchors = self.num_heads, self.num_levels, self.num_points, self.num_z_anchors
+        assert len(spatial_shapes) == lv and num_points % num_anchors == 0, (spatial_shapes, num_points, num_anchors)
         inner = 'deformable_attention'
-        value = nn.Dense(c, kernel_init=xavier_uniform, name=f'{inner}_value_proj')(feats)
-        value = value.reshape(b * n, -1, m, c // m)
+        value = nn.Dense(channels, kernel_init=xavier_uniform, name=f'{inner}_value_proj')(feats)
+        value = value.reshape(batch * num_cams, -1, num_heads, channels // num_heads)
         # Offsets and weights depend on the query only, which is the same for every camera.
-        off = nn.Dense(m * lv * p * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=grid_init(m, lv, p), name=f'{inner}_sampling_offsets')(query)
-        off = off.reshape(b, nq, m, lv, p // d, d, 2)
+        off = nn.Dense(num_heads * lv * num_points * 2, kernel_init=nn.initializers.zeros,
+                       bias_init=grid_init(num_heads, lv, num_points), name=f'{inner}_sampling_offsets')(query)
+        off = off.reshape(batch, nq, num_heads, lv, num_points // num_anchors, num_anchors, 2)
         normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], query.dtype)
         off = off / normalizer[None, None, None, :, None, None, :]
-        attn = nn.Dense(m * lv * p, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+        attn = nn.Dense(num_heads * lv * num_points, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                         name=f'{inner}_attention_weights')(query)
-        attn = jax.nn.softmax(attn.reshape(b, nq, m, lv * p), -1).reshape(b, nq, m, lv, p)
+        attn = jax.nn.softmax(attn.reshape(batch, nq, num_heads, lv * num_points), -1).reshape(
+            batch, nq, num_heads, lv, num_points)
         # Anchor index fastest: point k * D + z samples around the projection of anchor z.
         ref = ref_cam.astype(query.dtype)[:, :, :, None, None, None, :, :]        # (B, N, Q, 1, 1, 1, D, 2)
-        loc = (ref + off[:, None]).reshape(b, n, nq, m, lv, p, 2)
-        weights = jnp.broadcast_to(attn[:, None], (b, n, nq, m, lv, p))
-        out = ms_deform_attn(value, tuple(spatial_shapes), loc.reshape(b * n, nq, m, lv, p, 2),
-                             weights.reshape(b * n, nq, m, lv, p))
-        out = out.reshape(b, n, nq, c)
+        loc = (ref + off[:, None]).reshape(batch, num_cams, nq, num_heads, lv, num_points, 2)
+        weights = jnp.broadcast_to(attn[:, None], (batch, num_cams, nq, num_heads, lv, num_points))
+        out = ms_deform_attn(value, tuple(spatial_shapes),
+                             loc.reshape(batch * num_cams, nq, num_heads, lv, num_points, 2),
+                             weights.reshape(batch * num_cams, nq, num_heads, lv, num_points))
+        out = out.reshape(batch, num_cams, nq, channels)
         hit = bev_mask.any(-1)                                                     # (B, N, Q)
         if self.sca_batch0_hits:
             hit = jnp.broadcast_to(hit[:1], hit.shape)
         hit = hit.astype(out.dtype)
         slots = jnp.einsum('bnqc,bnq->bqc', out, hit) / jnp.maximum(hit.sum(1), 1.0)[..., None]
-        slots = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(slots)
+        slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
         slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
         return slots + query, dict(sampling_locations=loc, attention_weights=attn, hit=hit)

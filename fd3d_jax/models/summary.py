@@ -30,8 +30,9 @@ FLAGS = flags.FLAGS
 
 
 def peak_bytes(compiled):
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    analysis = compiled.memory_analysis()
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
 
 
 def summarize(config):
@@ -43,20 +44,20 @@ def summarize(config):
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
     prev = jax.ShapeDtypeStruct(model.carried_shape(1), jnp.float32) if model.has_bev else None
 
-    def infer(p, batch, prev_bev):
-        out = model.apply({'params': p}, batch, prev_bev=prev_bev, deterministic=True)
+    def infer(model_params, batch, prev_bev):
+        out = model.apply({'params': model_params}, batch, prev_bev=prev_bev, deterministic=True)
         return out['cls_scores'][-1], out['bbox_preds'][-1]
 
     tx = optax.adamw(2e-4, weight_decay=0.01)
     opt_state = jax.eval_shape(tx.init, params)
 
-    def train_step(p, opt, batch, rng):
-        def loss_fn(p):
-            out = model.apply({'params': p}, batch, deterministic=False, rngs={'dropout': rng})
+    def train_step(model_params, opt, batch, rng):
+        def loss_fn(model_params):
+            out = model.apply({'params': model_params}, batch, deterministic=False, rngs={'dropout': rng})
             return jnp.mean(out['cls_scores'] ** 2) + jnp.mean(out['bbox_preds'] ** 2)
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, opt = tx.update(grads, opt, p)
-        return optax.apply_updates(p, updates), opt, loss
+        loss, grads = jax.value_and_grad(loss_fn)(model_params)
+        updates, opt = tx.update(grads, opt, model_params)
+        return optax.apply_updates(model_params, updates), opt, loss
 
     t0 = time.time()
     flops, macs = count_flops(infer, params, infer_batch, prev)
@@ -75,15 +76,16 @@ def summarize(config):
 
 def main(argv):
     del argv
-    s = summarize(FLAGS.config)
+    summary = summarize(FLAGS.config)
     if FLAGS.json:
-        print(json.dumps(s))
+        print(json.dumps(summary))
         return
-    print(f"params            {s['params'] / 1e6:10.2f} M")
-    print(f"GFLOPs (infer)    {s['gflops']:10.1f}   (GMACs {s['gmacs']:.1f}; XLA cost analysis {s['xla_gflops']:.1f})")
-    print(f"peak (infer)      {s['infer_peak_bytes'] / 2**30:10.2f} GiB")
-    print(f"peak (train step) {s['train_peak_bytes'] / 2**30:10.2f} GiB   (queue {s['queue_length']}, "
-          f"image {s['image_hw'][0]}x{s['image_hw'][1]})")
+    print(f"params            {summary['params'] / 1e6:10.2f} M")
+    print(f"GFLOPs (infer)    {summary['gflops']:10.1f}   (GMACs {summary['gmacs']:.1f}; "
+          f"XLA cost analysis {summary['xla_gflops']:.1f})")
+    print(f"peak (infer)      {summary['infer_peak_bytes'] / 2**30:10.2f} GiB")
+    print(f"peak (train step) {summary['train_peak_bytes'] / 2**30:10.2f} GiB   (queue {summary['queue_length']}, "
+          f"image {summary['image_hw'][0]}x{summary['image_hw'][1]})")
 
 
 if __name__ == '__main__':

@@ -44,26 +44,29 @@ class TemporalSelfAttention(nn.Module):
     def __call__(self, query, query_pos, value, ref_hybrid, bev_hw, deterministic=True):
         """query, query_pos (B, Q, C); value (B, 2, Q, C) = [prev (rotated), current]; ref_hybrid
         (B, 2, Q, 2). Returns (B, Q, C) and the sampling dict (locations (B, 2, Q, M, 1, P, 2))."""
-        b, nq, c = query.shape
-        m, p, nv = self.num_heads, self.num_points, NUM_BEV_QUEUE
+        batch, nq, channels = query.shape
+        num_heads, num_points, nv = self.num_heads, self.num_points, NUM_BEV_QUEUE
         identity = query
         query = query + query_pos
         # The offset/weight input is [value[:B], query]; value is queue-major per sample, so for
         # B > 1 the original's value[:B] picks (b0-prev, b0-cur, b1-prev, ...) (tsa_batch_bug).
-        first = value.reshape(b * nv, nq, c)[:b] if self.tsa_batch_bug else value[:, 0]
+        first = value.reshape(batch * nv, nq, channels)[:batch] if self.tsa_batch_bug else value[:, 0]
         q_in = jnp.concatenate([first, query], -1)
-        v = nn.Dense(c, kernel_init=xavier_uniform, name='value_proj')(value).reshape(b * nv, nq, m, c // m)
-        off = nn.Dense(m * nv * p * 2, kernel_init=nn.initializers.zeros, bias_init=grid_init(m, nv, p),
-                       name='sampling_offsets')(q_in).reshape(b, nq, m, nv, 1, p, 2)
-        attn = nn.Dense(m * nv * p, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+        proj_value = nn.Dense(channels, kernel_init=xavier_uniform, name='value_proj')(value).reshape(
+            batch * nv, nq, num_heads, channels // num_heads)
+        off = nn.Dense(num_heads * nv * num_points * 2, kernel_init=nn.initializers.zeros,
+                       bias_init=grid_init(num_heads, nv, num_points),
+                       name='sampling_offsets')(q_in).reshape(batch, nq, num_heads, nv, 1, num_points, 2)
+        attn = nn.Dense(num_heads * nv * num_points, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                         name='attention_weights')(q_in)
-        attn = jax.nn.softmax(attn.reshape(b, nq, m, nv, p), -1).reshape(b, nq, m, nv, 1, p)
-        off = jnp.moveaxis(off, 3, 1).reshape(b * nv, nq, m, 1, p, 2)
-        attn = jnp.moveaxis(attn, 3, 1).reshape(b * nv, nq, m, 1, p)
+        attn = jax.nn.softmax(attn.reshape(batch, nq, num_heads, nv, num_points), -1).reshape(
+            batch, nq, num_heads, nv, 1, num_points)
+        off = jnp.moveaxis(off, 3, 1).reshape(batch * nv, nq, num_heads, 1, num_points, 2)
+        attn = jnp.moveaxis(attn, 3, 1).reshape(batch * nv, nq, num_heads, 1, num_points)
         normalizer = jnp.asarray([bev_hw[1], bev_hw[0]], query.dtype)
-        loc = ref_hybrid.reshape(b * nv, nq, 1, 1, 1, 2).astype(query.dtype) + off / normalizer
-        out = ms_deform_attn(v, (tuple(bev_hw),), loc, attn).reshape(b, nv, nq, c).mean(1)
-        out = nn.Dense(c, kernel_init=xavier_uniform, name='output_proj')(out)
+        loc = ref_hybrid.reshape(batch * nv, nq, 1, 1, 1, 2).astype(query.dtype) + off / normalizer
+        out = ms_deform_attn(proj_value, (tuple(bev_hw),), loc, attn).reshape(batch, nv, nq, channels).mean(1)
+        out = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(out)
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
-        return out + identity, dict(sampling_locations=loc.reshape(b, nv, nq, m, 1, p, 2),
-                                    attention_weights=attn.reshape(b, nv, nq, m, 1, p))
+        return out + identity, dict(sampling_locations=loc.reshape(batch, nv, nq, num_heads, 1, num_points, 2),
+                                    attention_weights=attn.reshape(batch, nv, nq, num_heads, 1, num_points))

@@ -63,8 +63,8 @@ def _check_out_dir(out, params, overwrite):
     """Returns True when ``out`` already holds exactly this dataset. Never deletes foreign files."""
     marker = os.path.join(out, MARKER)
     if os.path.exists(marker):
-        with open(marker) as f:
-            if {k: v for k, v in json.load(f).items() if k in params} == params:
+        with open(marker) as marker_file:
+            if {k: v for k, v in json.load(marker_file).items() if k in params} == params:
                 return True
         if not overwrite:
             raise FileExistsError(f'{out} holds a synthetic set with other parameters ({marker}); '
@@ -112,12 +112,12 @@ def generate(out, num_scenes=10, seed=0, image_wh=(320, 180), workers=None, over
             tables.setdefault(table, []).extend(rows)
     os.makedirs(os.path.join(out, version), exist_ok=True)
     for table in TABLES:
-        with open(os.path.join(out, version, f'{table}.json'), 'w') as f:
-            json.dump(tables.get(table, []), f, indent=0)
+        with open(os.path.join(out, version, f'{table}.json'), 'w') as table_file:
+            json.dump(tables.get(table, []), table_file, indent=0)
     info.update(samples=len(tables['sample']), annotations=len(tables['sample_annotation']),
                 seconds=round(time.time() - start, 1))
-    with open(os.path.join(out, MARKER), 'w') as f:  # written last: marks a complete set
-        json.dump(info, f, indent=1)
+    with open(os.path.join(out, MARKER), 'w') as marker_file:  # written last: marks a complete set
+        json.dump(info, marker_file, indent=1)
     if verbose:
         print(f'wrote {out}: {num_scenes} scenes, {info["samples"]} samples, '
               f'{info["annotations"]} annotations in {info["seconds"]} s')

@@ -17,8 +17,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         info = generate(args.out, args.scenes, args.seed, args.image_size, args.workers, args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        sys.exit(f'error: {e}')
+    except (ValueError, FileExistsError) as error:
+        sys.exit(f'error: {error}')
     print(f'version: {info["version"]}')
     for split, scenes in info['splits'].items():
         print(f'split {split}: {len(scenes)} scenes ({", ".join(scenes)})')

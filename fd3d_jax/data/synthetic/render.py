@@ -40,21 +40,21 @@ class GroundMap:
 
     def __init__(self, road, s_range, shape):
         self.labels = np.zeros(shape, np.uint8)
-        s = np.arange(s_range[0], s_range[1], road.step)
+        arc_lengths = np.arange(s_range[0], s_range[1], road.step)
 
-        def line(d):
-            xy, _ = road.pose(s, np.full_like(s, d))
+        def line(offset):
+            xy, _ = road.pose(arc_lengths, np.full_like(arc_lengths, offset))
             return np.round(xy / MAP_RESOLUTION * 8).astype(np.int32)  # 3 fractional bits
 
-        def stroke(d, width_m, label, dash=None):
-            pts = line(d)
+        def stroke(offset, width_m, label, dash=None):
+            pts = line(offset)
             thick = max(1, int(round(width_m / MAP_RESOLUTION)))
             if dash is None:
                 cv2.polylines(self.labels, [pts], False, int(label), thick, cv2.LINE_8, shift=3)
                 return
             on, period = int(dash[0] / road.step), int(dash[1] / road.step)
-            for k in range(0, len(pts) - on, period):
-                cv2.polylines(self.labels, [pts[k:k + on + 1]], False, int(label), thick, cv2.LINE_8, shift=3)
+            for start in range(0, len(pts) - on, period):
+                cv2.polylines(self.labels, [pts[start:start + on + 1]], False, int(label), thick, cv2.LINE_8, shift=3)
 
         stroke(0.0, 2 * world.SIDEWALK[1], SIDEWALK)
         stroke(0.0, 2 * world.ROAD_HALF_WIDTH, PARKING)
@@ -94,7 +94,7 @@ class GroundMap:
 def _class_pattern(name_idx, uvh, face, size, base, style):
     """Per-pixel albedo of box surfaces. uvh: (P, 3) normalised local coords (1 = front, left,
     top); face: (P,) face axis; size: (P, 3) (w, l, h); base: (P, 3) colour; style: (P,) int."""
-    u, v, h = uvh[:, 0], uvh[:, 1], uvh[:, 2]
+    along, across, up = uvh[:, 0], uvh[:, 1], uvh[:, 2]
     w_m, l_m, h_m = size[:, 0], size[:, 1], size[:, 2]
     rgb = base.copy()
     glass = np.array([0.12, 0.16, 0.22])
@@ -106,37 +106,37 @@ def _class_pattern(name_idx, uvh, face, size, base, style):
         rgb[mask] = color if np.ndim(color) == 1 else color[mask]
 
     car = name == 'car'
-    paint(car & vertical & (h > 0.55) & (h < 0.9) & (u > 0.12) & (u < 0.88), glass)
-    paint(car & (face == 0) & (h > 0.5) & (h < 0.9), glass)
+    paint(car & vertical & (up > 0.55) & (up < 0.9) & (along > 0.12) & (along < 0.88), glass)
+    paint(car & (face == 0) & (up > 0.5) & (up < 0.9), glass)
     truck = name == 'truck'
-    paint(truck & (u < 0.72), np.array([0.86, 0.86, 0.84]) * (1 - 0.08 * ((u * l_m / 0.5) % 1 < 0.15))[:, None])
-    paint(truck & (u >= 0.72) & vertical & (h > 0.6) & (h < 0.85), glass)
+    paint(truck & (along < 0.72), np.array([0.86, 0.86, 0.84]) * (1 - 0.08 * ((along * l_m / 0.5) % 1 < 0.15))[:, None])
+    paint(truck & (along >= 0.72) & vertical & (up > 0.6) & (up < 0.85), glass)
     bus = name == 'bus'
-    paint(bus & vertical & (h > 0.45) & (h < 0.85) & ((u * l_m / 1.6) % 1 > 0.12), glass)
-    paint(bus & (face == 0) & (u > 0.5) & (h > 0.3) & (h < 0.9), glass)
+    paint(bus & vertical & (up > 0.45) & (up < 0.85) & ((along * l_m / 1.6) % 1 > 0.12), glass)
+    paint(bus & (face == 0) & (along > 0.5) & (up > 0.3) & (up < 0.9), glass)
     trailer = name == 'trailer'
-    paint(trailer & ((u * l_m / 0.6) % 1 < 0.12), base * 0.7)
+    paint(trailer & ((along * l_m / 0.6) % 1 < 0.12), base * 0.7)
     cv = name == 'construction_vehicle'
-    paint(cv & (h < 0.22) & (((u * l_m + h * h_m) / 0.45) % 2 < 1), dark)
-    paint(cv & vertical & (u > 0.55) & (h > 0.65) & (h < 0.92), glass)
+    paint(cv & (up < 0.22) & (((along * l_m + up * h_m) / 0.45) % 2 < 1), dark)
+    paint(cv & vertical & (along > 0.55) & (up > 0.65) & (up < 0.92), glass)
     barrier = name == 'barrier'
-    paint(barrier & ((((v * w_m) + h * h_m) / 0.45) % 2 < 1), np.array([0.95, 0.95, 0.95]))
+    paint(barrier & ((((across * w_m) + up * h_m) / 0.45) % 2 < 1), np.array([0.95, 0.95, 0.95]))
     cone = name == 'traffic_cone'
-    paint(cone & (h > 0.55) & (h < 0.75), np.array([0.95, 0.95, 0.95]))
-    paint(cone & (h < 0.08), dark)
+    paint(cone & (up > 0.55) & (up < 0.75), np.array([0.95, 0.95, 0.95]))
+    paint(cone & (up < 0.08), dark)
     ped = name == 'pedestrian'
-    trousers = np.stack([np.full_like(h, 0.1), np.full_like(h, 0.12), 0.15 + 0.25 * (style % 2)], -1)
-    paint(ped & (h < 0.5), trousers)
-    paint(ped & (h > 0.87), np.array([0.82, 0.62, 0.48]))
+    trousers = np.stack([np.full_like(up, 0.1), np.full_like(up, 0.12), 0.15 + 0.25 * (style % 2)], -1)
+    paint(ped & (up < 0.5), trousers)
+    paint(ped & (up > 0.87), np.array([0.82, 0.62, 0.48]))
     cycle = (name == 'bicycle') | (name == 'motorcycle')
-    rider = cycle & (style % 3 != 0) & (h > 0.55)  # style picks whether a rider is drawn
+    rider = cycle & (style % 3 != 0) & (up > 0.55)  # style picks whether a rider is drawn
     paint(rider, np.array([0.18, 0.18, 0.22]))
-    paint(rider & (h > 0.88), np.array([0.9, 0.9, 0.9]) * (style % 2)[:, None] + 0.05)
+    paint(rider & (up > 0.88), np.array([0.9, 0.9, 0.9]) * (style % 2)[:, None] + 0.05)
 
     # Wheels on the sides of wheeled classes.
     radius = np.select([car, truck | bus | trailer, cv, cycle], [0.33, 0.5, 0.6, 0.32], 0.0)
-    lx = (u - 0.5) * l_m
-    lz = h * h_m
+    lx = (along - 0.5) * l_m
+    lz = up * h_m
     wheel_x = np.where(cycle, 0.32 * l_m, 0.5 * l_m - np.maximum(radius * 2.0, 0.15 * l_m))
     in_wheel = (np.minimum((np.abs(lx) - wheel_x) ** 2, (np.abs(lx) + wheel_x) ** 2) + (lz - radius) ** 2) < radius ** 2
     paint((radius > 0) & (face == 1) & in_wheel, dark)
@@ -146,10 +146,10 @@ def _class_pattern(name_idx, uvh, face, size, base, style):
 def _shade(albedo, face, uvh, boxes):
     """Lambertian shading with a fixed sun; face normals rotated by the box yaw."""
     sign = np.where(np.take_along_axis(uvh, face[:, None], 1)[:, 0] > 0.5, 1.0, -1.0)
-    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
+    cos_yaw, sin_yaw = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
     normal = np.zeros((len(face), 3))
-    normal[face == 0] = np.stack([c, s, np.zeros_like(c)], -1)[face == 0]
-    normal[face == 1] = np.stack([-s, c, np.zeros_like(c)], -1)[face == 1]
+    normal[face == 0] = np.stack([cos_yaw, sin_yaw, np.zeros_like(cos_yaw)], -1)[face == 0]
+    normal[face == 1] = np.stack([-sin_yaw, cos_yaw, np.zeros_like(cos_yaw)], -1)[face == 1]
     normal[face == 2, 2] = 1.0
     normal *= sign[:, None]
     light = 0.5 + 0.5 * np.clip(normal @ SUN, 0.0, 1.0)
@@ -165,8 +165,8 @@ def render_camera(ground, cam2global, intrinsic, image_wh, boxes, labels, colors
     Returns:
       uint8 image (H, W, 3), per-box pixel counts ignoring occluders (B,), and visible counts (B,).
     """
-    w, h = image_wh
-    uu, vv = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    width, height = image_wh
+    uu, vv = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     pix = np.stack([uu, vv, np.ones_like(uu)], -1).reshape(-1, 3)
     dirs = pix @ np.linalg.inv(intrinsic).T @ cam2global[:3, :3].T
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -180,23 +180,23 @@ def render_camera(ground, cam2global, intrinsic, image_wh, boxes, labels, colors
     img_from_global = geometry.view_pad(intrinsic) @ global2cam
     near = np.flatnonzero(np.linalg.norm(boxes[:, :2] - origin[:2], axis=-1) < BOX_RENDER_RANGE)
     uv_all, depth_all, _ = geometry.project_points(geometry.box_corners(boxes[near]), img_from_global)
-    for b, uv, depth in zip(near, uv_all, depth_all):
+    for box_index, uv, depth in zip(near, uv_all, depth_all):
         if (depth <= 0.05).all():
             continue
         if (depth > 0.05).all():
             c0, r0 = np.floor(uv.min(0)).astype(int)
             c1, r1 = np.ceil(uv.max(0)).astype(int) + 1
         else:
-            c0, r0, c1, r1 = 0, 0, w, h
-        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, w), min(r1, h)
+            c0, r0, c1, r1 = 0, 0, width, height
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, width), min(r1, height)
         if c0 >= c1 or r0 >= r1:
             continue
-        idx = (np.arange(r0, r1)[:, None] * w + np.arange(c0, c1)[None]).reshape(-1)
-        t = raycast.ray_box_distance(origin, dirs[idx], boxes[b])
-        own[b] = np.isfinite(t).sum()
-        closer = t < zbuf[idx]
-        zbuf[idx[closer]] = t[closer]
-        ids[idx[closer]] = b
+        idx = (np.arange(r0, r1)[:, None] * width + np.arange(c0, c1)[None]).reshape(-1)
+        dist = raycast.ray_box_distance(origin, dirs[idx], boxes[box_index])
+        own[box_index] = np.isfinite(dist).sum()
+        closer = dist < zbuf[idx]
+        zbuf[idx[closer]] = dist[closer]
+        ids[idx[closer]] = box_index
 
     rgb = np.empty((len(dirs), 3))
     sky = ~np.isfinite(zbuf)
@@ -214,7 +214,7 @@ def render_camera(ground, cam2global, intrinsic, image_wh, boxes, labels, colors
         rgb[obj] = _shade(albedo, face, uvh, boxes[bid])
     fog = np.clip((np.where(np.isfinite(zbuf), zbuf, 0.0) - 50.0) / 120.0, 0.0, 0.7)[:, None]
     rgb = np.where(sky[:, None], rgb, rgb * (1 - fog) + _HAZE * fog)
-    img = rgb.reshape(h, w, 3) * 255.0 + rng.normal(0.0, 2.0, (h, w, 3))
+    img = rgb.reshape(height, width, 3) * 255.0 + rng.normal(0.0, 2.0, (height, width, 3))
     visible = np.bincount(ids[obj], minlength=len(boxes))
     return np.clip(img, 0, 255).astype(np.uint8), own, visible
 
@@ -230,20 +230,21 @@ def lidar_sweep(lidar2global, boxes, labels, rng):
     n_az = rig.LIDAR_AZIMUTH_STEPS
     azim = np.arange(n_az) * (2 * np.pi / n_az) - np.pi
     ring, az = np.meshgrid(np.arange(len(elev)), azim, indexing='ij')  # (rings, n_az)
-    e = elev[ring]
-    dirs_l = np.stack([np.cos(e) * np.cos(az), np.cos(e) * np.sin(az), np.sin(e)], -1).reshape(-1, 3)
+    el = elev[ring]
+    dirs_l = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
     dirs = dirs_l @ lidar2global[:3, :3].T
     origin = lidar2global[:3, 3]
-    t = raycast.ground_distance(origin, dirs)
+    dist = raycast.ground_distance(origin, dirs)
     ids = np.full(len(dirs), -1)
     global2lidar = geometry.invert_transform(lidar2global)
     near = np.linalg.norm(boxes[:, :2] - origin[:2], axis=-1) < rig.LIDAR_MAX_RANGE + 10
-    for b in np.flatnonzero(near):
-        corners = geometry.transform_points(global2lidar, geometry.box_corners(boxes[b:b + 1])[0])
+    for box_index in np.flatnonzero(near):
+        corners = geometry.transform_points(global2lidar, geometry.box_corners(boxes[box_index:box_index + 1])[0])
         # nearest footprint point (exact for a rectangle) and farthest corner bound the elevations
-        c, s_ = np.cos(boxes[b, 6]), np.sin(boxes[b, 6])
-        rel = origin[:2] - boxes[b, :2]
-        local = np.abs([c * rel[0] + s_ * rel[1], -s_ * rel[0] + c * rel[1]]) - boxes[b, [4, 3]] / 2
+        cos_yaw, sin_yaw = np.cos(boxes[box_index, 6]), np.sin(boxes[box_index, 6])
+        rel = origin[:2] - boxes[box_index, :2]
+        local = np.abs([cos_yaw * rel[0] + sin_yaw * rel[1],
+                        -sin_yaw * rel[0] + cos_yaw * rel[1]]) - boxes[box_index, [4, 3]] / 2
         r_near = np.linalg.norm(np.maximum(local, 0.0))
         if r_near < 0.5:
             continue
@@ -255,21 +256,21 @@ def lidar_sweep(lidar2global, boxes, labels, rng):
         if len(rings) == 0:
             continue
         ang = np.arctan2(corners[:, 1], corners[:, 0])
-        centre = np.arctan2(*geometry.transform_points(global2lidar, boxes[b, :3])[[1, 0]])
+        centre = np.arctan2(*geometry.transform_points(global2lidar, boxes[box_index, :3])[[1, 0]])
         rel_ang = (ang - centre + np.pi) % (2 * np.pi) - np.pi
         a0 = int(np.floor((centre + rel_ang.min() + np.pi) / (2 * np.pi) * n_az)) - 1
         a1 = int(np.ceil((centre + rel_ang.max() + np.pi) / (2 * np.pi) * n_az)) + 1
         cols = np.arange(a0, a1 + 1) % n_az
         idx = (rings[:, None] * n_az + cols[None]).reshape(-1)
-        tb = raycast.ray_box_distance(origin, dirs[idx], boxes[b])
-        closer = tb < t[idx]
-        t[idx[closer]] = tb[closer]
-        ids[idx[closer]] = b
-    keep = t < rig.LIDAR_MAX_RANGE
-    t = t[keep] + rng.normal(0.0, 0.02, keep.sum())
+        tb = raycast.ray_box_distance(origin, dirs[idx], boxes[box_index])
+        closer = tb < dist[idx]
+        dist[idx[closer]] = tb[closer]
+        ids[idx[closer]] = box_index
+    keep = dist < rig.LIDAR_MAX_RANGE
+    dist = dist[keep] + rng.normal(0.0, 0.02, keep.sum())
     ids = ids[keep]
-    pts = dirs_l[keep] * t[:, None]
+    pts = dirs_l[keep] * dist[:, None]
     intensity = np.where(ids >= 0, 30.0 + 5.0 * (labels[np.maximum(ids, 0)] % 5), 8.0)
-    intensity = intensity + rng.uniform(0, 4, len(t))
+    intensity = intensity + rng.uniform(0, 4, len(dist))
     out = np.concatenate([pts, intensity[:, None], ring.reshape(-1)[keep][:, None]], 1).astype(np.float32)
     return out, np.bincount(ids[ids >= 0], minlength=len(boxes))

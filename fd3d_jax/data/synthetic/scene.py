@@ -24,8 +24,8 @@ def make_token(*parts):
 
 
 def _link(rows):
-    for a, b in zip(rows[:-1], rows[1:]):
-        a['next'], b['prev'] = b['token'], a['token']
+    for prev_row, next_row in zip(rows[:-1], rows[1:]):
+        prev_row['next'], next_row['prev'] = next_row['token'], prev_row['token']
     return rows
 
 
@@ -54,8 +54,8 @@ def simulate_scene(out_dir, seed, scene_idx, name, image_wh, static_tokens):
     actors = world.spawn_actors(rng, 0.0, duration, s_end)
     labels = np.array([CLASS_NAMES.index(n) for n in actors.name])
 
-    def ego_s_at(t):
-        return float(np.interp(t, t_grid, s_grid)), float(np.interp(t, t_grid, v_grid))
+    def ego_s_at(time_s):
+        return float(np.interp(time_s, t_grid, s_grid)), float(np.interp(time_s, t_grid, v_grid))
 
     log_name = f'synthetic-s{seed}-{name}'
     log_token, map_token, scene_token = tok('log'), tok('map'), tok('scene')
@@ -82,22 +82,22 @@ def simulate_scene(out_dir, seed, scene_idx, name, image_wh, static_tokens):
     sd_rows = {c: [] for c in sensors}
     ann_rows = {}  # actor index -> rows
     samples = []
-    for k in range(num_samples):
-        t = k * world.SAMPLE_PERIOD
-        timestamp = TIMESTAMP0 + scene_idx * 100_000_000 + int(round(t * 1e6))
-        s_ego, _ = ego_s_at(t)
+    for sample_idx in range(num_samples):
+        sample_time = sample_idx * world.SAMPLE_PERIOD
+        timestamp = TIMESTAMP0 + scene_idx * 100_000_000 + int(round(sample_time * 1e6))
+        s_ego, _ = ego_s_at(sample_time)
         xy, yaw = road.pose(s_ego, world.EGO_D)
         ego2global = geometry.make_transform(geometry.yaw_to_quat(float(yaw)), [xy[0], xy[1], 0.0])
-        sample_token = tok('sample', k)
+        sample_token = tok('sample', sample_idx)
         samples.append(dict(token=sample_token, timestamp=timestamp, prev='', next='', scene_token=scene_token))
 
-        boxes, speeds = world.actor_states(actors, road, t, ego_s_at)
+        boxes, speeds = world.actor_states(actors, road, sample_time, ego_s_at)
         dist = np.linalg.norm(boxes[:, :2] - xy, axis=-1)
         own = np.zeros(len(boxes), np.int64)
         visible = np.zeros(len(boxes), np.int64)
         for channel in sensors:
             sensor2global = ego2global @ sensor2ego[channel]
-            sd_token = tok('sample_data', channel, k)
+            sd_token = tok('sample_data', channel, sample_idx)
             if channel == LIDAR_NAME:
                 points, num_pts = render.lidar_sweep(sensor2global, boxes, labels, rng)
                 filename = f'samples/{channel}/{log_name}__{channel}__{timestamp}.pcd.bin'
@@ -114,7 +114,7 @@ def simulate_scene(out_dir, seed, scene_idx, name, image_wh, static_tokens):
                 os.makedirs(os.path.dirname(os.path.join(out_dir, filename)), exist_ok=True)
                 cv2.imwrite(os.path.join(out_dir, filename), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
                 fmt, (width, height) = 'jpg', image_wh
-            ego_token = tok('ego_pose', channel, k)
+            ego_token = tok('ego_pose', channel, sample_idx)
             tables['ego_pose'].append(dict(
                 token=ego_token, timestamp=timestamp, translation=ego2global[:3, 3].tolist(),
                 rotation=geometry.matrix_to_quat(ego2global[:3, :3]).tolist()))
@@ -124,25 +124,26 @@ def simulate_scene(out_dir, seed, scene_idx, name, image_wh, static_tokens):
                 is_key_frame=True, height=height, width=width, filename=filename, prev='', next=''))
 
         fraction = np.where(own > 0, visible / np.maximum(own, 1), 0.0)
-        for i in np.flatnonzero(dist < ANNOTATION_RANGE):
-            vis_token = [tok_ for tok_, _, lo in VISIBILITY_LEVELS if fraction[i] >= lo][-1]
-            attr = world.attribute_of(actors.name[i], speeds[i], actors.parked[i])
-            ann_rows.setdefault(i, []).append(dict(
-                token=tok('ann', i, k), sample_token=sample_token, instance_token=tok('instance', i),
+        for actor_idx in np.flatnonzero(dist < ANNOTATION_RANGE):
+            vis_token = [tok_ for tok_, _, lo in VISIBILITY_LEVELS if fraction[actor_idx] >= lo][-1]
+            attr = world.attribute_of(actors.name[actor_idx], speeds[actor_idx], actors.parked[actor_idx])
+            ann_rows.setdefault(actor_idx, []).append(dict(
+                token=tok('ann', actor_idx, sample_idx), sample_token=sample_token,
+                instance_token=tok('instance', actor_idx),
                 visibility_token=vis_token,
                 attribute_tokens=[static_tokens['attribute'][attr]] if attr else [],
-                translation=boxes[i, :3].tolist(), size=boxes[i, 3:6].tolist(),
-                rotation=geometry.yaw_to_quat(boxes[i, 6]).tolist(), prev='', next='',
-                num_lidar_pts=int(num_pts[i]), num_radar_pts=0))
+                translation=boxes[actor_idx, :3].tolist(), size=boxes[actor_idx, 3:6].tolist(),
+                rotation=geometry.yaw_to_quat(boxes[actor_idx, 6]).tolist(), prev='', next='',
+                num_lidar_pts=int(num_pts[actor_idx]), num_radar_pts=0))
 
     tables['sample'] = _link(samples)
     for channel in sensors:
         tables['sample_data'] += _link(sd_rows[channel])
-    for i, rows in ann_rows.items():
+    for actor_idx, rows in ann_rows.items():
         tables['sample_annotation'] += _link(rows)
         tables['instance'].append(dict(
-            token=tok('instance', i),
-            category_token=static_tokens['category'][CATEGORY_OF_CLASS[actors.name[i]]],
+            token=tok('instance', actor_idx),
+            category_token=static_tokens['category'][CATEGORY_OF_CLASS[actors.name[actor_idx]]],
             nbr_annotations=len(rows), first_annotation_token=rows[0]['token'],
             last_annotation_token=rows[-1]['token']))
     tables['scene'].append(dict(token=scene_token, log_token=log_token, nbr_samples=num_samples,
@@ -161,14 +162,14 @@ def _write_can_bus(out_dir, name, t0, t_grid, v_grid, ego_xy, ego_yaw):
     yaw_rate = np.gradient(yaw, t_grid)
     accel = np.gradient(v_grid, t_grid)
     msgs = []
-    for i in range(0, len(t_grid), step):
+    for grid_idx in range(0, len(t_grid), step):
         msgs.append(dict(
-            utime=int(t0 + round(t_grid[i] * 1e6)),
-            pos=[float(ego_xy[i, 0]), float(ego_xy[i, 1]), 0.0],
-            orientation=geometry.yaw_to_quat(float(yaw[i])).tolist(),
-            vel=[float(v_grid[i]), 0.0, 0.0],
-            accel=[float(accel[i]), float(v_grid[i] * yaw_rate[i]), 9.81],
-            rotation_rate=[0.0, 0.0, float(yaw_rate[i])]))
+            utime=int(t0 + round(t_grid[grid_idx] * 1e6)),
+            pos=[float(ego_xy[grid_idx, 0]), float(ego_xy[grid_idx, 1]), 0.0],
+            orientation=geometry.yaw_to_quat(float(yaw[grid_idx])).tolist(),
+            vel=[float(v_grid[grid_idx]), 0.0, 0.0],
+            accel=[float(accel[grid_idx]), float(v_grid[grid_idx] * yaw_rate[grid_idx]), 9.81],
+            rotation_rate=[0.0, 0.0, float(yaw_rate[grid_idx])]))
     os.makedirs(os.path.join(out_dir, 'can_bus'), exist_ok=True)
-    with open(os.path.join(out_dir, 'can_bus', f'{name}_pose.json'), 'w') as f:
-        json.dump(msgs, f)
+    with open(os.path.join(out_dir, 'can_bus', f'{name}_pose.json'), 'w') as can_file:
+        json.dump(msgs, can_file)

@@ -48,27 +48,28 @@ class Road:
     xy: np.ndarray       # (K, 2) global
     heading: np.ndarray  # (K,) unwrapped
 
-    def pose(self, s, d):
-        """Global (x, y) and heading of road coordinates (s, d); arrays broadcast."""
-        s = np.asarray(s, dtype=np.float64)
-        f = np.clip((s - self.s0) / self.step, 0, len(self.heading) - 1.000001)
-        i = np.floor(f).astype(int)
-        a = f - i
-        xy = self.xy[i] * (1 - a)[..., None] + self.xy[i + 1] * a[..., None]
-        heading = self.heading[i] * (1 - a) + self.heading[i + 1] * a
+    def pose(self, arc_length, offset):
+        """Global (x, y) and heading of road coordinates (s, d) = (``arc_length``, ``offset``); arrays
+        broadcast."""
+        arc_length = np.asarray(arc_length, dtype=np.float64)
+        frac_index = np.clip((arc_length - self.s0) / self.step, 0, len(self.heading) - 1.000001)
+        index = np.floor(frac_index).astype(int)
+        weight = frac_index - index
+        xy = self.xy[index] * (1 - weight)[..., None] + self.xy[index + 1] * weight[..., None]
+        heading = self.heading[index] * (1 - weight) + self.heading[index + 1] * weight
         normal = np.stack([-np.sin(heading), np.cos(heading)], axis=-1)
-        return xy + np.asarray(d, dtype=np.float64)[..., None] * normal, heading
+        return xy + np.asarray(offset, dtype=np.float64)[..., None] * normal, heading
 
 
 def make_road(rng, s_min, s_max, origin, heading0, step=0.5):
     """Piecewise-constant curvature (straights and gentle curves) integrated from ``origin``."""
-    n = int(np.ceil((s_max - s_min) / step)) + 1
-    kappa = np.zeros(n)
-    i = 0
-    while i < n:
+    num_points = int(np.ceil((s_max - s_min) / step)) + 1
+    kappa = np.zeros(num_points)
+    start = 0
+    while start < num_points:
         seg = int(rng.uniform(30.0, 90.0) / step)
-        kappa[i:i + seg] = rng.choice([0.0, 0.0, 1 / 60, -1 / 60, 1 / 120, -1 / 120])
-        i += seg
+        kappa[start:start + seg] = rng.choice([0.0, 0.0, 1 / 60, -1 / 60, 1 / 120, -1 / 120])
+        start += seg
     heading = heading0 + np.concatenate([[0.0], np.cumsum(kappa[:-1]) * step])
     xy = np.asarray(origin, dtype=np.float64) + np.concatenate(
         [[[0.0, 0.0]], np.cumsum(step * np.stack([np.cos(heading[:-1]), np.sin(heading[:-1])], -1), 0)])
@@ -77,22 +78,22 @@ def make_road(rng, s_min, s_max, origin, heading0, step=0.5):
 
 def ego_speed_profile(rng, duration, dt=0.02):
     """Ego speed (m/s) on a dense time grid: cruising, slow, or stop-and-go."""
-    t = np.arange(0.0, duration + 1.0 + dt, dt) - 1.0  # starts 1 s before the first sample
+    times = np.arange(0.0, duration + 1.0 + dt, dt) - 1.0  # starts 1 s before the first sample
     kind = rng.choice(['cruise', 'cruise', 'slow', 'stop'])
     if kind == 'cruise':
         v0, v1 = rng.uniform(5.0, 11.0, size=2)
-        v = v0 + (v1 - v0) * np.clip(t / duration, 0, 1)
+        speeds = v0 + (v1 - v0) * np.clip(times / duration, 0, 1)
     elif kind == 'slow':
-        v = np.full_like(t, rng.uniform(1.5, 4.0))
+        speeds = np.full_like(times, rng.uniform(1.5, 4.0))
     else:
         cruise = rng.uniform(5.0, 9.0)
         t_stop = rng.uniform(0.2, 0.5) * duration
         wait = rng.uniform(2.0, 5.0)
         knots_t = [-1.0, t_stop - 3.0, t_stop, t_stop + wait, t_stop + wait + 3.0, duration + 1.0]
         knots_v = [cruise, cruise, 0.0, 0.0, cruise, cruise]
-        v = np.interp(t, knots_t, knots_v)
-    s = np.concatenate([[0.0], np.cumsum(0.5 * (v[1:] + v[:-1]) * dt)])
-    return t, v, s
+        speeds = np.interp(times, knots_t, knots_v)
+    travelled = np.concatenate([[0.0], np.cumsum(0.5 * (speeds[1:] + speeds[:-1]) * dt)])
+    return times, speeds, travelled
 
 
 @dataclasses.dataclass
@@ -110,22 +111,22 @@ class Actors:
     color: np.ndarray      # (n, 3) float RGB in [0, 1]
 
 
-def actor_states(actors, road, t, ego_s_at):
-    """Global boxes and speeds at time ``t``.
+def actor_states(actors, road, time_s, ego_s_at):
+    """Global boxes and speeds at time ``time_s``.
 
     Returns (n, 7) boxes (x, y, z, w, l, h, yaw) with z the gravity centre, and (n,) speeds (m/s).
     """
-    s = actors.s0.copy()
-    speed = np.zeros(len(s))
+    arc_pos = actors.s0.copy()
+    speed = np.zeros(len(arc_pos))
     const = actors.motion == 'const'
-    s[const] += actors.speed[const] * t
+    arc_pos[const] += actors.speed[const] * time_s
     speed[const] = np.abs(actors.speed[const])
     follow = actors.motion == 'ego'
     if follow.any():
-        ego_s, ego_v = ego_s_at(t)
-        s[follow] += ego_s
+        ego_s, ego_v = ego_s_at(time_s)
+        arc_pos[follow] += ego_s
         speed[follow] = ego_v
-    xy, heading = road.pose(s, actors.d)
+    xy, heading = road.pose(arc_pos, actors.d)
     boxes = np.concatenate([xy, actors.size[:, 2:3] / 2, actors.size,
                             (heading + actors.yaw_offset)[:, None]], axis=1)
     return boxes, speed
@@ -157,11 +158,11 @@ class _ActorList:
         self.rng = rng
         self.rows = []
 
-    def add(self, name, s0, d, motion='static', speed=0.0, yaw_offset=0.0, parked=True):
+    def add(self, name, s0, offset, motion='static', speed=0.0, yaw_offset=0.0, parked=True):
         palette = _PALETTES[name]
-        k = int(self.rng.integers(len(palette)))
-        color = np.clip(np.asarray(palette[k]) * self.rng.uniform(0.9, 1.1), 0, 1)
-        self.rows.append((name, _size(self.rng, name), s0, d, motion, speed, yaw_offset, parked,
+        palette_index = int(self.rng.integers(len(palette)))
+        color = np.clip(np.asarray(palette[palette_index]) * self.rng.uniform(0.9, 1.1), 0, 1)
+        self.rows.append((name, _size(self.rng, name), s0, offset, motion, speed, yaw_offset, parked,
                           int(self.rng.integers(1 << 16)), color))
         return self.rows[-1][1]
 
@@ -174,11 +175,11 @@ class _ActorList:
 
 
 def _fill_line(rng, lo, hi, gap, place):
-    """Places items along [lo, hi] front to back; ``place(s)`` adds one and returns the length it
+    """Places items along [lo, hi] front to back; ``place(arc_pos)`` adds one and returns the length it
     occupies along the road (0 to leave a gap)."""
-    s = lo + rng.uniform(0, gap[1])
-    while s < hi:
-        s += place(s) + rng.uniform(*gap)
+    arc_pos = lo + rng.uniform(0, gap[1])
+    while arc_pos < hi:
+        arc_pos += place(arc_pos) + rng.uniform(*gap)
 
 
 def spawn_actors(rng, route_s, duration, ego_s_end):
@@ -188,11 +189,11 @@ def spawn_actors(rng, route_s, duration, ego_s_end):
 
     # Ego lane: vehicles that keep their gap to the ego (they follow its speed profile).
     for sign in (1, -1):
-        s = route_s + sign * rng.uniform(12.0, 20.0)
-        while lo < s < hi:
+        arc_pos = route_s + sign * rng.uniform(12.0, 20.0)
+        while lo < arc_pos < hi:
             name = rng.choice(['car', 'car', 'car', 'truck', 'bus', 'motorcycle'])
-            size = acts.add(name, s, -LANES['car'] + rng.normal(0, 0.1), motion='ego', parked=False)
-            s += sign * (size[1] + rng.uniform(8.0, 30.0))
+            size = acts.add(name, arc_pos, -LANES['car'] + rng.normal(0, 0.1), motion='ego', parked=False)
+            arc_pos += sign * (size[1] + rng.uniform(8.0, 30.0))
 
     # Constant-speed lines: oncoming lane, bike lanes, two walking lines per sidewalk. Each is
     # spawned over the stretch it sweeps through the route during the scene.
@@ -202,31 +203,31 @@ def spawn_actors(rng, route_s, duration, ego_s_end):
     for side in (1, -1):
         lines.append((side * LANES['walk_out'], rng.uniform(0.9, 1.6), ['pedestrian'], (15.0, 70.0)))
         lines.append((side * LANES['walk_in'], -rng.uniform(0.9, 1.6), ['pedestrian'], (15.0, 70.0)))
-    for d, v, names, gap in lines:
+    for offset, lane_speed, names, gap in lines:
         noise = 0.05 if names == ['pedestrian'] else 0.1
 
-        def moving(s, d=d, v=v, names=names, noise=noise):
-            size = acts.add(rng.choice(names), s, d + rng.normal(0, noise), 'const', v,
-                            0.0 if v > 0 else np.pi, parked=False)
+        def moving(arc_pos, offset=offset, lane_speed=lane_speed, names=names, noise=noise):
+            size = acts.add(rng.choice(names), arc_pos, offset + rng.normal(0, noise), 'const', lane_speed,
+                            0.0 if lane_speed > 0 else np.pi, parked=False)
             return size[1]
-        sweep = abs(v) * duration
-        _fill_line(rng, lo - (sweep if v > 0 else 0), hi + (sweep if v < 0 else 0), gap, moving)
+        sweep = abs(lane_speed) * duration
+        _fill_line(rng, lo - (sweep if lane_speed > 0 else 0), hi + (sweep if lane_speed < 0 else 0), gap, moving)
 
     # Work zones along the route: cones at the parking-strip edge, a barrier row inside the strip,
     # a construction vehicle on the verge behind.
     zones = []
     n_zones = max(2, int((hi - lo) / 100))
-    for k in range(n_zones):
-        s = route_s + (k + rng.uniform(0.1, 0.9)) * max(ego_s_end, 20.0) / n_zones
+    for zone in range(n_zones):
+        arc_pos = route_s + (zone + rng.uniform(0.1, 0.9)) * max(ego_s_end, 20.0) / n_zones
         side = rng.choice([-1, 1])
         n_cones, n_barriers = int(rng.integers(3, 7)), int(rng.integers(2, 4))
         length = max(n_cones * 2.5, n_barriers * 2.6) + 2.0
-        zones.append((side, s - 1.0, s + length))
-        for j in range(n_cones):
-            acts.add('traffic_cone', s + j * 2.5, side * LANES['cones'] + rng.normal(0, 0.05))
-        for j in range(n_barriers):
-            acts.add('barrier', s + 1.3 + j * 2.6, side * LANES['zone_barriers'], yaw_offset=np.pi / 2)
-        acts.add('construction_vehicle', s + rng.uniform(0, 10), side * rng.uniform(16.0, 19.0),
+        zones.append((side, arc_pos - 1.0, arc_pos + length))
+        for slot in range(n_cones):
+            acts.add('traffic_cone', arc_pos + slot * 2.5, side * LANES['cones'] + rng.normal(0, 0.05))
+        for slot in range(n_barriers):
+            acts.add('barrier', arc_pos + 1.3 + slot * 2.6, side * LANES['zone_barriers'], yaw_offset=np.pi / 2)
+        acts.add('construction_vehicle', arc_pos + rng.uniform(0, 10), side * rng.uniform(16.0, 19.0),
                  yaw_offset=rng.uniform(-np.pi, np.pi))
 
     # Parking strips (skipping work zones): a shuffled bag guarantees every vehicle class.
@@ -236,33 +237,34 @@ def spawn_actors(rng, route_s, duration, ego_s_end):
                    motorcycle=0.07, bicycle=0.07)
     names, probs = list(weights), np.array(list(weights.values()))
     for side in (-1, 1):
-        def parked(s, side=side):
+        def parked(arc_pos, side=side):
             if rng.uniform() < 0.35:
                 return 0.0
-            in_route = route_s - 10 < s < route_s + ego_s_end + 10
+            in_route = route_s - 10 < arc_pos < route_s + ego_s_end + 10
             name = bag.pop() if (bag and in_route and rng.uniform() < 0.5) else rng.choice(names, p=probs)
             length = SIZES[name][0][1] * 1.2
-            if any(z_side == side and s - length < z_hi and s + length > z_lo for z_side, z_lo, z_hi in zones):
+            if any(z_side == side and arc_pos - length < z_hi and arc_pos + length > z_lo
+                   for z_side, z_lo, z_hi in zones):
                 return 3.0
             yaw = (0.0 if side < 0 else np.pi) + rng.normal(0, 0.02)
-            size = acts.add(name, s + length / 2, side * LANES['parking'] + rng.normal(0, 0.1), yaw_offset=yaw)
+            size = acts.add(name, arc_pos + length / 2, side * LANES['parking'] + rng.normal(0, 0.1), yaw_offset=yaw)
             return size[1] / 2 + length / 2
         _fill_line(rng, lo, hi, (2.0, 12.0), parked)
 
     # Curb line: standing pedestrians and parked cycles; verge: more barrier rows.
     for side in (-1, 1):
-        def curb(s, side=side):
+        def curb(arc_pos, side=side):
             name = rng.choice(['pedestrian', 'pedestrian', 'pedestrian', 'bicycle', 'motorcycle'])
             yaw = rng.uniform(-np.pi, np.pi) if name == 'pedestrian' else rng.choice([0.0, np.pi])
-            acts.add(name, s + 1.1, side * LANES['curb'], yaw_offset=yaw)
+            acts.add(name, arc_pos + 1.1, side * LANES['curb'], yaw_offset=yaw)
             return 2.2
         _fill_line(rng, lo, hi, (6.0, 40.0), curb)
 
-        def verge_barriers(s, side=side):
-            n = int(rng.integers(2, 4))
-            for j in range(n):
-                acts.add('barrier', s + 1.3 + j * 2.6, side * LANES['verge_barriers'], yaw_offset=np.pi / 2)
-            return n * 2.6
+        def verge_barriers(arc_pos, side=side):
+            count = int(rng.integers(2, 4))
+            for slot in range(count):
+                acts.add('barrier', arc_pos + 1.3 + slot * 2.6, side * LANES['verge_barriers'], yaw_offset=np.pi / 2)
+            return count * 2.6
         _fill_line(rng, lo, hi, (60.0, 150.0), verge_barriers)
     return acts.build()
 
