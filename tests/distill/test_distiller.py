@@ -8,69 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
+from configs import fd3d_detr3d_r101_to_r50
 from fd3d_jax.distill import make_distiller
 from fd3d_jax.distill.distiller import level_pairs
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.models import build
-from fd3d_jax.models.inputs import dummy_batch
 from fd3d_jax.train.state import init_params
 from fd3d_jax.train.train_step import make_loss_fn
 from fd3d_jax.validate import validate
-
-PAIRS = {'bevformer': fd3d_bevformer_base_to_tiny, 'detr3d': fd3d_detr3d_r101_to_r50}
-
-
-def _config(kind, method='fd3d', **distill):
-    config = PAIRS[kind].get_config('toy')
-    config.data.queue_length = 1
-    config.distill.method = method
-    for key, value in distill.items():
-        if '__' in key:
-            section, name = key.split('__')
-            config.distill[section][name] = value
-        else:
-            config.distill[key] = value
-    return config
-
-
-def _batch(config):
-    batch = dummy_batch(config, 1, expert_model=config.expert.model)
-    boxes = [[5, 5, 0, 2, 4, 1.5, 0.3, 0, 0], [-10, 3, 0, 1, 1, 1.7, 0, 0, 0], [0, -20, 0, 2, 5, 2, 1, 0, 0]]
-    batch['gt_boxes'][0, :3] = boxes
-    batch['gt_labels'][0, :3] = [0, 8, 1]
-    batch['gt_mask'][0, :3] = True
-    return batch
-
-
-def _random_like(tree, seed):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    rng = np.random.default_rng(seed)
-    out = []
-    for x in leaves:
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            out.append(jnp.asarray(rng.normal(size=x.shape), x.dtype))
-        else:
-            out.append(jnp.ones(x.shape, x.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-@pytest.fixture(scope='module', params=['bevformer', 'detr3d'])
-def fake(request):
-    """Shapes of both models' outputs (abstract), filled with random numbers; sampling locations in [0, 1]."""
-    config = _config(request.param)
-    d = make_distiller(config)
-    batch = _batch(config)
-    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)}
-    out = jax.eval_shape(lambda b: build(config.model).init_with_output(rngs, b)[0], batch)
-    exp_out = jax.eval_shape(lambda b: d.expert.init_with_output(rngs, d.expert_batch(b))[0], batch)
-    out, exp_out = _random_like(out, 1), _random_like(exp_out, 2)
-    for smp in exp_out['sampling']:
-        for k in ('sampling_locations', 'points'):
-            if k in smp:
-                smp[k] = jax.nn.sigmoid(smp[k])
-    return request.param, batch, out, exp_out, _random_like(d.expert_abstract_params, 3)
-
+from tests.distill.conftest import toy_batch, toy_config
 
 EXPECTED = {
     'fitnet': {'bevformer': {'distill/fitnet_bev', 'distill/fitnet_pv'}, 'detr3d': {'distill/fitnet_pv'}},
@@ -84,7 +30,7 @@ EXPECTED = {
 @pytest.mark.parametrize('method', sorted(EXPECTED))
 def test_every_method_gives_finite_nonzero_terms(fake, method):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(_config(kind, method))
+    d = make_distiller(toy_config(kind, method))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     loss, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     terms = {k for k in parts if k in EXPECTED[method][kind]}
@@ -106,10 +52,10 @@ def test_weights_are_applied_once_and_both_values_logged(fake, method):
     their sum, and a term of weight 0 is neither computed nor logged."""
     kind, batch, out, exp_out, exp_params = fake
     rng = jax.random.PRNGKey(1)
-    plain = make_distiller(_config(kind, method))
+    plain = make_distiller(toy_config(kind, method))
     params = plain.init(jax.random.PRNGKey(0), exp_params)
     _, base = jax.jit(plain.loss)(params, exp_params, out, exp_out, batch, rng)
-    config = _config(kind, method)
+    config = toy_config(kind, method)
     terms = sorted(k.split('/')[1] for k in base if k.startswith('distill/'))
     assert terms == sorted(t for t in WEIGHT_KEYS[method] if f'distill/{t}' in EXPECTED[method][kind])
     scaled_keys = {WEIGHT_KEYS[method][t] for t in terms}
@@ -138,7 +84,7 @@ def test_weights_are_applied_once_and_both_values_logged(fake, method):
 
 def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='instance'))
+    d = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='instance'))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     assert float(parts['distill_stats/selected']) == 0.0
@@ -147,7 +93,7 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
             assert float(parts[k]) == 0.0
     assert float(parts['distill/focal']) > 0           # 'all' queries: the focal term does not depend on masks
     # counted over the full map, the generative terms remain (the generator must still reproduce the map)
-    full = make_distiller(_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='full'))
+    full = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='full'))
     _, parts = jax.jit(full.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     assert all(float(parts[k]) > 0 for k in ('distill/gen_bev', 'distill/gen_pv') if k in parts)
 
@@ -158,7 +104,7 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
                          ids=['random-generated-selected', 'gt-instance-scaled', 'standardised'])
 def test_fd3d_switches(fake, options):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(_config(kind, **options))
+    d = make_distiller(toy_config(kind, **options))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     for k in EXPECTED['fd3d'][kind]:
@@ -167,7 +113,7 @@ def test_fd3d_switches(fake, options):
 
 def test_trained_head_gets_gradient_only_from_its_gt_loss(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(_config(kind, head__train=True))
+    d = make_distiller(toy_config(kind, head__train=True))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     assert set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
                                                                 params['head'], exp_params['head']))) == {True}
@@ -190,14 +136,14 @@ def test_level_pairs_match_equal_sizes():
 
 
 def test_mismatched_pairs_fail_with_the_config_keys():
-    config = _config('bevformer')
+    config = toy_config('bevformer')
     config.expert.model.bev_h = 12
     with pytest.raises(ConfigError, match='config.expert.model.bev_h'):
         validate(config)
     config.expert.model.bev_h, config.expert.model.bev_w = 24, 30     # x3: not a power of two
     with pytest.raises(ConfigError, match='power-of-two'):
         validate(config)
-    config = _config('bevformer')
+    config = toy_config('bevformer')
     config.expert.model = fd3d_detr3d_r101_to_r50.get_config('toy').expert.model
     with pytest.raises(ConfigError, match='same kind of detector'):
         validate(config)
@@ -207,9 +153,9 @@ def test_mismatched_pairs_fail_with_the_config_keys():
 def test_gradients_of_the_training_loss(kind):
     """Through both real models: exactly zero for the expert (frozen head included), non-zero for the
     apprentice and for every distillation module."""
-    config = _config(kind, generative__area='instance')
+    config = toy_config(kind, generative__area='instance')
     d = make_distiller(config)
-    batch = _batch(config)
+    batch = toy_batch(config)
     exp_params = jax.jit(lambda b: d.expert.init({'params': jax.random.PRNGKey(1)}, b)['params'])(d.expert_batch(batch))
     model = build(config.model)
     params = dict(model=init_params(model, batch, 0), distill=d.init(jax.random.PRNGKey(3), exp_params))

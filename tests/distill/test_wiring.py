@@ -14,7 +14,7 @@ from fd3d_jax.distill import losses, make_distiller, masks
 from fd3d_jax.models.box_coder import denormalize_bbox
 from fd3d_jax.models.spatial_cross_attention import reference_points_2d
 from fd3d_jax.train.loop import Trainer
-from tests.distill.test_distiller import _config, fake  # noqa: F401  (the fixture)
+from tests.distill.conftest import toy_config
 
 
 def _boxes_and_keep(distiller, expert_out):
@@ -26,7 +26,7 @@ def _boxes_and_keep(distiller, expert_out):
 
 def test_zero_mask_removes_the_region_and_keeps_the_rest(fake):
     kind, *_ = fake
-    distiller = make_distiller(_config(kind))
+    distiller = make_distiller(toy_config(kind))
     feats = jnp.arange(2 * 3 * 4 * 2, dtype=jnp.float32).reshape(2, 3, 4, 2) + 1.0
     region = jnp.zeros((2, 3, 4)).at[0, 1, 2].set(1.0).at[1, 0, 0].set(1.0)
     masked = np.asarray(distiller.masked(feats, region, jax.random.PRNGKey(0)))
@@ -39,7 +39,7 @@ def test_pv_masks_use_the_lidar2img_of_the_upsampled_expert_images(fake):
     kind, batch, out, expert_out, expert_params = fake
     if kind != 'bevformer':
         pytest.skip('the DETR3D pair has no upsampling')
-    distiller = make_distiller(_config(kind, mask__select='topk', generative__area='instance'))
+    distiller = make_distiller(toy_config(kind, mask__select='topk', generative__area='instance'))
     assert distiller.upsample == 2
     params = distiller.init(jax.random.PRNGKey(0), expert_params)
     _, parts = jax.jit(distiller.loss)(params, expert_params, out, expert_out, batch, jax.random.PRNGKey(1))
@@ -57,7 +57,7 @@ def test_generative_bev_term_counts_the_expert_grid_region_of_the_kept_boxes(fak
     kind, batch, out, expert_out, expert_params = fake
     if kind != 'bevformer':
         pytest.skip('BEV term')
-    distiller = make_distiller(_config(kind, mask__select='topk', generative__area='instance'))
+    distiller = make_distiller(toy_config(kind, mask__select='topk', generative__area='instance'))
     params = distiller.init(jax.random.PRNGKey(0), expert_params)
     _, parts = jax.jit(distiller.loss)(params, expert_params, out, expert_out, batch, jax.random.PRNGKey(1))
     feats = distiller.features(params, out, jax.lax.stop_gradient(expert_out))
@@ -102,7 +102,7 @@ def test_the_distiller_itself_gives_the_expert_no_gradient(fake, method):
     """Without train_step's own stop_gradient: the loss's gradient reaches the apprentice, never the expert's
     outputs or params (the frozen head's params included)."""
     kind, batch, out, expert_out, expert_params = fake
-    distiller = make_distiller(_config(kind, method))
+    distiller = make_distiller(toy_config(kind, method))
     params = distiller.init(jax.random.PRNGKey(0), expert_params)
 
     def total(apprentice_out, expert_outputs, expert_weights):
@@ -117,7 +117,7 @@ def test_the_distiller_itself_gives_the_expert_no_gradient(fake, method):
 
 def test_trainer_starts_the_apprentice_head_from_the_expert(fake):
     kind, batch, out, expert_out, expert_params = fake
-    config = _config(kind)
+    config = toy_config(kind)
     config.train.update(batch_size=1, num_steps=1)
     distiller = make_distiller(config)
     trainer = Trainer(config, num_train_samples=1, distiller=distiller, expert_params=expert_params)
@@ -141,7 +141,7 @@ def test_a_few_distillation_steps_lower_the_distillation_loss(fake, method):
     """Adam on the distillation modules and the apprentice's features (the expert fixed): 60 steps at least
     halve the loss. A missing gradient path or a sign error would not."""
     kind, batch, out, expert_out, expert_params = fake
-    distiller = make_distiller(_config(kind, method))
+    distiller = make_distiller(toy_config(kind, method))
     params = distiller.init(jax.random.PRNGKey(0), expert_params)
     features = {k: out[k] for k in ('img_feats', 'bev') if k in out}
     tx = optax.adam(0.01)
