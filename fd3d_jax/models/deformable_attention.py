@@ -210,9 +210,8 @@ def _chunk_forward(table, row_base, loc, attn, spatial_shapes, num_heads):
     Per corner, the L*P weighted row gathers are summed in one unrolled expression, which XLA:CPU
     emits as one loop fusion vectorised over Dh that writes only the (c, M, Dh) accumulator, instead
     of materialising (c, M, 4*L*P, Dh) taps and contracting them with a batched dot (the previous
-    core): 8x less CPU time per chunk at the TSA shape (0.46 vs 3.7 ms per 1000 rows). The result
-    must stay (c, M, Dh) inside the fusion: viewing it as (c, M*Dh) there made XLA index every
-    element separately (4x slower)."""
+    core), several times faster per chunk (docs/benchmarks.md). The result must stay (c, M, Dh) inside
+    the fusion: viewing it as (c, M*Dh) there made XLA index every element separately (slower)."""
     idx = _corner_indices(row_base, loc, spatial_shapes, num_heads)
     wts = _corner_weights(loc, attn, spatial_shapes)
     acc = jnp.promote_types(table.dtype, wts.dtype)
@@ -232,8 +231,8 @@ def _chunk_backward(table, d_table, row_base, loc, attn, cot, spatial_shapes, nu
     ``_chunk_forward`` -> (d_table, d_loc (c, M, L, P, 2), d_attn (c, M, L, P)).
 
     Recomputes indices and weights; per corner, d_weights = <cot, tap> (a batched dot over the
-    corner's gathered (c, M, L*P, Dh) taps: the fastest measured of dot, multiply+sum and per-point
-    fused reductions, 3.1 vs 4.5-5.2 ms per 1000 TSA rows) and a scatter-add of weight * cot into the
+    corner's gathered (c, M, L*P, Dh) taps: the fastest of dot, multiply+sum and per-point fused
+    reductions, docs/benchmarks.md) and a scatter-add of weight * cot into the
     carried d_table (in place); then d_loc and d_attn by the bilinear formula, written out (the VJP
     of ``_corner_weights`` split into a dozen small fusions and reductions on XLA:CPU)."""
     heights, widths, _ = _geometry(spatial_shapes)
@@ -362,22 +361,8 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     index arithmetic into the gather and redid it for every gathered element, wrote and re-read
     P*4 times the output's size in taps, and ran the contraction as thousands of tiny batched
     matvecs; the backward recomputed all that and scatter-added taps whose indices and weights were
-    again recomputed per element. Measured as CPU time on 1 core (the machine was shared with a
-    training job, so wall times were noisy; ``experiments/bench_msda.py`` on 2 threads under the same
-    load gave lower ratios still, 0.13-0.30, as torch's OpenMP threads lose most from shared cores),
-    fwd / fwd+bwd in ms:
-
-    =========  ===============  ===============  ===============  =================
-    shape      previous core    this core        PyTorch (mmcv    this / PyTorch
-                                                 grid_sample)
-    =========  ===============  ===============  ===============  =================
-    tiny_tsa   36.4 / 74.9      12.3 / 59.2      29.7 / 84.7      0.41 / 0.70
-    tiny_sca   120.9 / 247.8    60.2 / 165.2     288.5 / 613.5    0.21 / 0.27
-    =========  ===============  ===============  ===============  =================
-
-    At a base_sca slice (1000 queries per camera, 4 levels) the forward is 3x faster than the
-    previous core and the forward+backward equal (731 vs 720 ms; 0.37x PyTorch): there the scatter
-    and gathers miss the cache of a 190 MB value table.
+    again recomputed per element. The measurements (this core against the previous one and PyTorch's
+    grid_sample) are in docs/benchmarks.md.
     """
     spatial_shapes = _static_shapes(spatial_shapes)
     value, sampling_locations, attention_weights = map(jnp.asarray, (value, sampling_locations, attention_weights))

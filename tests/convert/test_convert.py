@@ -13,9 +13,22 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fd3d_jax.convert import ConvertError, convert, flax_to_torch, ignored_keys, mapping, torch_to_flax
+from configs import common
+from fd3d_jax.convert import (
+    ConvertError,
+    checkpoint_files,
+    convert,
+    flax_to_torch,
+    ignored_keys,
+    mapping,
+    torch_io,
+    torch_to_flax,
+)
 from fd3d_jax.convert.official_keys import official_shapes
+from fd3d_jax.distill.expert import load_expert_params
 from fd3d_jax.models import detector_class
+from fd3d_jax.models.backbone import conv2d
+from fd3d_jax.models.decoder import SelfAttention
 
 FULL = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101')
 # Keys of the official state dicts (incl. BN num_batches_tracked and code_weights) and the ignored ones.
@@ -257,7 +270,6 @@ def torch_mha(x_qk, x_v, in_w, in_b, out_w, out_b, heads):
 
 def test_self_attention_matches_torch_semantics(toy):
     """The packed in_proj split: our decoder self-attention with converted weights = torch's MHA."""
-    from fd3d_jax.models.decoder import SelfAttention
     cfg, abstract, sd = toy
     c, m = cfg.model.embed_dims, cfg.model.num_heads
     p = torch_to_flax(sd, cfg, abstract=abstract)['head']['layers_1']['self_attn']
@@ -272,7 +284,6 @@ def test_self_attention_matches_torch_semantics(toy):
 
 def test_conv_kernel_layout_matches_torch_semantics(toy):
     """OIHW -> HWIO: the stem (7x7, stride 2, pad 3) with the converted kernel = torch's conv2d."""
-    from fd3d_jax.models.backbone import conv2d
     cfg, abstract, sd = toy
     kernel = torch_to_flax(sd, cfg, abstract=abstract)['image_features']['backbone']['conv1']['kernel']
     w = sd['img_backbone.conv1.weight']                                            # (O, I, 7, 7)
@@ -287,9 +298,6 @@ def test_conv_kernel_layout_matches_torch_semantics(toy):
 def test_cli_round_trip_through_files(toy, tmp_path, monkeypatch):
     """``python -m fd3d_jax.convert`` writes a params folder that the distillation expert loader reads;
     ``--to-torch`` (here in-process) writes the original state dict back."""
-    from configs import common
-    from fd3d_jax.convert import checkpoint_files
-    from fd3d_jax.distill.expert import load_expert_params
     torch = pytest.importorskip('torch')
     cfg, abstract, sd = toy
     pth = str(tmp_path / 'official.pth')
@@ -316,7 +324,6 @@ def test_cli_round_trip_through_files(toy, tmp_path, monkeypatch):
 
 
 def test_cli_errors_name_the_problem(toy, tmp_path, monkeypatch):
-    from fd3d_jax.convert import checkpoint_files, torch_io
     cfg, _, sd = toy
     with pytest.raises(ConvertError, match='needs PyTorch'):
         monkeypatch.setitem(sys.modules, 'torch', None)

@@ -33,8 +33,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs.common import resnet
 from fd3d_jax.convert import convert, mapping, torch_to_flax
 from fd3d_jax.convert.official_keys import official_shapes
+from fd3d_jax.models.backbone import FPN, ResNet
+from fd3d_jax.models.bevformer import ImageFeatures
+from fd3d_jax.models.dcn import ModulatedDeformConv2dPack
+from fd3d_jax.models.decoder import BEVCrossAttention, DecoderLayer, SelfAttention
+from fd3d_jax.models.deformable_attention import MSDeformableAttention, ms_deform_attn, ms_deform_attn_reference
 from tests.experiments import load_script
 
 torch = pytest.importorskip('torch')
@@ -414,7 +420,6 @@ class TorchDecoderLayer(tnn.Module):
 
 def test_decoder_self_attention_vs_torch_multihead_attention(toy):
     """Decoder self-attention vs mmcv MultiheadAttention(nn.MultiheadAttention), via torch_to_flax."""
-    from fd3d_jax.models.decoder import SelfAttention
     cfg, abstract = toy
     c, m = cfg.model.embed_dims, cfg.model.num_heads
     ref_mod = init_like_torch(MmcvMultiheadAttention(c, m), seed=1)
@@ -442,7 +447,6 @@ BACKBONES = {
 @pytest.mark.parametrize('variant', sorted(BACKBONES))
 def test_resnet_vs_torch_restatement(toy, variant):
     """ResNet (pytorch / caffe+DCNv2 stages 3-4, width 8, multi-block stages) vs a torch mmdet ResNet restatement."""
-    from fd3d_jax.models.backbone import ResNet
     cfg, abstract = toy
     cfg = cfg.copy_and_resolve_references()
     spec = BACKBONES[variant]
@@ -486,7 +490,6 @@ FEATURE_HW = ((25, 35), (13, 18), (7, 9), (4, 5))     # odd sizes: top-down F.in
 @pytest.mark.parametrize('variant', sorted(NECKS))
 def test_fpn_vs_torch_restatement(toy, variant):
     """FPN (top-down nearest by size, extra stride-2 convs / max-pool levels) vs a torch mmdet FPN restatement."""
-    from fd3d_jax.models.backbone import FPN
     cfg, abstract = toy
     cfg = cfg.copy_and_resolve_references()
     spec = NECKS[variant]
@@ -510,7 +513,6 @@ def test_fpn_vs_torch_restatement(toy, variant):
 
 def test_image_features_toy_vs_torch(toy):
     """bevformer_tiny:toy ImageFeatures (ResNet + FPN) vs the torch ResNet -> FPN chain, one official state dict."""
-    from fd3d_jax.models.bevformer import ImageFeatures
     cfg, abstract = toy
     bb, neck = dict(cfg.model.backbone), dict(cfg.model.neck)
     resnet = init_like_torch(TorchResNet(bb['base_width'], bb['stage_blocks'], bb['style'], bb['dcn_stages'],
@@ -558,7 +560,6 @@ MSDA_SHAPES = ((6, 10), (3, 5), (2, 3))
 
 def test_msda_core_vs_mmcv_pytorch():
     """ms_deform_attn (chunked, padded) and ms_deform_attn_reference vs mmcv multi_scale_deformable_attn_pytorch."""
-    from fd3d_jax.models.deformable_attention import ms_deform_attn, ms_deform_attn_reference
     rng = np.random.default_rng(14)
     b, q, m, d, p = 2, 9, 2, 4, 3
     s = sum(h * w for h, w in MSDA_SHAPES)
@@ -583,7 +584,6 @@ def _random_msda(c, m, lv, p, seed):
 
 def test_msda_module_multilevel_vs_torch(toy):
     """MSDeformableAttention at 3 levels vs mmcv MultiScaleDeformableAttention (torch), decoder key mapping."""
-    from fd3d_jax.models.deformable_attention import MSDeformableAttention
     cfg, _ = toy
     c, m, p = 16, 2, 3
     ref_mod = _random_msda(c, m, len(MSDA_SHAPES), p, seed=15)
@@ -606,7 +606,6 @@ def test_msda_module_multilevel_vs_torch(toy):
 
 def test_bevformer_decoder_cross_attention_vs_torch(toy):
     """BEVCrossAttention vs CustomMSDeformableAttention (torch) on the 8x10 BEV, via torch_to_flax."""
-    from fd3d_jax.models.decoder import BEVCrossAttention
     cfg, abstract = toy
     mc = cfg.model
     c, m, p, bev_hw = mc.embed_dims, mc.num_heads, mc.decoder_points, (mc.bev_h, mc.bev_w)
@@ -629,7 +628,6 @@ def test_bevformer_decoder_cross_attention_vs_torch(toy):
 
 def test_bevformer_decoder_layer_vs_torch(toy):
     """DecoderLayer (self-attn, LN, cross-attn, LN, FFN, LN) vs torch DetrTransformerDecoderLayer, via torch_to_flax."""
-    from fd3d_jax.models.decoder import BEVCrossAttention, DecoderLayer
     cfg, abstract = toy
     mc = cfg.model
     c, bev_hw = mc.embed_dims, (mc.bev_h, mc.bev_w)
@@ -752,8 +750,6 @@ def test_resnet_vs_torchvision(toy, variant):
     _torchvision()
     from torchvision.models._utils import IntermediateLayerGetter
 
-    from configs.common import resnet
-    from fd3d_jax.models.backbone import ResNet
     spec = TORCHVISION_BACKBONES[variant]
     cfg, abstract = toy
     cfg = cfg.copy_and_resolve_references()
@@ -824,7 +820,6 @@ def test_torchvision_deform_conv2d_layout():
 def test_dcn_vs_torch(toy, reference, stride, padding, dilation):
     """ModulatedDeformConv2dPack vs conv_offset (mmcv chunk/cat/sigmoid) + the torch mmcv restatement or
     torchvision.ops.deform_conv2d (offsets up to a few px), conv2 DCN key mapping."""
-    from fd3d_jax.models.dcn import ModulatedDeformConv2dPack
     if reference == 'torchvision':
         _torchvision()
     cfg, _ = toy

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fd3d_jax import nuscenes_metrics
 from fd3d_jax.data import geometry, pipeline
 from fd3d_jax.data import records as records_lib
 from tests.conftest import SYNTH_IMAGE_WH
@@ -231,7 +232,6 @@ def no_gt_set(synthetic_root, tmp_path_factory):
 def test_scene_without_gt_is_resampled_in_training_and_evaluated(no_gt_set, data_cfg, tmp_path):
     """Training queues ending in the GT-less scene are redrawn (filter_empty_gt); evaluation
     streams it with no GT, has no GT detections for it, and the devkit evaluates the split."""
-    from fd3d_jax import nuscenes_metrics
     root, recs = no_gt_set
     both, cfg = recs['both'], data_config_copy(data_cfg, photometric=False)
     no_gt = [i for i, r in enumerate(both['samples']) if r['scene_name'] == 'scene-0103']

@@ -1,9 +1,12 @@
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs.common import toy_backbone
+from fd3d_jax.models.bevformer import ImageFeatures
 from fd3d_jax.models.grid_mask import grid_mask, grid_mask_from_params
 
 
@@ -95,9 +98,6 @@ def test_rotation_draws_integer_degrees_below_rotate():
 
 
 def test_image_features_mask_only_in_training():
-    from configs.common import toy_backbone
-    import ml_collections
-    from fd3d_jax.models.bevformer import ImageFeatures
     m = toy_backbone(ml_collections.ConfigDict())
     img = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 32, 48, 3))
     plain = ImageFeatures(dict(m.backbone), dict(m.neck), False)
