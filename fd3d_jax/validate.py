@@ -66,32 +66,34 @@ def _model(config, key):
         number(config, f'{key}.encoder_layers', 1, integer=True)
 
 
+# Integer keys and their least value.
+COUNTS = {'data.pad_divisor': 1, 'data.queue_length': 1, 'data.max_gt': 1, 'data.num_threads': 0, 'data.prefetch': 0,
+          'train.batch_size': 1, 'train.eval_batch_size': 1, 'train.num_steps': 0, 'train.epochs': 0,
+          'train.log_every': 1, 'train.checkpoint_every': 1, 'train.keep_checkpoints': 1, 'train.eval_every': 0,
+          'optim.warmup_iters': 0}
+
+
+def _counts(config, section):
+    for key, least in COUNTS.items():
+        if key.startswith(section + '.'):
+            number(config, key, least, integer=True)
+
+
 def _data(config):
     number(config, 'data.image_scale', 0.0, low_open=True)
-    number(config, 'data.pad_divisor', 1, integer=True)
-    number(config, 'data.queue_length', 1, integer=True)
-    number(config, 'data.max_gt', 1, integer=True)
-    number(config, 'data.num_threads', 0, integer=True)
-    number(config, 'data.prefetch', 0, integer=True)
+    _counts(config, 'data')
 
 
 def _training(config):
     one_of(config, 'train.nonfinite', NONFINITE)
-    number(config, 'train.batch_size', 1, integer=True)
-    number(config, 'train.eval_batch_size', 1, integer=True)
-    number(config, 'train.num_steps', 0, integer=True)
-    number(config, 'train.epochs', 0, integer=True)
-    number(config, 'train.log_every', 1, integer=True)
-    number(config, 'train.checkpoint_every', 1, integer=True)
-    number(config, 'train.keep_checkpoints', 1, integer=True)
-    number(config, 'train.eval_every', 0, integer=True)
+    _counts(config, 'train')
     if config.train.num_steps == 0 and config.train.epochs == 0:
         raise ConfigError('config.train.num_steps and config.train.epochs are both 0: set one of them')
+    _counts(config, 'optim')
     number(config, 'optim.lr', 0.0, low_open=True)
     number(config, 'optim.weight_decay', 0.0)
     number(config, 'optim.backbone_lr_mult', 0.0)
     number(config, 'optim.grad_clip', 0.0)
-    number(config, 'optim.warmup_iters', 0, integer=True)
     number(config, 'optim.warmup_ratio', 0.0, 1.0, low_open=True)
     number(config, 'optim.min_lr_ratio', 0.0, 1.0)
     for key in ('cls_weight', 'bbox_weight', 'focal_gamma'):
