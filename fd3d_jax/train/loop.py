@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from fd3d_jax import nuscenes_metrics, params_io
 from fd3d_jax.data import pipeline, records
+from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
 from fd3d_jax.distill import build_distillation
@@ -25,7 +26,6 @@ from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
 from fd3d_jax.train.state import create_state, init_params, step_rng
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
-from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
 
 
 INIT_IMAGE_WH = (320, 180)  # camera image size of the dummy batch that initialises the params
@@ -56,9 +56,9 @@ def init_train_params(config, model, distiller=None, expert_params=None):
 def training_parts(config, num_train_samples, distiller=None, expert_params=None, abstract=False):
     """What ``Trainer`` is made of: ``model``, ``steps_per_epoch``, ``num_steps``, ``tx``, ``schedule``, the
     initial ``state`` (not yet placed on a mesh), the pure ``train_step`` and ``head_copy`` (what the
-    apprentice's head took from the expert's, ``head_copy_summary``; None when it took nothing). ``abstract``: ``state`` as
-    ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is initialised, ``expert_params`` may be abstract
-    too), for compile-only time and memory at full size."""
+    apprentice's head took from the expert's, ``head_copy_summary``; None when it took nothing).
+    ``abstract``: ``state`` as ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is initialised,
+    ``expert_params`` may be abstract too), for compile-only time and memory at full size."""
     model = build(config.model)
     per_epoch = steps_per_epoch(config, num_train_samples)
     num_steps = optim.num_train_steps(config.train, per_epoch)
