@@ -8,10 +8,12 @@ nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionE
 
 Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
 ``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
-no ablation table; docs/fd3d_reconstruction.md). Every row x seed is one training run in ``RUNS/TABLE/ROW/stepsN_seedS``;
-finished runs are reused, so an interrupted table resumes. Writes ``experiments/results/NAME.json``,
-``NAME.md`` and ``NAME.png`` (mean +- std over seeds; the expert's own score from its folder's
-``metrics_summary.json``). The expert is a folder of ``experiments/export_expert.py`` or a training workdir.
+no ablation table; docs/fd3d_reconstruction.md). Every row x seed is one training run in
+``RUNS/TABLE/ROW/stepsN_seedS_<code hash>_<expert hash>``; finished runs of the same code and expert are reused,
+so an interrupted table resumes. Writes ``experiments/results/NAME.json``, ``NAME.md`` and ``NAME.png`` (mean
++- std over seeds, per-seed paired differences against head-only and the best baseline; the expert's own score
+and its score on the distillation input). The expert is a folder of ``experiments/export_expert.py`` or a
+training workdir. ``--split tune`` trains and reports on splits carved from the training scenes.
 """
 import argparse
 import concurrent.futures
