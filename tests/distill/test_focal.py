@@ -48,7 +48,7 @@ def test_focal_features_equal_for_identical_bevs_and_no_gradient_to_the_head():
         return focal_loss(*bev_focal_features(head, sampling, bev_t, bev_s, m))
 
     g_head, g_smp, g_bev = jax.grad(loss, argnums=(0, 1, 2))(head, sampling, bev_s)
-    # the trap of fd3d.md §4: value_proj, locations and weights must get no gradient
+    # value_proj, locations and weights must get no gradient (else the loss could be zeroed by shrinking them)
     for leaf in jax.tree_util.tree_leaves((g_head, g_smp)):
         assert not np.any(np.asarray(leaf))
     assert np.abs(np.asarray(g_bev)).sum() > 0
