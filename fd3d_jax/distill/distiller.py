@@ -129,9 +129,8 @@ class Distiller:
             raise ConfigError(f'no FPN level of the apprentice {apprentice_hws} has the size of one of the expert '
                               f'{expert_hws} (check config.distill.expert_upsample and the image scales)')
         if self.has_bev:
-            expert_h, expert_w, self.bev_channels = self.expert.bev_shape()
-            apprentice_h, apprentice_w, _ = self.apprentice.bev_shape()
-            self.bev_factor = expert_h // apprentice_h
+            expert_h, _, self.bev_channels = self.expert.bev_shape()
+            self.bev_factor = expert_h // self.apprentice.bev_shape()[0]   # a power of two (validate)
 
     def active(self, term):
         """Whether ``term`` is computed (its weight is not 0)."""
