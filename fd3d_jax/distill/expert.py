@@ -22,6 +22,12 @@ from fd3d_jax.errors import CheckpointError, ExpertError
 IGNORED_MODEL_KEYS = ('remat', 'grid_mask', 'max_num', 'dropout')  # do not change the params or outputs
 
 
+def upsampled_lidar2img(lidar2img, upsample):
+    """``lidar2img`` (..., 4, 4) of images upsampled ``upsample`` times: rows u and v scaled (diag(k, k, 1, 1) @)."""
+    scale = jnp.asarray([upsample, upsample, 1.0, 1.0], lidar2img.dtype)
+    return lidar2img * scale[:, None]
+
+
 def expert_batch(batch, data_cfg, expert_cfg, upsample):
     """The apprentice's batch as the expert sees it: images renormalised (``expert_cfg.image_mean`` /
     ``image_std`` / ``to_rgb`` from the apprentice's ``data_cfg``) and upsampled ``upsample`` x
@@ -44,8 +50,7 @@ def expert_batch(batch, data_cfg, expert_cfg, upsample):
         factor = int(upsample)
         shape = img.shape[:-3] + (img.shape[-3] * factor, img.shape[-2] * factor, img.shape[-1])
         img = jax.image.resize(img, shape, 'bilinear')
-        scale = jnp.asarray([factor, factor, 1.0, 1.0], batch['lidar2img'].dtype)
-        out['lidar2img'] = batch['lidar2img'] * scale[:, None]
+        out['lidar2img'] = upsampled_lidar2img(batch['lidar2img'], factor)
     out['img'] = img
     return out
 

@@ -28,6 +28,7 @@ from fd3d_jax.detection.losses import detection_loss
 from fd3d_jax.detection.matching import match
 from fd3d_jax.distill import losses, masks
 from fd3d_jax.distill.distiller import Distiller, destandardize
+from fd3d_jax.distill.expert import upsampled_lidar2img
 from fd3d_jax.distill.focal import bev_focal_features, pv_focal_features
 from fd3d_jax.models.box_coder import denormalize_bbox
 
@@ -58,8 +59,7 @@ class FD3D(Distiller):
 
     def expert_lidar2img(self, batch):
         """The current frame's ``lidar2img`` of the expert's (upsampled) images."""
-        scale = float(self.upsample)
-        return batch['lidar2img'][:, -1] * jnp.asarray([scale, scale, 1.0, 1.0], batch['lidar2img'].dtype)[:, None]
+        return upsampled_lidar2img(batch['lidar2img'][:, -1], self.upsample)
 
     def distillation_head(self, params, expert_params, expert_out, batch, rng):
         """(head outputs, head params, unweighted GT loss or None) of the distillation head."""
