@@ -53,6 +53,28 @@ _METHOD_ROWS = [
     ('fd3d', 'FD3D generative + focal', FD3D),
 ]
 BASELINES = ('head', 'fitnet', 'mgd', 'heatmap')
+# Every weight of a method, scaled together by the weight sweep (``sweep`` table, on the tuning split).
+METHOD_WEIGHTS = {
+    'fd3d': ('distill.generative.bev_weight', 'distill.generative.pv_weight', 'distill.focal.weight'),
+    'mgd': ('distill.mgd.weight',),
+    'fitnet': ('distill.fitnet.bev_weight', 'distill.fitnet.pv_weight'),
+}
+
+
+def scaled(method, factor):
+    """The overrides of ``distill.method=method`` with each of its weights (at its default of 1) x ``factor``."""
+    return {'distill.method': method, **{key: float(factor) for key in METHOD_WEIGHTS[method]}}
+
+
+def _sweep_rows(factors=(3, 10)):
+    rows = [('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})]
+    for method, label in (('fd3d', 'FD3D generative + focal'), ('mgd', 'MGD (random masks)'),
+                          ('fitnet', 'FitNet (BEV + FPN)')):
+        rows.append((method, f'{label}, weights x1', {'distill.method': method}))
+        rows += [(f'{method}_x{f}', f'{label}, weights x{f}', scaled(method, f)) for f in factors]
+    return rows
+
+
 TABLES = {
     'table1': dict(title='BEVFormer base -> tiny (fd3d_bevformer_base_to_tiny.py:demo)',
                    config='configs/fd3d_bevformer_base_to_tiny.py:demo',
@@ -77,6 +99,11 @@ TABLES = {
                        ('focal_generated', 'focal: on the generated BEV', {**FD3D, 'distill.focal.source': 'generated'}),
                        ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
                    ]),
+    # The weight sweep: each method's weights x1, x3, x10 (run it with --split tune: weights are chosen on the
+    # tuning split, never on val). Shares table 1's run folders.
+    'sweep': dict(title='Weight sweep, BEVFormer base -> tiny (:demo)',
+                  config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',
+                  expert='experiments/experts/bevformer_base_demo', rows=_sweep_rows()),
 }
 SHORT = dict(rows=('alone', 'head', 'fd3d'), seeds=(0,), steps=600)
 TUNE_SPLITS = ('tune_train', 'tune_val')   # carved from the training scenes (--split tune); val is never tuned on
@@ -380,15 +407,21 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         return done
 
     expert_dir = os.path.join(runs, table.get('folder', name), 'expert_input', tag)
-    log(f'{name}: the expert on the distillation input')
-    expert_input = run_cell(expert_command(table, dataroot, expert, expert_dir, splits), expert_dir, identity, log)
+
+    def expert_cell(cell_log):
+        cell_log(f'{name}: the expert on the distillation input')
+        return run_cell(expert_command(table, dataroot, expert, expert_dir, splits), expert_dir, identity, cell_log)
+
     plan = [(row, seed) for row in rows for seed in seeds]
-    if jobs > 1:
+    if jobs > 1:   # the expert's evaluation is one more job of the pool
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            expert_future = pool.submit(expert_cell, lambda line: log(f'[expert] {line}'))
             futures = [pool.submit(cell, *row, seed, lambda line, tag=f'[{row[0]} {seed}]': log(f'{tag} {line}'))
                        for row, seed in plan]
             done = [future.result() for future in futures]
+            expert_input = expert_future.result()
     else:
+        expert_input = expert_cell(log)
         done = [cell(*row, seed, log) for row, seed in plan]
     results = []
     for index, (key, label, overrides) in enumerate(rows):

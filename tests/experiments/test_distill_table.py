@@ -142,6 +142,17 @@ def test_every_table_row_is_a_valid_override():
                 assert node == v, (name, key, k)
 
 
+def test_sweep_scales_every_weight_of_a_method_from_its_default():
+    """The sweep's "x3" multiplies the weights the config ships: every weight of a method, none forgotten."""
+    _, config = dt.load_config(dt.TABLES['sweep']['config'])
+    groups = {'fd3d': ('generative', 'focal'), 'mgd': ('mgd',), 'fitnet': ('fitnet',)}
+    for method, keys in dt.METHOD_WEIGHTS.items():
+        shipped = {f'distill.{group}.{k}': v for group in groups[method]
+                   for k, v in config.distill[group].items() if k.endswith('weight')}
+        assert set(shipped) == set(keys), method
+        assert all(v == 1.0 for v in shipped.values()), shipped   # "x3" means 3 only while the weight is 1
+
+
 def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
     tmp, root, expert = fake
     rows = [('alone', 'apprentice alone', dt.NONE), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
