@@ -53,25 +53,25 @@ _METHOD_ROWS = [
     ('fd3d', 'FD3D generative + focal', FD3D),
 ]
 BASELINES = ('head', 'fitnet', 'mgd', 'heatmap')
-# Every weight of a method, scaled together by the weight sweep (``sweep`` table, on the tuning split).
+# Every weight of a method, set together by the weight sweep (``sweep`` table, run on the tuning split).
 METHOD_WEIGHTS = {
     'fd3d': ('distill.generative.bev_weight', 'distill.generative.pv_weight', 'distill.focal.weight'),
     'mgd': ('distill.mgd.weight',),
     'fitnet': ('distill.fitnet.bev_weight', 'distill.fitnet.pv_weight'),
 }
+SWEEP_WEIGHTS = (1, 3, 10)
 
 
-def scaled(method, factor):
-    """The overrides of ``distill.method=method`` with each of its weights (at its default of 1) x ``factor``."""
-    return {'distill.method': method, **{key: float(factor) for key in METHOD_WEIGHTS[method]}}
+def weighted(method, weight):
+    """The overrides of ``distill.method=method`` with every one of its (per-element) weights at ``weight``."""
+    return {'distill.method': method, **{key: float(weight) for key in METHOD_WEIGHTS[method]}}
 
 
-def _sweep_rows(factors=(3, 10)):
+def _sweep_rows():
     rows = [('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})]
     for method, label in (('fd3d', 'FD3D generative + focal'), ('mgd', 'MGD (random masks)'),
                           ('fitnet', 'FitNet (BEV + FPN)')):
-        rows.append((method, f'{label}, weights x1', {'distill.method': method}))
-        rows += [(f'{method}_x{f}', f'{label}, weights x{f}', scaled(method, f)) for f in factors]
+        rows += [(f'{method}_w{w}', f'{label}, weights {w}', weighted(method, w)) for w in SWEEP_WEIGHTS]
     return rows
 
 
@@ -99,7 +99,7 @@ TABLES = {
                        ('focal_generated', 'focal: on the generated BEV', {**FD3D, 'distill.focal.source': 'generated'}),
                        ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
                    ]),
-    # The weight sweep: each method's weights x1, x3, x10 (run it with --split tune: weights are chosen on the
+    # The weight sweep: each method's weights at 1, 3, 10 (run it with --split tune: weights are chosen on the
     # tuning split, never on val). Shares table 1's run folders.
     'sweep': dict(title='Weight sweep, BEVFormer base -> tiny (:demo)',
                   config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',

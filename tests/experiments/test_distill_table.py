@@ -142,15 +142,19 @@ def test_every_table_row_is_a_valid_override():
                 assert node == v, (name, key, k)
 
 
-def test_sweep_scales_every_weight_of_a_method_from_its_default():
-    """The sweep's "x3" multiplies the weights the config ships: every weight of a method, none forgotten."""
+def test_sweep_sets_every_weight_of_a_method_and_covers_the_shipped_one():
+    """The sweep sets all of a method's weights (none forgotten), and the weight each config ships is one the
+    sweep measured."""
     _, config = dt.load_config(dt.TABLES['sweep']['config'])
     groups = {'fd3d': ('generative', 'focal'), 'mgd': ('mgd',), 'fitnet': ('fitnet',)}
     for method, keys in dt.METHOD_WEIGHTS.items():
         shipped = {f'distill.{group}.{k}': v for group in groups[method]
                    for k, v in config.distill[group].items() if k.endswith('weight')}
         assert set(shipped) == set(keys), method
-        assert all(v == 1.0 for v in shipped.values()), shipped   # "x3" means 3 only while the weight is 1
+        assert len(set(shipped.values())) == 1 and set(shipped.values()) <= set(dt.SWEEP_WEIGHTS), shipped
+    rows = {key: overrides for key, _, overrides in dt.TABLES['sweep']['rows']}
+    assert rows['fd3d_w10'] == {'distill.method': 'fd3d', 'distill.generative.bev_weight': 10.0,
+                                'distill.generative.pv_weight': 10.0, 'distill.focal.weight': 10.0}
 
 
 def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
