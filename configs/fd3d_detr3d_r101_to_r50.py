@@ -3,7 +3,9 @@
 No BEV: generative distillation on the FPN levels with projected query masks, focal distillation at
 the expert queries' projected reference points (a reconstruction, see ``fd3d_jax/distill/focal.py``).
 Arguments: ``:full``, ``:toy`` (detr3d_r101:toy with 48 channels -> detr3d_r50:toy with 32: aligned),
-``:demo`` (detr3d_r101:demo, 96 channels and 6 decoder layers -> detr3d_r50:demo, 64 and 3).
+``:demo`` (detr3d_r101:demo -> detr3d_r50:demo with the expert's head: 96 channels, 6 decoder layers). As in
+the official pair, where R50 and R101 share the head (256 channels, 6 layers) and differ in the backbone, the
+demo apprentice takes the expert's neck width and head, so ``init_apprentice_head`` copies the whole head.
 """
 from configs import common, detr3d_r50, detr3d_r101
 
@@ -15,4 +17,7 @@ def get_config(arg='full'):
     config.distill = common.distill_config('fd3d', expert_upsample=1)
     if arg == 'demo':   # from-scratch frozen-BN backbones: unbounded FPN scales (see the BEVFormer :demo pair)
         config.distill.feature_norm = 'both'
+        expert, model = config.expert.model, config.model
+        model.neck.out_channels = model.embed_dims = expert.embed_dims
+        model.ffn_dims, model.decoder_layers = expert.ffn_dims, expert.decoder_layers
     return common.toy_distill(config) if arg == 'toy' else config

@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fd3d_jax.distill import make_distiller
+from fd3d_jax.distill.expert import head_copy_summary
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec
@@ -66,6 +67,11 @@ def test_demo_pairs_fit(name):
     config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
     distiller = make_distiller(config)  # eval_shape only: checks level pairing and the BEV factor
     assert distiller.pairs and config.distill.feature_norm == 'both'
+    # the expert-head-only baseline means the same in both tables: the whole head is copied
+    model, key = build(config.model), jax.random.PRNGKey(0)
+    params = jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
+    summary = head_copy_summary(params['params']['head'], distiller.expert_abstract_params['head'])
+    assert summary['copied_leaves'] == summary['leaves'] and summary['copied_values'] == summary['values'], summary
 
 
 ARGS = {'bevformer_tiny': ('full', 'fd3d', 'toy', 'demo'), 'bevformer_small': ('full', 'fd3d', 'toy'),
