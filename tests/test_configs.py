@@ -50,13 +50,17 @@ def test_bad_config_argument_and_key_are_reported():
         _parse(f'{path}:toy', '--config.data.no_such_key=1')
 
 
+def _abstract_variables(config):
+    """The model's variables as shape structs (``jax.eval_shape``: nothing is computed)."""
+    model, key = build(config.model), jax.random.PRNGKey(0)
+    return jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
+
+
 @pytest.mark.parametrize('name', ['bevformer_tiny', 'bevformer_base', 'detr3d_r50', 'detr3d_r101'])
 def test_demo_configs_build(name):
     """The ``:demo`` sizes (README results) are consistent: the model initialises on their inputs."""
     config = _parse(os.path.join(REPO, 'configs', f'{name}.py:demo'))
-    model = build(config.model)
-    key = jax.random.PRNGKey(0)
-    params = jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
+    params = _abstract_variables(config)
     assert sum(x.size for x in jax.tree_util.tree_leaves(params)) > 0
     assert config.train.num_steps > 0 and not config.model.grid_mask and not config.data.photometric
 
@@ -68,9 +72,7 @@ def test_demo_pairs_fit(name):
     distiller = make_distiller(config)  # eval_shape only: checks level pairing and the BEV factor
     assert distiller.pairs and config.distill.feature_norm == 'both'
     # the expert-head-only baseline means the same in both tables: the whole head is copied
-    model, key = build(config.model), jax.random.PRNGKey(0)
-    params = jax.eval_shape(lambda b: model.init({'params': key, 'dropout': key}, b), batch_spec(config, 1))
-    summary = head_copy_summary(params['params']['head'], distiller.expert_abstract_params['head'])
+    summary = head_copy_summary(_abstract_variables(config)['params']['head'], distiller.expert_abstract_params['head'])
     assert summary['copied_leaves'] == summary['leaves'] and summary['copied_values'] == summary['values'], summary
 
 
