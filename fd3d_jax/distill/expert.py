@@ -122,14 +122,17 @@ def load_expert_params(path, expert_cfg, abstract):
     return jax.tree_util.tree_map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
 
 
+def _copyable(head, source):
+    """The paths of the flat ``head`` that exist in the flat ``source`` with the same shape (what is copied)."""
+    return [path for path, leaf in head.items() if path in source and tuple(source[path].shape) == tuple(leaf.shape)]
+
+
 def head_copy_summary(head, expert_head):
     """What ``init_head_from_expert`` copies, from shapes alone (arrays or shape structs): ``dict(leaves,
     copied_leaves, values, copied_values)`` of the apprentice's ``head``. An expert head of another width
     copies only the leaves whose shapes agree (e.g. a few biases), which the training log says."""
     head = traverse_util.flatten_dict(head)
-    source = traverse_util.flatten_dict(expert_head)
-    copied = [path for path, leaf in head.items()
-              if path in source and tuple(source[path].shape) == tuple(leaf.shape)]
+    copied = _copyable(head, traverse_util.flatten_dict(expert_head))
     size = lambda leaf: int(np.prod(leaf.shape))  # noqa: E731
     return dict(leaves=len(head), copied_leaves=len(copied), values=sum(size(leaf) for leaf in head.values()),
                 copied_values=sum(size(head[path]) for path in copied))
@@ -141,9 +144,10 @@ def init_head_from_expert(params, expert_params):
     Returns (new params, list of copied paths, list of kept paths)."""
     head = traverse_util.flatten_dict(params['head'])
     src = traverse_util.flatten_dict(expert_params['head'])
+    matching = set(_copyable(head, src))
     copied, kept = [], []
     for path, leaf in head.items():
-        if path in src and tuple(src[path].shape) == tuple(leaf.shape):
+        if path in matching:
             head[path] = jnp.array(src[path], leaf.dtype)  # a copy: the state is donated, the expert is not
             copied.append('/'.join(path))
         else:
