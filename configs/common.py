@@ -66,6 +66,7 @@ def bevformer_model(**overrides):
     m.reproduce_shift_bug = False         # quirks of the original, for checkpoint parity
     m.tsa_batch_bug = False
     m.sca_batch0_hits = False
+    m.prev_bev_batch0 = False
     m.remat = False                       # jax.checkpoint per encoder/decoder layer
     m.max_num = 300                       # boxes kept by the NMS-free decoder
     m.grid_mask = True                    # use_grid_mask=True: GridMask(prob=0.7) in training
@@ -128,7 +129,8 @@ def check_arg(name, arg, allowed):
 
 
 def add_training(config, toy=False):
-    """Training, optimiser and loss keys (the original recipe, §1.9-1.13 of the reference); every
+    """Training, optimiser and loss keys (the original recipe: BEVFormer's and DETR3D's configs
+    ``optimizer``, ``lr_config``, ``train_cfg`` and loss settings); every
     key is overridable (``--config.train.num_steps=2000``)."""
     t = ml_collections.ConfigDict()
     t.batch_size = 8 if not toy else 1  # global batch (8 GPUs x 1 sample in the original)

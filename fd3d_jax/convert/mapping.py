@@ -52,8 +52,8 @@ Where our model deviates from the original and a converted checkpoint depends on
   ``num_batches_tracked`` carry nothing our model uses (``Ignored``).
 * Not parameters, but needed for parity with the released BEVFormer checkpoints (config flags, not
   conversions): they were presumably trained before the ``shift_ref_2d`` fix (set
-  ``model.reproduce_shift_bug=True``; reference §1.4/§1.14.1), with ``rotate_center=(100, 100)`` for
-  every BEV size (our configs' default); ``tsa_batch_bug`` / ``sca_batch0_hits`` only matter for
+  ``model.reproduce_shift_bug=True``; docs/models.md), with ``rotate_center=(100, 100)`` for
+  every BEV size (our configs' default); ``tsa_batch_bug`` / ``sca_batch0_hits`` / ``prev_bev_batch0`` only matter for
   batch > 1 (the originals trained one sample per GPU). Image normalisation (tiny: torchvision RGB;
   small/base/DETR3D-R101: caffe BGR) is in ``config.data``.
 """

@@ -75,6 +75,7 @@ class BEVFormer(Detector):
     reproduce_shift_bug: bool = False
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
+    prev_bev_batch0: bool = False
     remat: bool = False
     grid_mask: bool = False               # GridMask on the current frame's images in training
 
@@ -101,6 +102,12 @@ class BEVFormer(Detector):
     @nn.nowrap
     def bev_shape(self):
         return self.bev_h, self.bev_w, self.embed_dims
+
+    @nn.nowrap
+    def pillar_points(self):
+        """(D, Q, 3) normalised pillar anchors over the range's full height ``pc_range[5] - pc_range[2]``."""
+        return reference_points_3d(self.bev_h, self.bev_w, self.num_points_in_pillar,
+                                   self.pc_range[5] - self.pc_range[2])
 
     @nn.nowrap
     def extra_batch_keys(self, batch_size, queue_length):
@@ -147,12 +154,13 @@ class BEVFormer(Detector):
         prev_bev (B, Q, C); prev_exists (B,); shift (B, 2); rot_index/rot_valid (B, Q)."""
         batch = lidar2img.shape[0]
         dtype = feats[0].dtype
+        if self.prev_bev_batch0:   # the original: ``if not img_metas[0]['prev_bev_exists']: prev_bev = None``
+            prev_exists = jnp.broadcast_to(prev_exists[:1], prev_exists.shape)
         bev_query = jnp.broadcast_to(self.bev_embedding[None].astype(dtype), (batch,) + self.bev_embedding.shape)
         can = self.can_bus_norm(nn.relu(self.can_bus_fc1(nn.relu(self.can_bus_fc0(can_bus.astype(dtype))))))
         bev_query = bev_query + can[:, None, :] * float(self.use_can_bus)
         flat, shapes = self.flatten_feats(feats)
-        ref_cam, bev_mask = point_sampling(reference_points_3d(self.bev_h, self.bev_w, self.num_points_in_pillar),
-                                           self.pc_range, lidar2img, img_hw)
+        ref_cam, bev_mask = point_sampling(self.pillar_points(), self.pc_range, lidar2img, img_hw)
         prev = rotate_bev(prev_bev, rot_index, rot_valid).astype(dtype)
         hybrid = hybrid_reference_points(jnp.asarray(reference_points_2d(self.bev_h, self.bev_w)), shift,
                                          prev_exists, self.reproduce_shift_bug)

@@ -23,6 +23,9 @@ from fd3d_jax.models.deformable_attention import MSDeformableAttention
 LN_EPS = 1e-5
 xavier_uniform = nn.initializers.xavier_uniform()
 torch_default = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')  # nn.Linear weight
+# torch packs q, k, v into one (3C, C) ``in_proj_weight`` and the transformer's init_weights draws xavier-uniform
+# on that: bound sqrt(6 / (C + 3C)), sqrt(2) narrower than xavier on each (C, C) kernel alone.
+packed_qkv_xavier = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 
 
 def layer_norm(name=None):
@@ -45,7 +48,8 @@ class FFN(nn.Module):
 
 class SelfAttention(nn.Module):
     """mmcv ``MultiheadAttention`` (torch ``nn.MultiheadAttention``): q = k = query + pos, v = query;
-    ``dropout=0.1`` drops attention weights and the residual branch."""
+    ``dropout=0.1`` drops attention weights and the residual branch. Init: q/k/v kernels as xavier on torch's
+    packed (3C, C) ``in_proj_weight`` (``packed_qkv_xavier``), the output kernel xavier on (C, C)."""
     embed_dims: int = 256
     num_heads: int = 8
     dropout: float = 0.1
@@ -56,7 +60,7 @@ class SelfAttention(nn.Module):
         out = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, qkv_features=self.embed_dims, out_features=self.embed_dims,
             dropout_rate=self.dropout, broadcast_dropout=False, deterministic=deterministic,
-            kernel_init=xavier_uniform, name='attn')(qk, qk, query)
+            kernel_init=packed_qkv_xavier, out_kernel_init=xavier_uniform, name='attn')(qk, qk, query)
         return query + nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 

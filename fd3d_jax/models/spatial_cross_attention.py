@@ -9,8 +9,8 @@ on that rebatched set, then scatters the results back and divides by the number 
 MSDA is independent per query, so running it densely on all Q queries for every camera,
 multiplying each camera's output by its hit mask, summing over cameras and dividing by
 ``max(1, #hits)`` gives the same numbers with static shapes (cost: N / mean-hits more sampling).
-The original takes the hit lists from batch element 0 for every element (``sca_batch0_hits``
-reproduces that; the default uses each element's own hits).
+The original takes the hit lists from batch element 0 for every element but divides each element's sum by
+its own hit count (``sca_batch0_hits`` reproduces that; the default uses each element's own hits for both).
 """
 import flax.linen as nn
 import jax
@@ -31,9 +31,10 @@ def grid_init(num_heads, num_levels, num_points):
     return init
 
 
-def reference_points_3d(bev_h, bev_w, num_points_in_pillar=4, z_size=8.0):
+def reference_points_3d(bev_h, bev_w, num_points_in_pillar, z_size):
     """Normalised pillar points (D, Q, 3) as (x, y, z) in [0, 1]: ``x = (j + .5) / W``,
-    ``y = (i + .5) / H`` for ``q = i * W + j``, and D anchors ``linspace(.5, Z - .5, D) / Z``."""
+    ``y = (i + .5) / H`` for ``q = i * W + j``, and D anchors ``linspace(.5, Z - .5, D) / Z`` with Z the pillar
+    height in metres (the original passes ``pc_range[5] - pc_range[2]``; 8 for the shipped range)."""
     zs = np.linspace(0.5, z_size - 0.5, num_points_in_pillar) / z_size
     ys, xs = np.meshgrid((np.arange(bev_h) + 0.5) / bev_h, (np.arange(bev_w) + 0.5) / bev_w, indexing='ij')
     xy = np.stack([xs.reshape(-1), ys.reshape(-1)], -1)
@@ -43,7 +44,7 @@ def reference_points_3d(bev_h, bev_w, num_points_in_pillar=4, z_size=8.0):
 
 def reference_points_2d(bev_h, bev_w):
     """Normalised BEV cell centres (Q, 2) as (x, y)."""
-    return reference_points_3d(bev_h, bev_w, 1)[0, :, :2]
+    return reference_points_3d(bev_h, bev_w, 1, 1.0)[0, :, :2]
 
 
 def point_sampling(ref_3d, pc_range, lidar2img, img_hw):
@@ -110,11 +111,11 @@ class SpatialCrossAttention(nn.Module):
                              loc.reshape(batch * num_cams, nq, num_heads, lv, num_points, 2),
                              weights.reshape(batch * num_cams, nq, num_heads, lv, num_points))
         out = out.reshape(batch, num_cams, nq, channels)
-        hit = bev_mask.any(-1)                                                     # (B, N, Q)
-        if self.sca_batch0_hits:
+        hit = bev_mask.any(-1).astype(out.dtype)                                   # (B, N, Q)
+        count = jnp.maximum(hit.sum(1), 1.0)[..., None]                            # each element's own
+        if self.sca_batch0_hits:   # the queries summed are element 0's, the count stays per element
             hit = jnp.broadcast_to(hit[:1], hit.shape)
-        hit = hit.astype(out.dtype)
-        slots = jnp.einsum('bnqc,bnq->bqc', out, hit) / jnp.maximum(hit.sum(1), 1.0)[..., None]
+        slots = jnp.einsum('bnqc,bnq->bqc', out, hit) / count
         slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
         slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
         return slots + query, dict(sampling_locations=loc, attention_weights=attn, hit=hit)

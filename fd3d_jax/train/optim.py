@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule: the original recipe (§1.13 of the reference).
+"""Optimiser and learning-rate schedule: the original recipe (the ``optimizer`` /
+``optimizer_config`` / ``lr_config`` of BEVFormer's and DETR3D's configs).
 
 AdamW (decoupled weight decay on every trainable parameter), image backbone lr x
 ``backbone_lr_mult``, gradients clipped to a global L2 norm, mmcv ``CosineAnnealing`` (per epoch by

@@ -60,11 +60,13 @@ def point_sampling(ref_3d, pc_range, lidar2img, img_hw, eps=1e-5):
     return np.nan_to_num(uv), mask
 
 
-def sca_rebatch(params, query, feats, shapes, ref_cam, bev_mask, num_heads, num_points, num_z):
-    """BEVFormer ``SpatialCrossAttention.forward`` with its rebatching, for batch 1 (dropout off).
+def sca_rebatch(params, query, feats, shapes, ref_cam, bev_mask, num_heads, num_points, num_z, count_mask=None):
+    """BEVFormer ``SpatialCrossAttention.forward`` with its rebatching, for one batch element (dropout off).
 
-    query (Q, C); feats (N, S, C); ref_cam (N, Q, D, 2); bev_mask (N, Q, D); params: the flax
-    module's params (names of fd3d_jax's SCA)."""
+    query (Q, C); feats (N, S, C); ref_cam (N, Q, D, 2); bev_mask (N, Q, D): the hit lists (the original takes
+    batch element 0's for every element); count_mask (N, Q, D): the element's own mask the sum is divided by
+    (``count = bev_mask.sum(-1) > 0`` per element; default ``bev_mask``); params: the flax module's params
+    (names of fd3d_jax's SCA)."""
     inner = lambda name: params[f'deformable_attention_{name}']  # noqa: E731
     n, _, c = feats.shape
     lv = len(shapes)
@@ -86,7 +88,7 @@ def sca_rebatch(params, query, feats, shapes, ref_cam, bev_mask, num_heads, num_
         attn = softmax(dense(q_re, inner('attention_weights')).reshape(max_len, num_heads, lv * num_points))
         out = msda(value, shapes, loc, attn.reshape(max_len, num_heads, lv, num_points))
         slots[idx] += out[:len(idx)]
-    count = np.maximum(bev_mask.any(-1).sum(0), 1)
+    count = np.maximum((bev_mask if count_mask is None else count_mask).any(-1).sum(0), 1)
     slots = slots / count[:, None]
     return dense(slots, params['output_proj']) + query
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fd3d_jax.models import box_coder, detr3d
+from fd3d_jax.models.decoder import SelfAttention
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
 from tests.models import numpy_reference as ref
@@ -129,3 +130,53 @@ def test_detr3d_cross_attention_matches_numpy():
     want = want + query[0] + x
     np.testing.assert_allclose(np.asarray(out[0]), want, rtol=2e-4, atol=2e-4)
     assert np.asarray(sampling['mask']).any()
+
+
+def test_pillar_anchors_span_the_range_height():
+    """The pillar anchors cover ``pc_range[5] - pc_range[2]`` (the original's Z), not a fixed 8 m: with a 6 m
+    range the world heights are ``z_min + linspace(0.5, Z - 0.5, D)``."""
+    config = toy_config('bevformer_tiny')
+    config.model.pc_range = (-51.2, -51.2, -4.0, 51.2, 51.2, 2.0)
+    model = build(config.model)
+    z = model.pillar_points()[:, 0, 2] * 6.0 - 4.0
+    np.testing.assert_allclose(z, -4.0 + np.linspace(0.5, 5.5, config.model.num_points_in_pillar), atol=1e-5)
+
+
+def test_prev_bev_batch0_quirk(toy_models):
+    """``prev_bev_batch0``: element 0's ``prev_bev_exists`` decides for the whole batch (the original's
+    ``img_metas[0]``); off, each element follows its own flag."""
+    config, model, params, batch = toy_models['bevformer_tiny']
+    quirk_config = config.model.copy_and_resolve_references()
+    quirk_config.prev_bev_batch0 = True
+    quirk = build(quirk_config)
+    exists = np.ones_like(batch['prev_bev_exists'])
+    exists[:, 0] = False
+    own_1_off = exists.copy()
+    own_1_off[1, -1] = False                       # element 1 has no previous BEV, element 0 has one
+    jitted = {id(mdl): jax.jit(lambda b, mdl=mdl: mdl.apply({'params': params}, b)['bev']) for mdl in (model, quirk)}
+    bev = lambda mdl, b: jitted[id(mdl)](b)  # noqa: E731
+    fixed = np.asarray(bev(model, dict(batch, prev_bev_exists=own_1_off)))
+    quirky = np.asarray(bev(quirk, dict(batch, prev_bev_exists=own_1_off)))
+    all_on = np.asarray(bev(model, dict(batch, prev_bev_exists=exists)))
+    np.testing.assert_allclose(quirky[0], fixed[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quirky[1], all_on[1], rtol=1e-5, atol=1e-5)   # follows element 0: exists
+    assert not np.allclose(fixed[1], all_on[1], atol=1e-4)
+    own_0_off = exists.copy()
+    own_0_off[0, -1] = False                       # element 0 has none: the whole batch has none
+    all_off = exists.copy()
+    all_off[:, -1] = False
+    np.testing.assert_allclose(np.asarray(bev(quirk, dict(batch, prev_bev_exists=own_0_off)))[1],
+                               np.asarray(bev(model, dict(batch, prev_bev_exists=all_off)))[1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_self_attention_init_matches_packed_torch_xavier(toy_models):
+    """q/k/v kernels start as torch's xavier on the packed (3C, C) ``in_proj_weight`` (uniform, bound
+    sqrt(6 / 4C)); the output kernel as xavier on (C, C) (bound sqrt(6 / 2C))."""
+    channels = 256
+    query = jnp.zeros((1, 4, channels))
+    attn = SelfAttention(channels, 8).init(jax.random.PRNGKey(0), query, query)['params']['attn']
+    for name, fan in (('query', 4 * channels), ('key', 4 * channels), ('value', 4 * channels), ('out', 2 * channels)):
+        kernel = np.asarray(attn[name]['kernel']).reshape(-1)
+        bound = np.sqrt(6.0 / fan)
+        assert np.abs(kernel).max() <= bound + 1e-7, name
+        np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.03, err_msg=name)

@@ -38,7 +38,7 @@ def test_pillar_reference_points():
 
 def test_point_sampling_matches_numpy_and_a_known_pixel():
     l2i = rig_lidar2img()
-    r3d = sca_lib.reference_points_3d(8, 10)
+    r3d = sca_lib.reference_points_3d(8, 10, 4, 8.0)
     uv, mask = sca_lib.point_sampling(r3d, PC, jnp.asarray(l2i[None], jnp.float32), IMG_HW)
     want_uv, want_mask = ref.point_sampling(r3d.astype(np.float64), PC, l2i, IMG_HW)
     np.testing.assert_array_equal(np.asarray(mask[0]), want_mask)
@@ -61,7 +61,7 @@ def test_dense_sca_equals_the_original_rebatching():
     bev_h, bev_w = 8, 10
     rng = np.random.default_rng(0)
     l2i = rig_lidar2img()
-    ref_cam, bev_mask = sca_lib.point_sampling(sca_lib.reference_points_3d(bev_h, bev_w), PC,
+    ref_cam, bev_mask = sca_lib.point_sampling(sca_lib.reference_points_3d(bev_h, bev_w, 4, 8.0), PC,
                                                jnp.asarray(l2i[None], jnp.float32), IMG_HW)
     bev_mask = bev_mask.at[:, 0].set(False)  # no CAM_FRONT hits: cells seen only by it are unhit
     query = rng.normal(size=(1, bev_h * bev_w, c)).astype(np.float32)
@@ -80,12 +80,13 @@ def test_dense_sca_equals_the_original_rebatching():
 
 
 def test_sca_batch0_hits_quirk():
-    """With ``sca_batch0_hits`` every batch element uses element 0's hit lists (the original)."""
+    """With ``sca_batch0_hits`` every batch element sums over element 0's hit lists and divides by its own hit
+    count (the original: ``mask_per_img[0]`` picks the queries, ``count = bev_mask.sum(-1) > 0`` per element)."""
     c, shapes = 8, ((6, 10),)
     rng = np.random.default_rng(1)
     l2i = rig_lidar2img()
-    l2i_b = np.stack([l2i, l2i[[3, 4, 5, 0, 1, 2]]])  # element 1: cameras permuted
-    ref_cam, bev_mask = sca_lib.point_sampling(sca_lib.reference_points_3d(8, 10), PC, jnp.asarray(l2i_b, jnp.float32), IMG_HW)
+    l2i_b = np.stack([l2i, l2i[[0, 1, 2, 3, 5, 5]]])  # element 1: camera 5 in slot 4 too (other hits and counts)
+    ref_cam, bev_mask = sca_lib.point_sampling(sca_lib.reference_points_3d(8, 10, 4, 8.0), PC, jnp.asarray(l2i_b, jnp.float32), IMG_HW)
     query = rng.normal(size=(2, 80, c)).astype(np.float32)
     feats = rng.normal(size=(2, 6, 60, c)).astype(np.float32)
     args = (query, feats, shapes, ref_cam, bev_mask)
@@ -98,5 +99,7 @@ def test_sca_batch0_hits_quirk():
     assert not np.allclose(np.asarray(a[1]), np.asarray(b[1]))
     want = ref.sca_rebatch(jax.tree_util.tree_map(np.asarray, params), query[1].astype(np.float64),
                            feats[1].astype(np.float64), shapes, np.asarray(ref_cam[1], np.float64),
-                           np.asarray(bev_mask[0]), 2, 8, 4)
+                           np.asarray(bev_mask[0]), 2, 8, 4, count_mask=np.asarray(bev_mask[1]))
     np.testing.assert_allclose(np.asarray(b[1]), want, rtol=2e-4, atol=2e-4)
+    counts = np.asarray(bev_mask).any(-1).sum(1)                                   # (B, Q): the two differ
+    assert (counts[0] != counts[1]).any()
