@@ -140,7 +140,7 @@ def add_training(config, toy=False):
     t.keep_checkpoints = 3
     t.log_every = 50                    # steps between metric lines
     t.eval_every = 0                    # steps between evaluations (0: only at the end)
-    t.eval_batch_size = 1
+    t.eval_batch_size = 0               # 0: one sample per device of the mesh
     t.nonfinite = 'stop'                # non-finite loss/gradient: 'stop' (name the step, keep the last good
                                         # checkpoint) or 'skip' (no update; counted in metrics skipped_steps)
     t.profile = False

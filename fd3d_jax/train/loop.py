@@ -294,15 +294,22 @@ def _eval_scalars(summary):
             **{f'eval/{k}': v for k, v in summary['tp_errors'].items()}}
 
 
+def eval_batch_size(config, num_devices):
+    """The global evaluation batch: ``train.eval_batch_size``, or one sample per device when it is 0 (the
+    default, so that any mesh works unset; scene streams are spread over the devices)."""
+    batch_size = config.train.eval_batch_size or num_devices
+    if batch_size % num_devices:
+        raise ConfigError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
+                          f'{num_devices} devices of the mesh (0: one sample per device)')
+    return batch_size
+
+
 def predict(trainer, params, recs):
     """Runs ``eval_step`` over ``recs`` (scene streams carrying the previous BEV); returns
     {sample token: list of nuScenes result dicts} (gathered on every process)."""
     config, mesh = trainer.config, trainer.mesh
     data_cfg = config.data
-    batch_size = config.train.eval_batch_size
-    if batch_size % mesh.devices.size:
-        raise ConfigError(f'config train.eval_batch_size={batch_size} must be a multiple of the '
-                         f'{mesh.devices.size} devices of the mesh')
+    batch_size = eval_batch_size(config, mesh.devices.size)
     local = batch_size // jax.process_count()
     ds = pipeline.eval_dataset(recs, data_cfg.dataroot, data_cfg, local, jax.process_index(), jax.process_count(),
                                pipeline.bev_config(config.model))

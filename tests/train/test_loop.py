@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import detr3d_r50
+from fd3d_jax.errors import ConfigError
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import read_metrics
@@ -113,7 +114,7 @@ def test_two_processes_train_like_one_process(data_cfg, tmp_path):
     """2 processes x 2 CPU devices (``jax.distributed`` on loopback, one shared workdir) log the losses of 1
     process x 4 devices on the same global batches, save one checkpoint together and evaluate the same
     detections (gathered to process 0)."""
-    common = _common(data_cfg, 3, batch_size=4, eval_batch_size=4, checkpoint_every=2)
+    common = _common(data_cfg, 3, batch_size=4, checkpoint_every=2)   # evaluation: one sample per device
     multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
     address = f'localhost:{_free_port()}'
     procs = [_cli([*common, f'--workdir={multi}', f'--coordinator_address={address}', '--num_processes=2',
@@ -134,6 +135,18 @@ def test_two_processes_train_like_one_process(data_cfg, tmp_path):
         for d0, d1 in zip(res[0][token], res[1][token]):
             np.testing.assert_allclose(d0['translation'] + [d0['detection_score']],
                                        d1['translation'] + [d1['detection_score']], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_batch_defaults_to_one_sample_per_device():
+    """Unset (0), the evaluation batch is the mesh's device count, so ``train.batch_size=4`` on a 4-device host
+    needs no other key; a set value that the devices do not divide names the key."""
+    config = detr3d_r50.get_config('toy')
+    assert config.train.eval_batch_size == 0
+    assert [loop.eval_batch_size(config, n) for n in (1, 4, 8)] == [1, 4, 8]
+    config.train.eval_batch_size = 6
+    assert loop.eval_batch_size(config, 2) == 6
+    with pytest.raises(ConfigError, match='train.eval_batch_size=6 must be a multiple of the 4 devices'):
+        loop.eval_batch_size(config, 4)
 
 
 def test_skip_mode_leaves_params_unchanged_and_counts_the_step(data_cfg, train_records):
