@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fd3d_jax.detection import losses
 from fd3d_jax.models import box_coder, detr3d
 from fd3d_jax.models.decoder import SelfAttention
 from fd3d_jax.models import build
@@ -180,3 +181,49 @@ def test_decoder_self_attention_init_matches_packed_torch_xavier(toy_models):
         bound = np.sqrt(6.0 / fan)
         assert np.abs(kernel).max() <= bound + 1e-7, name
         np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3.0), rtol=0.03, err_msg=name)
+
+
+@pytest.mark.parametrize('name', ['bevformer_tiny', 'detr3d_r50'])
+def test_a_batch_of_two_equals_two_batches_of_one(name, toy_models):
+    """Batch > 1 on one device (the original's batch quirks off): each element's outputs are those of a batch of
+    one, through the temporal queue (element 0 with a previous BEV, element 1 restarting mid-queue, other camera
+    hits) and with a carried previous BEV; the loss is the batch's positive-weighted mean of the per-sample losses
+    (the original sums ``num_pos`` over the batch)."""
+    config, model, params, batch = toy_models[name]
+    rng = np.random.default_rng(5)
+    batch = {k: np.array(v) for k, v in batch.items()}
+    batch['lidar2img'][1] = batch['lidar2img'][1][:, [0, 1, 2, 3, 5, 5]]
+    batch['can_bus'] = rng.normal(size=batch['can_bus'].shape).astype(np.float32)
+    num_frames = batch['prev_bev_exists'].shape[1]
+    batch['prev_bev_exists'][:] = True
+    batch['prev_bev_exists'][:, 0] = False
+    if num_frames > 1:
+        batch['prev_bev_exists'][1, -1] = False
+    num_gt = 4
+    batch['gt_boxes'][:, :num_gt] = np.concatenate([rng.uniform(-30, 30, (2, num_gt, 2)), rng.uniform(-1, 1, (2, num_gt, 1)),
+                                                    rng.uniform(1, 4, (2, num_gt, 3)), rng.uniform(-3, 3, (2, num_gt, 3))], -1)
+    batch['gt_labels'][:, :num_gt] = rng.integers(0, config.model.num_classes, (2, num_gt))
+    batch['gt_mask'][:, :num_gt] = True
+    batch['gt_mask'][1, num_gt - 1] = False
+    carried = rng.normal(size=model.carried_shape(2)).astype(np.float32) if model.has_bev else None
+    keys = ('cls_scores', 'bbox_preds', 'bev') if model.has_bev else ('cls_scores', 'bbox_preds')
+
+    @jax.jit
+    def run(b, prev):
+        out = model.apply({'params': params}, b, prev_bev=prev)
+        total, parts = losses.detection_loss(out, b, config.loss)
+        return {k: out[k] for k in keys}, parts
+
+    both, both_parts = run(batch, carried)
+    singles = [run({k: v[i:i + 1] for k, v in batch.items()}, None if carried is None else carried[i:i + 1])
+               for i in range(2)]
+    for i, (single, _) in enumerate(singles):
+        for key in keys:
+            axis = 1 if key in ('cls_scores', 'bbox_preds') else 0
+            np.testing.assert_allclose(np.take(np.asarray(both[key]), [i], axis), np.asarray(single[key]),
+                                       rtol=2e-4, atol=2e-4, err_msg=f'{key} of element {i}')
+    counts = [float(parts['num_pos']) for _, parts in singles]
+    assert counts == [num_gt, num_gt - 1] and float(both_parts['num_pos']) == sum(counts)
+    for term in ('loss_cls', 'loss_bbox', 'd0.loss_cls'):
+        want = sum(n * float(parts[term]) for n, (_, parts) in zip(counts, singles)) / sum(counts)
+        np.testing.assert_allclose(float(both_parts[term]), want, rtol=1e-4, err_msg=term)
