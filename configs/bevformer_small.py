@@ -24,4 +24,7 @@ def get_config(arg='full'):
         config.model.bev_h = config.model.bev_w = 100
     if arg == 'toy':
         common.toy_bevformer(config)
-    return common.add_training(config, toy=arg == 'toy')
+    config = common.add_training(config, toy=arg == 'toy')
+    if arg in ('full', 'fd3d'):   # the original's load_from: backbone and neck of an FCOS3D R101-DCN detector
+        config.train.init_from_original = 'ckpts/r101_dcn_fcos3d_pretrain.pth (FCOS3D R101-DCN)'
+    return config

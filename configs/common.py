@@ -141,6 +141,8 @@ def add_training(config, toy=False):
     t.log_every = 50                    # steps between metric lines
     t.eval_every = 0                    # steps between evaluations (0: only at the end)
     t.eval_batch_size = 0               # 0: one sample per device of the mesh
+    t.init_from = ''                    # pretrained sources, comma-separated (fd3d_jax/convert/init_from.py)
+    t.init_from_original = ''           # what the original recipe starts from (named in the :full configs)
     t.nonfinite = 'stop'                # non-finite loss/gradient: 'stop' (name the step, keep the last good
                                         # checkpoint) or 'skip' (no update; counted in metrics skipped_steps)
     t.profile = False

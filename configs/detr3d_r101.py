@@ -32,4 +32,6 @@ def get_config(arg='full'):
         config.model.ffn_dims = 192
         config.model.decoder_layers = 6
     config = common.add_training(config, toy=arg in ('toy', 'demo'))
+    if arg == 'full':   # the original's load_from: backbone and neck of an FCOS3D R101-DCN detector
+        config.train.init_from_original = 'ckpts/fcos3d.pth (FCOS3D R101-DCN)'
     return common.demo_training(config) if arg == 'demo' else config

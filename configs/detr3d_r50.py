@@ -22,4 +22,6 @@ def get_config(arg='full'):
     if arg == 'demo':
         common.demo_model(config)
     config = common.add_training(config, toy=arg in ('toy', 'demo'))
+    if arg == 'full':   # our choice, as BEVFormer-tiny's backbone (the FD3D paper names no initialisation)
+        config.train.init_from_original = "torchvision's ImageNet ResNet-50 (IMAGENET1K_V1, what mmcv's torchvision://resnet50 loads)"
     return common.demo_training(config) if arg == 'demo' else config

@@ -136,14 +136,19 @@ def torch_to_flax(state_dict, config, convert_yaw=True, abstract=None):
     for key, entry in plan.items():
         if isinstance(entry, Ignored):
             continue
-        tensor = np.asarray(sd[key])
-        for target in entry:
-            leaf = mapping.to_flax(target, tensor if target.rows is None else tensor[target.rows[0]:target.rows[1]])
-            if target.index is None:
-                out[target.path][...] = leaf
-            else:
-                out[target.path][target.index] = leaf
+        apply_entry(out, entry, np.asarray(sd[key]))
     return traverse_util.unflatten_dict(out)
+
+
+def apply_entry(flat, entry, tensor):
+    """Writes one official ``tensor`` into ``flat`` ({our param path: writable numpy array}) at every
+    ``Target`` of its plan ``entry`` (whole leaves, or slices of stacked leaves / rows of packed tensors)."""
+    for target in entry:
+        leaf = mapping.to_flax(target, tensor if target.rows is None else tensor[target.rows[0]:target.rows[1]])
+        if target.index is None:
+            flat[target.path][...] = leaf
+        else:
+            flat[target.path][target.index] = leaf
 
 
 def _check_fit(what, config, unexpected, unexpected_why, missing, missing_why, mismatched):

@@ -1,5 +1,6 @@
 """Training and evaluation loops (host side): data -> sharded batches -> jit steps -> metrics,
 checkpoints and devkit evaluation. ``python -m fd3d_jax.train`` / ``fd3d_jax.eval`` call these."""
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fd3d_jax import nuscenes_metrics, params_io
+from fd3d_jax.convert.init_from import apply_init_from, missing_source_warning
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
 from fd3d_jax.models import build
@@ -40,10 +42,13 @@ def steps_per_epoch(config, num_samples):
     return max(1, num_samples // config.train.batch_size)
 
 
-def init_train_params(config, model, distiller=None, expert_params=None):
+def init_train_params(config, model, distiller=None, expert_params=None, load_sources=None):
     """The initial params ``{'model': ...[, 'distill': ...]}`` of training ``model`` (under ``jax.eval_shape``,
-    with abstract ``expert_params``, only their shapes)."""
+    with abstract ``expert_params``, only their shapes). ``load_sources``: model params -> model params, the
+    pretrained weights of ``train.init_from``, applied before the expert's head is copied."""
     params = dict(model=init_params(model, dummy_batch(config, 1, queue_length=1, raw_wh=INIT_IMAGE_WH), config.seed))
+    if load_sources is not None:
+        params['model'] = load_sources(params['model'])
     if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
         params['model'], _, _ = init_head_from_expert(params['model'], expert_params)
     if distiller is not None:
@@ -55,14 +60,22 @@ def init_train_params(config, model, distiller=None, expert_params=None):
 
 def training_parts(config, num_train_samples, distiller=None, expert_params=None, abstract=False):
     """What ``Trainer`` is made of: ``model``, ``steps_per_epoch``, ``num_steps``, ``tx``, ``schedule``, the
-    initial ``state`` (not yet placed on a mesh), the pure ``train_step`` and ``head_copy`` (what the
-    apprentice's head took from the expert's, ``head_copy_summary``; None when it took nothing).
+    initial ``state`` (not yet placed on a mesh), the pure ``train_step``, ``head_copy`` (what the
+    apprentice's head took from the expert's, ``head_copy_summary``; None when it took nothing) and
+    ``init_from`` (an ``InitReport`` per ``train.init_from`` source; none read when ``abstract``).
     ``abstract``: ``state`` as ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: nothing is initialised,
     ``expert_params`` may be abstract too), for compile-only time and memory at full size."""
     model = build(config.model)
     per_epoch = steps_per_epoch(config, num_train_samples)
     num_steps = optim.num_train_steps(config.train, per_epoch)
-    init = functools.partial(init_train_params, config, model, distiller)
+    init_reports = []
+
+    def load_sources(model_params):
+        loaded, reports = apply_init_from(model_params, config)
+        init_reports.extend(reports)
+        return loaded
+
+    init = functools.partial(init_train_params, config, model, distiller, load_sources=None if abstract else load_sources)
     params = jax.eval_shape(init, expert_params) if abstract else init(expert_params)
     tx, schedule = optim.make_optimizer(config, params, per_epoch, num_steps)
     make_state = functools.partial(create_state, tx=tx, seed=config.seed)
@@ -71,7 +84,7 @@ def training_parts(config, num_train_samples, distiller=None, expert_params=None
     if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
         head_copy = head_copy_summary(params['model']['head'], expert_params['head'])
     return types.SimpleNamespace(model=model, steps_per_epoch=per_epoch, num_steps=num_steps, tx=tx,
-                                 schedule=schedule, state=state, head_copy=head_copy,
+                                 schedule=schedule, state=state, head_copy=head_copy, init_from=init_reports,
                                  train_step=make_train_step(model, tx, config, schedule, distiller))
 
 
@@ -102,6 +115,7 @@ class Trainer:
         self.mesh = mesh or mesh_lib.make_mesh()
         parts = training_parts(config, num_train_samples, distiller, expert_params)
         self.model, self.tx, self.schedule, self.head_copy = parts.model, parts.tx, parts.schedule, parts.head_copy
+        self.init_from = parts.init_from
         self.steps_per_epoch, self.num_steps = parts.steps_per_epoch, parts.num_steps
         self.state = mesh_lib.replicate(parts.state, self.mesh)
         self.distiller = distiller
@@ -243,6 +257,8 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         if jax.process_index() == 0:
             with open(os.path.join(workdir, 'head_from_expert.json'), 'w') as f:
                 json.dump(copy, f)
+    if start is None:
+        _log_init_from(trainer.init_from, config, workdir, log)
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
         f'processes) in {workdir}')
@@ -285,6 +301,20 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     writer.write(step, _eval_scalars(summary))
     writer.close()
     return summary
+
+
+def _log_init_from(reports, config, workdir, log):
+    """The log lines of every ``train.init_from`` source (``workdir/init_from.json`` lists every key), or the
+    warning of a config whose original recipe starts from pretrained weights that were not given."""
+    warning = missing_source_warning(config)
+    if warning:
+        log(warning)
+    for report in reports:
+        for line in report.lines():
+            log(line)
+    if reports and jax.process_index() == 0:
+        with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
 
 
 def _eval_scalars(summary):
