@@ -24,7 +24,8 @@ def save_params(params, path):
 def load_params(path, step=None):
     """Detector params (nested dicts of arrays) from ``path``: a params folder of ``save_params``, or
     a training workdir (``params['model']`` of its latest or ``step`` checkpoint as numpy arrays, read on its
-    own: the optimiser state and a distillation run's ``params['distill']`` are not read)."""
+    own: the optimiser state and a distillation run's ``params['distill']`` are not read; a run with
+    ``train.ema_decay`` gives its moving average ``ema``, the params it evaluated)."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         with ocp.StandardCheckpointer() as ckptr:
@@ -39,16 +40,18 @@ def load_params(path, step=None):
     handler, state_dir = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone, no optimiser moments
     try:
         try:
-            model = handler.metadata(state_dir).tree['params']['model']
+            tree = handler.metadata(state_dir).tree
+            model = tree['params']['model']
         except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f'{item} holds no params.model (not a fd3d_jax training state)') from None
-        sub = {'params': {'model': model}}
+        ema = tree.get('ema') if hasattr(tree, 'get') else None
+        sub = {'ema': ema} if ema else {'params': {'model': model}}   # a run with train.ema_decay: its average
         as_numpy = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), sub)
         restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=sub, restore_args=as_numpy,
                                                                           partial_restore=True))
     finally:
         handler.close()
-    return restored['params']['model']
+    return restored['ema'] if ema else restored['params']['model']
 
 
 def shape_mismatches(params, abstract):

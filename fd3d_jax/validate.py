@@ -87,6 +87,9 @@ def _data(config):
 def _training(config):
     one_of(config, 'train.nonfinite', NONFINITE)
     _counts(config, 'train')
+    if 'ema_decay' in config.train:
+        number(config, 'train.ema_decay', 0.0, 0.999999)
+        number(config, 'train.ema_ramp_steps', 0, integer=True)
     if config.train.num_steps == 0 and config.train.epochs == 0:
         raise ConfigError('config.train.num_steps and config.train.epochs are both 0: set one of them')
     _counts(config, 'optim')

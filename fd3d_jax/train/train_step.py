@@ -18,7 +18,7 @@ import optax
 from fd3d_jax.models.box_coder import decode_topk
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.detection.losses import detection_loss
-from fd3d_jax.train.state import TrainState
+from fd3d_jax.train.state import TrainState, ema_decay_at, ema_update
 
 
 def expert_forward(distiller, expert_params, batch):
@@ -62,6 +62,7 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
     loss_fn = make_loss_fn(model, config, distiller, with_outputs=grad_norms)
 
     skip = config.train.get('nonfinite', 'stop') == 'skip'
+    ema_decay, ema_ramp = config.train.get('ema_decay', 0.0), config.train.get('ema_ramp_steps', 0)
 
     def train_step(state: TrainState, expert_params, batch, rng):
         expert_out = None if distiller is None else expert_forward(distiller, expert_params, batch)
@@ -82,9 +83,14 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
             keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             skipped = skipped + (~finite).astype(skipped.dtype)
+        ema = state.ema
+        if ema_decay:   # a skipped step leaves the average as it is
+            decay = jnp.where(finite if skip else True, ema_decay_at(ema_decay, ema_ramp, state.step), 1.0)
+            ema = ema_update(ema, params['model'], decay)
         metrics = dict(parts, loss=loss, lr=lr_fn(state.step), grad_norm=grad_norm,
                        nonfinite=(~finite).astype(jnp.float32), skipped_steps=skipped)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped,
+                             ema=ema), metrics
 
     return train_step
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import bevformer_tiny, detr3d_r50
+from fd3d_jax import params_io
 from fd3d_jax.data import pipeline
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
@@ -88,3 +89,37 @@ def test_one_device_and_eight_devices_give_the_same_loss(data_cfg, train_records
     out = json.loads(res.stdout.strip().splitlines()[-1])
     # Two steps: the second also checks that the sharded update (clip, AdamW) matches.
     np.testing.assert_allclose(out['8'], out['1'], rtol=2e-5)
+
+
+def test_ema_follows_its_formula_resumes_exactly_and_is_what_is_evaluated(data_cfg, train_records, tmp_path):
+    """``train.ema_decay``: after each step ``ema = d_t ema + (1 - d_t) params`` with the ramp
+    ``d_t = decay (1 - exp(-(t + 1) / ramp))`` (numpy restatement over the params of every step); it is
+    checkpointed and resumed bit for bit; ``eval_params`` and a workdir's ``load_params`` give it, not the params."""
+    decay, ramp = 0.9, 3
+    config = small_config(detr3d_r50, data_cfg, ema_decay=decay, ema_ramp_steps=ramp)
+    b = batches(config, train_records, 3)
+    trainer = loop.Trainer(config, len(train_records['samples']))
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])  # noqa: E731
+    want = flat(trainer.state.params['model']).astype(np.float64)
+    np.testing.assert_array_equal(flat(trainer.state.ema), want)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    for t, batch in enumerate(b):
+        trainer.step(batch)
+        d = decay * (1 - np.exp(-(t + 1) / ramp))
+        want = d * want + (1 - d) * flat(trainer.state.params['model'])
+        np.testing.assert_allclose(flat(trainer.state.ema), want, rtol=1e-5, atol=1e-7)
+        if t == 0:
+            ckpt.save(1, trainer.state)
+            ckpt.wait()
+    assert not np.allclose(flat(trainer.state.ema), flat(trainer.state.params['model']))
+    assert flat(trainer.eval_params()).tolist() == flat(trainer.state.ema).tolist()
+    fresh = loop.Trainer(config, len(train_records['samples']))
+    fresh.state, _ = ckpt.restore(fresh.state)
+    for batch in b[1:]:
+        fresh.step(batch)
+    assert flat(fresh.state.ema).tolist() == flat(trainer.state.ema).tolist()
+    ckpt.save(3, fresh.state)
+    ckpt.wait()
+    np.testing.assert_array_equal(flat(params_io.load_params(str(tmp_path))), flat(fresh.state.ema))
+    off = loop.Trainer(small_config(detr3d_r50, data_cfg), len(train_records['samples']))
+    assert off.state.ema is None and off.eval_params() is off.state.params['model']
