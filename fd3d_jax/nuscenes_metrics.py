@@ -72,6 +72,12 @@ def results_json(records, detections, meta=None):
     return dict(meta=meta, results={r['token']: detections.get(r['token'], []) for r in records['samples']})
 
 
+def has_annotations(records):
+    """Whether any sample of ``records`` has a GT box: False for nuScenes ``test`` (its ``sample_annotation``
+    table is empty), which is scored only by the evaluation server."""
+    return any(len(rec['gt_names']) for rec in records['samples'])
+
+
 def gt_as_detections(records, class_names):
     """The records' valid ground truth (with lidar or radar points: what the devkit keeps) as
     detections with score 1 and their own attributes, through the same conversion as model outputs:

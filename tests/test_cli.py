@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import grain
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,3 +46,60 @@ def test_missing_images_and_tables_end_training_with_the_file_and_sample(data_cf
     res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={tmp_path / "none"}')
     assert res.returncode == 1 and 'Traceback' not in res.stderr
     assert f"error: no nuScenes tables for version 'v1.0-mini' in {tmp_path / 'none'}" in res.stderr
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+def _assert_ended_cleanly(res):
+    """Exit status 1 after exactly one ``error:`` line: no traceback, no interpreter abort (status 134)."""
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert 'Fatal Python error' not in res.stderr and 'Traceback' not in res.stderr, res.stderr[-3000:]
+    assert len(_error_lines(res.stderr)) == 1, res.stderr[-3000:]
+    return _error_lines(res.stderr)[0]
+
+
+def test_a_corrupt_image_read_mid_run_ends_with_its_file_and_sample(data_cfg, train_records, tmp_path):
+    """A camera JPEG overwritten with text, first read by training step 25: the host has dispatched steps 1-24
+    at once (their input was prefetched while step 1 compiled), so the device is still running some of them. The
+    run ends with one ``error:`` line naming the file and sample and exit status 1, not with an abort at
+    interpreter exit (a step still running calls the matching's host callback into the finalising interpreter:
+    SIGABRT before ``loop.stop_training`` waited for them), and saves nothing."""
+    root = tmp_path / 'data'
+    os.makedirs(root / 'samples')
+    for name in os.listdir(data_cfg.dataroot):
+        if name != 'samples':
+            os.symlink(os.path.join(data_cfg.dataroot, name), root / name)
+    for name in os.listdir(os.path.join(data_cfg.dataroot, 'samples')):
+        if name != 'CAM_FRONT':
+            os.symlink(os.path.join(data_cfg.dataroot, 'samples', name), root / 'samples' / name)
+    shutil.copytree(os.path.join(data_cfg.dataroot, 'samples', 'CAM_FRONT'), root / 'samples' / 'CAM_FRONT')
+    # the training pipeline's first epoch: the samples in this order (detr3d: one frame per training sample)
+    order = grain.MapDataset.range(len(train_records['samples'])).shuffle(seed=0)
+    sample = train_records['samples'][order[24]]
+    path = os.path.join(root, next(c['path'] for c in sample['cams'] if c['channel'] == 'CAM_FRONT'))
+    with open(path, 'w') as f:
+        f.write('not a JPEG')
+    workdir = tmp_path / 'run'
+    res = _run('fd3d_jax.train', f'--workdir={workdir}', f'--config.data.dataroot={root}',
+               f'--config.data.records_dir={data_cfg.records_dir}', '--config.train.num_steps=30',
+               '--config.data.prefetch=32')
+    line = _assert_ended_cleanly(res)
+    assert line.startswith(f"error: cannot decode image {path} (sample {sample['token']})"), line
+    assert not os.path.exists(workdir / 'checkpoints') or not os.listdir(workdir / 'checkpoints')
+
+
+def test_a_non_finite_loss_mid_run_ends_with_its_step_and_keeps_the_checkpoint_being_written(data_cfg, tmp_path):
+    """``optim.lr=1e30``: step 1 is finite and its checkpoint is written asynchronously; step 2's loss is not
+    (``train.nonfinite='stop'``). The run ends with one ``error:`` line naming step 2 and that checkpoint, exit
+    status 1, and the checkpoint complete on disk (no temporary folder left). No step is running when this error
+    is raised (it comes from the fetched metrics of every dispatched step)."""
+    workdir = tmp_path / 'run'
+    res = _run('fd3d_jax.train', f'--workdir={workdir}', f'--config.data.dataroot={data_cfg.dataroot}',
+               f'--config.data.records_dir={data_cfg.records_dir}', '--config.train.num_steps=30',
+               '--config.optim.lr=1e30', '--config.train.log_every=1', '--config.train.checkpoint_every=1')
+    line = _assert_ended_cleanly(res)
+    checkpoints = workdir / 'checkpoints'
+    assert line.startswith('error: non-finite loss or gradient at step 2 ') and f'{checkpoints}/1.' in line, line
+    assert os.listdir(checkpoints) == ['1']

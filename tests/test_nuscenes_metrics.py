@@ -2,13 +2,17 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from fd3d_jax import nuscenes_metrics
 from fd3d_jax.data import geometry
+from fd3d_jax.data.records import split_scene_names
+from fd3d_jax.errors import RecordsError
 from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
+from fd3d_jax.train import loop
 
 
 def test_boxes_to_results_known_transform():
@@ -68,3 +72,34 @@ def test_eval_cli(val_records, tmp_path):
     assert json.loads((out / 'metrics_summary.json').read_text())['nd_score'] >= 0.99
     proc = subprocess.run(cmd[:-2] + ['--split=nope', f'--out={out}'], capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown split 'nope'" in proc.stderr
+
+
+def test_a_split_without_annotations_gets_the_submission_file_only(val_records, data_cfg, tmp_path, monkeypatch):
+    """nuScenes ``test`` has no annotations: evaluation writes ``results.json`` (meta and an entry for every sample,
+    the evaluation server's format) and does not run DetectionEval; with annotations it does."""
+    bare = dict(val_records, samples=[dict(r, gt_names=[], gt_boxes=[]) for r in val_records['samples']])
+    assert nuscenes_metrics.has_annotations(val_records) and not nuscenes_metrics.has_annotations(bare)
+    calls = []
+    monkeypatch.setattr(nuscenes_metrics, 'run_detection_eval', lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(nuscenes_metrics, 'format_metrics', lambda summary: '')
+    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs: {recs['samples'][0]['token']: []})
+    trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
+    for recs, out in ((bare, tmp_path / 'test'), (val_records, tmp_path / 'val')):
+        monkeypatch.setattr(loop, 'load_split', lambda config, split, recs=recs: recs)
+        summary = loop.evaluate_params(trainer, None, str(out), log=lambda *a: None)
+        with open(out / 'results.json') as f:
+            written = json.load(f)
+        assert set(written['results']) == {r['token'] for r in recs['samples']}
+        assert written['meta']['use_camera'] and not written['meta']['use_lidar']
+        assert (summary is None) == (recs is bare)
+    assert len(calls) == 1
+
+
+def test_union_splits_for_final_models(data_cfg):
+    """``A+B`` (``train+val`` on v1.0-trainval) is every scene of both (the schedule of final models)."""
+    nusc = types.SimpleNamespace(version=data_cfg.version, dataroot=data_cfg.dataroot)
+    train, val = data_cfg.train_split, data_cfg.val_split
+    both = split_scene_names(nusc, f'{train}+{val}')
+    assert both == split_scene_names(nusc, train) + split_scene_names(nusc, val) and len(set(both)) == len(both)
+    with pytest.raises(RecordsError, match="split 'train' needs a version ending in 'trainval'"):
+        split_scene_names(nusc, f'{train}+train')

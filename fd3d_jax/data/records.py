@@ -35,8 +35,11 @@ FORMAT = 'fd3d_jax.records/1'
 
 def split_scene_names(nusc, split):
     """Scene names of ``split``: a devkit split (checked against the version like DetectionEval
-    does) or a key of ``<dataroot>/<version>/splits.json``."""
+    does), a key of ``<dataroot>/<version>/splits.json``, or a union ``A+B`` of those (``train+val``: the final
+    models' schedule on every annotated scene)."""
     from nuscenes.utils.splits import create_splits_scenes
+    if '+' in split:
+        return [name for part in split.split('+') for name in split_scene_names(nusc, part)]
     official = create_splits_scenes()
     version = nusc.version
     if split in official:

@@ -1,5 +1,6 @@
 """Training and evaluation loops (host side): data -> sharded batches -> jit steps -> metrics,
 checkpoints and devkit evaluation. ``python -m fd3d_jax.train`` / ``fd3d_jax.eval`` call these."""
+import contextlib
 import dataclasses
 import functools
 import json
@@ -78,7 +79,7 @@ def training_parts(config, num_train_samples, distiller=None, expert_params=None
     init = functools.partial(init_train_params, config, model, distiller, load_sources=None if abstract else load_sources)
     params = jax.eval_shape(init, expert_params) if abstract else init(expert_params)
     tx, schedule = optim.make_optimizer(config, params, per_epoch, num_steps)
-    make_state = functools.partial(create_state, tx=tx, seed=config.seed)
+    make_state = functools.partial(create_state, tx=tx, seed=config.seed, ema=config.train.get('ema_decay', 0.0) > 0)
     state = jax.eval_shape(make_state, params) if abstract else make_state(params)
     head_copy = None
     if expert_params is not None and config.get('distill') and config.distill.init_apprentice_head:
@@ -132,6 +133,11 @@ class Trainer:
         self._state = state
         self.host_step = int(jax.device_get(state.step))  # so that steps need not wait for the device
 
+    def eval_params(self):
+        """The detector params evaluated and exported: the moving average with ``train.ema_decay``, else the
+        trained params."""
+        return self._state.ema if self._state.ema is not None else self._state.params['model']
+
     def step(self, batch):
         """One training step on a process-local numpy batch; returns device metrics (dispatched
         asynchronously: nothing here waits for the previous step)."""
@@ -140,6 +146,12 @@ class Trainer:
                                                mesh_lib.shard_batch(batch, self.mesh), rng)
         self.host_step += 1
         return metrics
+
+    def wait(self):
+        """Blocks until every dispatched step has run (each step's state is made from the one before, and its
+        update from its loss and matching, so the last state is ready only when every step has run); raises the
+        error of a step that failed."""
+        jax.block_until_ready(self._state)
 
 
 def _progress(step, num_steps, loss, rate, elapsed):
@@ -200,6 +212,26 @@ def check_finite(metrics, first_step, mode, last_checkpoint):
                                 f"(loss {float(step_metrics['loss'])}, grad_norm {float(step_metrics['grad_norm'])}): "
                                 f"stopped; {kept}. Set "
                                 f"--config.train.nonfinite=skip to skip such steps instead")
+
+
+def stop_training(trainer, data_iter, ckpt):
+    """Stops what the training loop started, however it ends (its ``finally``): the input pipeline's read
+    threads (``data_iter.close()``: queued reads are cancelled, a running one ends with its sample), the train
+    steps dispatched but not yet run (waited for), and the asynchronous checkpoint writes (waited for: a started
+    save ends complete on disk, never half-written).
+
+    Why wait for the steps: ``Trainer.step`` only dispatches, so the device runs behind the host (up to
+    ``train.log_every`` steps), and an error raised on the host (a sample that fails to load) leaves those steps
+    running. Each calls back into Python (the Hungarian matching's ``jax.pure_callback``); one that does so while
+    the interpreter shuts down cannot take the GIL and aborts the process (``Fatal Python error``, SIGABRT) after
+    the ``error:`` line. A failed step's own error (``RuntimeError``) is not raised here: the run is ending with
+    the error that stopped it, or has already fetched (and so raised) every step's result."""
+    data_iter.close()
+    try:
+        ckpt.close()
+    finally:
+        with contextlib.suppress(RuntimeError):
+            trainer.wait()
 
 
 def _window_line(metrics, elapsed, num):
@@ -287,17 +319,17 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 log(f'SIGTERM: saved {saved} and stopped; run the same command again to resume')
                 break
             if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-                summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval', str(step)))
+                summary = evaluate_params(trainer, trainer.eval_params(), os.path.join(workdir, 'eval', str(step)))
                 writer.write(step, _eval_scalars(summary))
     except BaseException:
         writer.close()
         raise
     finally:
-        ckpt.close()   # waits for the last asynchronous save: an error or SIGTERM never loses a started save
+        stop_training(trainer, data_iter, ckpt)   # an error or SIGTERM never loses a started save
     if step < num_steps:   # preempted
         writer.close()
         return None
-    summary = evaluate_params(trainer, trainer.state.params['model'], os.path.join(workdir, 'eval'), log=log)
+    summary = evaluate_params(trainer, trainer.eval_params(), os.path.join(workdir, 'eval'), log=log)
     writer.write(step, _eval_scalars(summary))
     writer.close()
     return summary
@@ -362,7 +394,9 @@ def predict(trainer, params, recs):
 
 def evaluate_params(trainer, params, out_dir, log=print):
     """Predicts the validation split and runs the devkit's DetectionEval; writes
-    ``out_dir/results.json`` and ``out_dir/metrics_summary.json`` (process 0)."""
+    ``out_dir/results.json`` and ``out_dir/metrics_summary.json`` (process 0). A split without annotations
+    (nuScenes ``test``) gets only ``results.json``, the submission file of the evaluation server (meta and results
+    for every sample), and None."""
     config = trainer.config
     data_cfg = config.data
     val = load_split(config, data_cfg.val_split)
@@ -372,6 +406,10 @@ def evaluate_params(trainer, params, out_dir, log=print):
         return None
     path = os.path.join(out_dir, 'results.json')
     nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
+    if not nuscenes_metrics.has_annotations(val):
+        log(f'{data_cfg.val_split} has no annotations ({len(val["samples"])} samples, {time.time() - start:.0f} s): '
+            f'wrote the submission file {path} (meta + results for every sample); DetectionEval not run')
+        return None
     summary = nuscenes_metrics.run_detection_eval(path, data_cfg.dataroot, data_cfg.version, data_cfg.val_split,
                                                   out_dir)
     log(f'evaluation on {data_cfg.val_split} ({len(val["samples"])} samples, {time.time() - start:.0f} s):\n'
