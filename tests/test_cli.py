@@ -103,3 +103,15 @@ def test_a_non_finite_loss_mid_run_ends_with_its_step_and_keeps_the_checkpoint_b
     checkpoints = workdir / 'checkpoints'
     assert line.startswith('error: non-finite loss or gradient at step 2 ') and f'{checkpoints}/1.' in line, line
     assert os.listdir(checkpoints) == ['1']
+
+
+def test_a_bad_init_from_source_ends_with_the_file(data_cfg, tmp_path):
+    """``train.init_from`` naming a missing file or a file that is not a checkpoint: one error line naming it."""
+    missing = tmp_path / 'resnet50.pth'
+    res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={data_cfg.dataroot}',
+               f'--config.data.records_dir={data_cfg.records_dir}', f'--config.train.init_from={missing}')
+    assert f'error: init_from {missing}: no such file or folder' in _assert_ended_cleanly(res)
+    missing.write_text('not a checkpoint')
+    res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={data_cfg.dataroot}',
+               f'--config.data.records_dir={data_cfg.records_dir}', f'--config.train.init_from={missing}')
+    assert f'error: {missing}: torch.load(weights_only=True) failed' in _assert_ended_cleanly(res)
