@@ -167,6 +167,8 @@ def add_training(config, toy=False):
     loss.focal_alpha = 0.25
     loss.focal_gamma = 2.0
     loss.code_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    loss.matcher = 'scipy'              # Hungarian matching: 'scipy' (host callback) or 'jax' (in the graph,
+                                        # no host round trip; fd3d_jax/detection/matching.py::hungarian_jax)
     config.loss = loss
     return config
 

@@ -5,6 +5,7 @@ code. Checks that need the data or the devices (GT slots, batch size vs mesh) st
 """
 import numbers
 
+from fd3d_jax.detection.matching import MATCHERS
 from fd3d_jax.distill import METHODS
 from fd3d_jax.distill.masks import SELECT_RULES
 from fd3d_jax.errors import ConfigError
@@ -102,6 +103,8 @@ def _training(config):
     for key in ('cls_weight', 'bbox_weight', 'focal_gamma'):
         number(config, f'loss.{key}', 0.0)
     number(config, 'loss.focal_alpha', 0.0, 1.0)
+    if 'matcher' in config.loss:
+        one_of(config, 'loss.matcher', MATCHERS)
 
 
 def _distill(config):

@@ -75,7 +75,8 @@ def detection_loss(outputs, batch, cfg):
     Args:
       outputs: ``cls_scores`` (L, B, Q, K), ``bbox_preds`` (L, B, Q, 10).
       batch: ``gt_boxes`` (B, G, 9), ``gt_labels`` (B, G), ``gt_mask`` (B, G).
-      cfg: the ``config.loss`` section (see ``layer_loss``).
+      cfg: the ``config.loss`` section (see ``layer_loss``); ``cfg.matcher`` (``'scipy'`` when absent)
+        picks the Hungarian matcher (``matching.assign``).
     Returns:
       total scalar, and parts: ``loss_cls``, ``loss_bbox`` (last layer), ``d{i}.loss_cls``,
       ``d{i}.loss_bbox`` (earlier layers), ``num_pos`` (last layer).
@@ -83,10 +84,12 @@ def detection_loss(outputs, batch, cfg):
     gt = (batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'])
     cls_all, box_all = outputs['cls_scores'], outputs['bbox_preds']
     num_layers = cls_all.shape[0]
-    # One host call matches all layers (``hungarian`` batches over the vmapped axis).
+    # matcher 'scipy': one host call matches all layers (``hungarian`` batches over the vmapped axis);
+    # 'jax': matched in the graph (``hungarian_jax``). A config without the key matches with scipy.
+    matcher = getattr(cfg, 'matcher', 'scipy')
     assigned_all = jax.vmap(lambda c, b: matching.match(
         c, b, *gt, cls_weight=cfg.cls_weight, bbox_weight=cfg.bbox_weight, alpha=cfg.focal_alpha,
-        gamma=cfg.focal_gamma))(cls_all, box_all)
+        gamma=cfg.focal_gamma, matcher=matcher))(cls_all, box_all)
     parts = {}
     for layer in range(num_layers):
         loss_cls, loss_bbox, num_pos = layer_loss(cls_all[layer], box_all[layer], assigned_all[layer], *gt, cfg)

@@ -91,7 +91,8 @@ class FD3D(Distiller):
         matched = None
         if cfg.mask.select == 'gt':
             matched = match(cls_logits, box_code, batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'],
-                            loss_cfg.cls_weight, loss_cfg.bbox_weight, loss_cfg.focal_alpha, loss_cfg.focal_gamma) >= 0
+                            loss_cfg.cls_weight, loss_cfg.bbox_weight, loss_cfg.focal_alpha, loss_cfg.focal_gamma,
+                            matcher=getattr(loss_cfg, 'matcher', 'scipy')) >= 0
         keep, scores = masks.select_queries(cls_logits, cfg.mask.select, cfg.mask.score_thresh, cfg.mask.topk, matched)
         boxes = denormalize_bbox(box_code)
         diagnostics['selected'] = jnp.mean(jnp.sum(keep, -1))
