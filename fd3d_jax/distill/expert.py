@@ -20,6 +20,9 @@ from fd3d_jax import params_io
 from fd3d_jax.errors import CheckpointError, ExpertError
 
 IGNORED_MODEL_KEYS = ('remat', 'grid_mask', 'max_num', 'dropout')  # do not change the params or outputs
+# Model keys added after experts were written, with the value that reproduces the code before them: a saved
+# config without the key was trained with that value.
+ADDED_MODEL_KEYS = {'prev_bev_batch0': False}
 
 
 def upsampled_lidar2img(lidar2img, upsample):
@@ -60,7 +63,7 @@ def _model_differences(saved, wanted, prefix='model'):
     for key in sorted(set(saved) | set(wanted)):
         if key in IGNORED_MODEL_KEYS:
             continue
-        saved_value, wanted_value = saved.get(key), wanted.get(key)
+        saved_value, wanted_value = saved.get(key, ADDED_MODEL_KEYS.get(key)), wanted.get(key)
         if isinstance(saved_value, dict) and isinstance(wanted_value, dict):
             diffs += _model_differences(saved_value, wanted_value, f'{prefix}.{key}')
         elif json.dumps(saved_value) != json.dumps(_jsonable(wanted_value)):

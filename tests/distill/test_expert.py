@@ -93,3 +93,14 @@ def test_load_expert_params_from_a_params_folder_and_clear_errors(tmp_path):
     with pytest.raises(expert_lib.ExpertError, match=r'image_std: checkpoint data.image_std \[1.0, 1.0, 1.0\]') as e:
         expert_lib.load_expert_params(str(wd), cfg, _params())
     assert str(wd) in str(e.value) and 'to_rgb' in str(e.value) and 'bev_h' not in str(e.value)
+
+
+def test_model_keys_added_later_take_the_value_of_the_code_before_them():
+    """An expert's ``config.json`` written before ``model.prev_bev_batch0`` existed was trained per sample: it
+    fits a config with the key False, not one with it True; any other key missing from it still differs."""
+    saved = {'name': 'bevformer', 'embed_dims': 8}
+    assert expert_lib._model_differences(saved, {'name': 'bevformer', 'embed_dims': 8, 'prev_bev_batch0': False}) == []
+    assert expert_lib._model_differences(saved, {'name': 'bevformer', 'embed_dims': 8, 'prev_bev_batch0': True}) == [
+        'model.prev_bev_batch0: checkpoint False, config True']
+    assert expert_lib._model_differences(saved, {'name': 'bevformer', 'embed_dims': 8, 'new_key': 1}) == [
+        'model.new_key: checkpoint None, config 1']
