@@ -105,7 +105,7 @@ def _lsap_one(cost, gt_mask):
 
     Rows of the solved problem are the GT (rows of ``cost.T``), columns the queries plus
     ``D = max(0, G - Q)`` zero-cost dummy columns (static), of which only the first ``max(0, G_valid - Q)``
-    are active, plus one virtual column (index ``m``) that roots the search tree. Every valid row is then
+    are active, plus one virtual column (index ``virtual``) that roots the search tree. Every valid row is then
     assigned to a distinct active column: ``min(Q, G_valid)`` rows get a query, the rest a dummy
     (unmatched), and the total cost of the real pairs is minimal.
     """
@@ -113,89 +113,90 @@ def _lsap_one(cost, gt_mask):
     if num_q == 0 or num_g == 0:
         return jnp.full((num_q,), -1, jnp.int32)
     num_dummy = max(0, num_g - num_q)
-    m = num_q + num_dummy                         # real columns; m is the virtual column
+    virtual = num_q + num_dummy                   # the real columns come first; this index is the virtual one
     valid = gt_mask.astype(bool)
     num_valid = jnp.sum(valid.astype(jnp.int32))
     pairs = jnp.minimum(num_q, num_valid).astype(jnp.float32)
     dummies = jnp.maximum(num_valid - num_q, 0)  # active dummy columns
 
-    c = jax.lax.stop_gradient(cost).astype(jnp.float32)            # (Q, G)
-    finite = jnp.isfinite(c) & valid
+    work = jax.lax.stop_gradient(cost).astype(jnp.float32)            # (Q, G)
+    finite = jnp.isfinite(work) & valid
     any_finite = jnp.any(finite)
-    lo = jnp.where(any_finite, jnp.min(jnp.where(finite, c, jnp.inf)), 0.0)
-    hi = jnp.where(any_finite, jnp.max(jnp.where(finite, c, -jnp.inf)), 0.0)
+    lo = jnp.where(any_finite, jnp.min(jnp.where(finite, work, jnp.inf)), 0.0)
+    hi = jnp.where(any_finite, jnp.max(jnp.where(finite, work, -jnp.inf)), 0.0)
     spread = hi - lo
     # Shift to [0, spread] (every complete assignment has the same number of pairs, so the argmin is
-    # unchanged) and replace NaN/+inf by +big, -inf by -big: big > pairs * spread, so (as scipy's 1e10 in
+    # unchanged) and replace NaN/+inf by +big, -inf by -big: big > pairs * spread, so (as scipy'carry 1e10 in
     # float64) the number of non-finite pairs is minimised first, then the finite cost; a problem-sized big
-    # keeps float32's resolution for the finite costs.
+    # keeps float32'carry resolution for the finite costs.
     big = jnp.minimum((pairs + 1.0) * (spread + 1.0), 1e30)
-    c = jnp.clip(jnp.where(finite, c - lo, jnp.where(c == -jnp.inf, -big, big)), -big, big)
-    c = jnp.where(valid, c, 0.0)
-    active = jnp.arange(m + 1) < num_q + dummies  # queries + needed dummies, not the virtual column
+    work = jnp.clip(jnp.where(finite, work - lo, jnp.where(work == -jnp.inf, -big, big)), -big, big)
+    work = jnp.where(valid, work, 0.0)
+    active = jnp.arange(virtual + 1) < num_q + dummies  # queries + needed dummies, not the virtual column
 
-    c_rows = c.T                                  # (G, Q): one contiguous row per Dijkstra step
+    gt_rows = work.T                              # (G, Q): one contiguous row per Dijkstra step
 
-    def row_costs(i):                             # (m + 1,) costs of GT row i: queries, dummies, virtual
-        return jnp.concatenate([c_rows[i], jnp.zeros(num_dummy + 1, jnp.float32)])
+    def row_costs(row):                           # (virtual + 1,) costs of one GT row: queries, dummies, virtual
+        return jnp.concatenate([gt_rows[row], jnp.zeros(num_dummy + 1, jnp.float32)])
 
-    # Warm start (the column-reduction idea of Jonker-Volgenant): u_i = min_j c_ij, v = 0 is dual feasible;
+    # Warm start (the column-reduction idea of Jonker-Volgenant): u_i = min_j c_ij, col_pot = 0 is dual feasible;
     # every row that is the first to claim its cheapest column is matched there (a tight pair). Only the
     # rows left over are augmented below (with 900 queries, most GT have a distinct cheapest query).
-    row_min, best = _first_argmin(c, axis=0)                            # (G,) over the queries
+    row_min, best = _first_argmin(work, axis=0)                            # (G,) over the queries
     use_dummy = (dummies > 0) & (row_min > 0.0)   # a dummy (cost 0, after the queries) is cheaper
     best = jnp.where(use_dummy, num_q, best)
     row_min = jnp.where(use_dummy, 0.0, row_min)
     rows = jnp.arange(num_g, dtype=jnp.int32)
-    claim = jnp.full(m + 1, num_g, jnp.int32).at[jnp.where(valid, best, m)].min(rows)
+    claim = jnp.full(virtual + 1, num_g, jnp.int32).at[jnp.where(valid, best, virtual)].min(rows)
     first = valid & (claim[best] == rows)
-    p = jnp.where(claim < num_g, claim, -1).at[m].set(-1)       # p[j]: row of column j, -1 free
-    u = jnp.where(valid, row_min, 0.0)
-    v = jnp.zeros(m + 1, jnp.float32)
+    owner = jnp.where(claim < num_g, claim, -1).at[virtual].set(-1)       # owner[col]: the row of a column, -1 free
+    row_pot = jnp.where(valid, row_min, 0.0)
+    col_pot = jnp.zeros(virtual + 1, jnp.float32)
     todo = valid & ~first
     num_todo = jnp.sum(todo.astype(jnp.int32))
     todo_rows = jnp.nonzero(todo, size=num_g, fill_value=0)[0].astype(jnp.int32)
 
     def augment_row(state):
-        t, u, v, p = state
-        i = todo_rows[t]
-        p = p.at[m].set(i)
-        live = t < num_todo                       # false for a vmapped sample that is done: no wasted search
+        step, row_pot, col_pot, owner = state
+        row = todo_rows[step]
+        owner = owner.at[virtual].set(row)
+        live = step < num_todo                       # false for a vmapped sample that is done: no wasted search
 
-        def searching(s):
-            j0, steps = s[-2:]
-            return live & (p[j0] >= 0) & (steps <= m)
+        def searching(carry):
+            col0, steps = carry[-2:]
+            return live & (owner[col0] >= 0) & (steps <= virtual)
 
-        def dijkstra_step(s):                     # one column joins the shortest-path tree
-            used, row_used, minv, way, u, v, j0, steps = s
-            i0 = p[j0]
-            used = used.at[j0].set(True)
-            row_used = row_used.at[i0].set(True)
-            reduced = row_costs(i0) - u[i0] - v
+        def dijkstra_step(carry):                     # one column joins the shortest-path tree
+            used, row_used, minv, way, row_pot, col_pot, col0, steps = carry
+            row0 = owner[col0]
+            used = used.at[col0].set(True)
+            row_used = row_used.at[row0].set(True)
+            reduced = row_costs(row0) - row_pot[row0] - col_pot
             better = ~used & (reduced < minv)
             minv = jnp.where(better, reduced, minv)
-            way = jnp.where(better, j0, way)
+            way = jnp.where(better, col0, way)
             cand = jnp.where(~used & active, minv, jnp.inf)
-            delta, j1 = _first_argmin(cand)
-            u = jnp.where(row_used, u + delta, u)
-            v = jnp.where(used, v - delta, v)
+            delta, col1 = _first_argmin(cand)
+            row_pot = jnp.where(row_used, row_pot + delta, row_pot)
+            col_pot = jnp.where(used, col_pot - delta, col_pot)
             minv = jnp.where(used, minv, minv - delta)
-            return used, row_used, minv, way, u, v, j1, steps + 1
+            return used, row_used, minv, way, row_pot, col_pot, col1, steps + 1
 
-        init = (jnp.zeros(m + 1, bool), jnp.zeros(num_g, bool), jnp.full(m + 1, jnp.inf, jnp.float32),
-                jnp.full(m + 1, m, jnp.int32), u, v, jnp.int32(m), jnp.int32(0))
-        _, _, _, way, u, v, j_free, _ = jax.lax.while_loop(searching, dijkstra_step, init)
+        init = (jnp.zeros(virtual + 1, bool), jnp.zeros(num_g, bool), jnp.full(virtual + 1, jnp.inf, jnp.float32),
+                jnp.full(virtual + 1, virtual, jnp.int32), row_pot, col_pot, jnp.int32(virtual), jnp.int32(0))
+        _, _, _, way, row_pot, col_pot, j_free, _ = jax.lax.while_loop(searching, dijkstra_step, init)
 
-        def flip(s):                              # augment along the path: j_free <- ... <- virtual
-            p, j0 = s
-            j1 = way[j0]
-            return p.at[j0].set(p[j1]), j1
+        def flip(carry):                              # augment along the path: j_free <- ... <- virtual
+            owner, col0 = carry
+            col1 = way[col0]
+            return owner.at[col0].set(owner[col1]), col1
 
-        p, _ = jax.lax.while_loop(lambda s: s[1] != m, flip, (p, j_free))
-        return t + 1, u, v, p
+        owner, _ = jax.lax.while_loop(lambda carry: carry[1] != virtual, flip, (owner, j_free))
+        return step + 1, row_pot, col_pot, owner
 
-    _, _, _, p = jax.lax.while_loop(lambda s: s[0] < num_todo, augment_row, (jnp.int32(0), u, v, p))
-    return p[:num_q]
+    _, _, _, owner = jax.lax.while_loop(lambda carry: carry[0] < num_todo, augment_row,
+                                        (jnp.int32(0), row_pot, col_pot, owner))
+    return owner[:num_q]
 
 
 def hungarian_jax(cost, gt_mask):
