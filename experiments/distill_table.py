@@ -60,6 +60,7 @@ METHOD_WEIGHTS = {
     'fitnet': ('distill.fitnet.bev_weight', 'distill.fitnet.pv_weight'),
 }
 SWEEP_WEIGHTS = (1, 3, 10)
+DETR3D_SWEEP_WEIGHTS = (0.3, 1, 3)   # below BEVFormer's: at 3 the focal term pulls on the FPN as hard as detection
 
 
 def weighted(method, weight):
@@ -73,6 +74,11 @@ def _sweep_rows():
                           ('fitnet', 'FitNet (BEV + FPN)')):
         rows += [(f'{method}_w{w}', f'{label}, weights {w}', weighted(method, w)) for w in SWEEP_WEIGHTS]
     return rows
+
+
+def _detr3d_sweep_rows():
+    return [('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})] + [
+        (f'fd3d_w{w}', f'FD3D generative + focal, weights {w}', weighted('fd3d', w)) for w in DETR3D_SWEEP_WEIGHTS]
 
 
 TABLES = {
@@ -104,6 +110,10 @@ TABLES = {
     'sweep': dict(title='Weight sweep, BEVFormer base -> tiny (:demo)',
                   config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',
                   expert='experiments/experts/bevformer_base_demo', rows=_sweep_rows()),
+    # FD3D's weights for the DETR3D pair (0.3, 1, 3; run it with --split tune). Shares table 2's run folders.
+    'sweep_detr3d': dict(title='FD3D weight sweep, DETR3D R101 -> R50 (:demo)',
+                         config='configs/fd3d_detr3d_r101_to_r50.py:demo', folder='table2',
+                         expert='experiments/experts/detr3d_r101_demo', rows=_detr3d_sweep_rows()),
 }
 SHORT = dict(rows=('alone', 'head', 'fd3d'), seeds=(0,), steps=600)
 TUNE_SPLITS = ('tune_train', 'tune_val')   # carved from the training scenes (--split tune); val is never tuned on
