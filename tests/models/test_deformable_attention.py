@@ -1,7 +1,11 @@
 """MSDA core and module against a float64 numpy restatement of the mmcv CUDA kernel semantics
 (``ms_deformable_im2col_bilinear`` / ``ms_deformable_im2col_gpu_kernel``), written from the kernel's
 description, not from our JAX code."""
+import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,10 +101,23 @@ IMPLS = {
 }
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
+def in_x64_process(test):
+    """Runs ``test`` in a child pytest process started with ``JAX_ENABLE_X64=1``, not under the
+    ``jax.enable_x64`` context in this process: after the float64 MSDA tests ran in-process, a toy BEVFormer
+    compiled later in the same worker returned NaN (jax 0.10.2, CPU; order dependent, not reproduced
+    without them), so float64 stays out of the suite's shared processes."""
+    @functools.wraps(test)
+    def wrapper():
+        if jax.config.jax_enable_x64:
+            return test()
+        node = f'{os.path.relpath(__file__, REPO)}::{test.__name__}'
+        proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', '-p', 'no:cacheprovider', node],
+                              cwd=REPO, env=dict(os.environ, JAX_ENABLE_X64='1'), capture_output=True, text=True)
+        assert proc.returncode == 0 and ' passed' in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return wrapper
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +133,9 @@ def test_core_matches_numpy_kernel(impl):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_core_matches_numpy_kernel_x64(x64):
+@in_x64_process
+def test_core_matches_numpy_kernel_x64():
+    assert jnp.zeros(()).dtype == jnp.float64
     value, loc, attn = make_inputs(1, b=3, q=5, m=2, p=2, dtype=np.float64)
     expected = np_msda(value, SHAPES, loc, attn)
     for impl in ('reference', 'chunked_5', 'chunked_default'):
@@ -125,7 +144,7 @@ def test_core_matches_numpy_kernel_x64(x64):
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12, err_msg=impl)
 
 
-def test_x64_fixture_restores_flag():
+def test_float64_tests_leave_this_process_float32():
     assert jnp.zeros(()).dtype == jnp.float32
 
 
@@ -152,8 +171,10 @@ def test_choose_chunk():
     assert da.choose_chunk(7, 1000, 1) == 1
 
 
-def test_gradients_match_finite_differences(x64):
+@in_x64_process
+def test_gradients_match_finite_differences():
     """jax.grad of the chunked core (float64) vs central differences of the numpy kernel."""
+    assert jnp.zeros(()).dtype == jnp.float64
     shapes = SHAPES[:2]
     rng = np.random.default_rng(4)
     b, q, m, p, d = 2, 3, 2, 2, 3
