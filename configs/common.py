@@ -248,8 +248,8 @@ def distill_config(method='fd3d', expert_upsample=1):
         box_scale=1.0,                    # [I] box enlargement (w, l, h x scale)
         mode='zero',                      # [I] zero: S * (1 - M); random: MGD mask restricted to M
         random_ratio=0.65))               # lambda of the 'random' mode
-    # [I] FD3D's weights, per element; 3 chosen by the weight sweep on the tuning split (1 / 3 / 10, three seeds,
-    # docs/experiments.md); 0 switches a term off
+    # [I] FD3D's weights, per element; 3 chosen by the weight sweep on the BEVFormer pair's tuning split (1 / 3 / 10,
+    # three seeds, docs/experiments.md; the DETR3D pair sets its own, 0.3); 0 switches a term off
     d.generative = ml_collections.ConfigDict(dict(
         bev_weight=3.0, pv_weight=3.0,
         area='full'))                     # [I] full: the loss counts the whole map (as MGD); instance: the masked

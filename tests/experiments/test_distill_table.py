@@ -157,6 +157,17 @@ def test_sweep_sets_every_weight_of_a_method_and_covers_the_shipped_one():
                                 'distill.generative.pv_weight': 10.0, 'distill.focal.weight': 10.0}
 
 
+
+def test_detr3d_sweep_covers_the_weight_its_pair_ships():
+    """The DETR3D pair's FD3D weights are one value the DETR3D sweep measured, set on every FD3D weight."""
+    _, config = dt.load_config(dt.TABLES['sweep_detr3d']['config'])
+    shipped = {key: config.distill[key.split('.')[1]][key.split('.')[2]] for key in dt.METHOD_WEIGHTS['fd3d']}
+    assert len(set(shipped.values())) == 1 and set(shipped.values()) <= set(dt.DETR3D_SWEEP_WEIGHTS), shipped
+    rows = {key: overrides for key, _, overrides in dt.TABLES['sweep_detr3d']['rows']}
+    assert set(rows) == {'head'} | {f'fd3d_w{w}' for w in dt.DETR3D_SWEEP_WEIGHTS}
+    assert rows['fd3d_w0.3'] == {'distill.method': 'fd3d', 'distill.generative.bev_weight': 0.3,
+                                 'distill.generative.pv_weight': 0.3, 'distill.focal.weight': 0.3}
+
 def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
     tmp, root, expert = fake
     rows = [('alone', 'apprentice alone', dt.NONE), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
