@@ -157,7 +157,6 @@ def test_sweep_sets_every_weight_of_a_method_and_covers_the_shipped_one():
                                 'distill.generative.pv_weight': 10.0, 'distill.focal.weight': 10.0}
 
 
-
 def test_detr3d_sweep_covers_the_weight_its_pair_ships():
     """The DETR3D pair's FD3D weights are one value the DETR3D sweep measured, set on every FD3D weight."""
     _, config = dt.load_config(dt.TABLES['sweep_detr3d']['config'])
@@ -167,6 +166,7 @@ def test_detr3d_sweep_covers_the_weight_its_pair_ships():
     assert set(rows) == {'head'} | {f'fd3d_w{w}' for w in dt.DETR3D_SWEEP_WEIGHTS}
     assert rows['fd3d_w0.3'] == {'distill.method': 'fd3d', 'distill.generative.bev_weight': 0.3,
                                  'distill.generative.pv_weight': 0.3, 'distill.focal.weight': 0.3}
+
 
 def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
     tmp, root, expert = fake

@@ -101,6 +101,9 @@ IMPLS = {
 }
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def in_x64_process(test):
     """Runs ``test`` in a child pytest process started with ``JAX_ENABLE_X64=1``, not under the
     ``jax.enable_x64`` context in this process: after the float64 MSDA tests ran in-process, a toy BEVFormer
@@ -115,9 +118,6 @@ def in_x64_process(test):
                               cwd=REPO, env=dict(os.environ, JAX_ENABLE_X64='1'), capture_output=True, text=True)
         assert proc.returncode == 0 and ' passed' in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
     return wrapper
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------------------------------------
