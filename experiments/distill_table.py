@@ -42,9 +42,10 @@ NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
 FD3D = {'distill.method': 'fd3d'}
 FD3D_GEN = {**FD3D, 'distill.focal.weight': 0.0}
 FD3D_FOCAL = {**FD3D, 'distill.generative.bev_weight': 0.0, 'distill.generative.pv_weight': 0.0}
+HEAD_ROW = ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})
 _METHOD_ROWS = [
     ('alone', 'apprentice alone', NONE),
-    ('head', 'expert head only (no distillation loss)', {'distill.method': 'none'}),
+    HEAD_ROW,
     ('fitnet', 'FitNet (BEV + FPN)', {'distill.method': 'fitnet'}),
     ('mgd', 'MGD (random masks)', {'distill.method': 'mgd'}),
     ('heatmap', 'released heatmap distiller (CWD + GT-heatmap BEV L2)', {'distill.method': 'heatmap'}),
@@ -69,7 +70,7 @@ def weighted(method, weight):
 
 
 def _sweep_rows():
-    rows = [('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})]
+    rows = [HEAD_ROW]
     for method, label in (('fd3d', 'FD3D generative + focal'), ('mgd', 'MGD (random masks)'),
                           ('fitnet', 'FitNet (BEV + FPN)')):
         rows += [(f'{method}_w{w}', f'{label}, weights {w}', weighted(method, w)) for w in SWEEP_WEIGHTS]
@@ -77,7 +78,7 @@ def _sweep_rows():
 
 
 def _detr3d_sweep_rows():
-    return [('head', 'expert head only (no distillation loss)', {'distill.method': 'none'})] + [
+    return [HEAD_ROW] + [
         (f'fd3d_w{w}', f'FD3D generative + focal, weights {w}', weighted('fd3d', w)) for w in DETR3D_SWEEP_WEIGHTS]
 
 

@@ -126,9 +126,9 @@ def _lsap_one(cost, gt_mask):
     hi = jnp.where(any_finite, jnp.max(jnp.where(finite, work, -jnp.inf)), 0.0)
     spread = hi - lo
     # Shift to [0, spread] (every complete assignment has the same number of pairs, so the argmin is
-    # unchanged) and replace NaN/+inf by +big, -inf by -big: big > pairs * spread, so (as scipy'carry 1e10 in
+    # unchanged) and replace NaN/+inf by +big, -inf by -big: big > pairs * spread, so (as scipy's 1e10 in
     # float64) the number of non-finite pairs is minimised first, then the finite cost; a problem-sized big
-    # keeps float32'carry resolution for the finite costs.
+    # keeps float32's resolution for the finite costs.
     big = jnp.minimum((pairs + 1.0) * (spread + 1.0), 1e30)
     work = jnp.clip(jnp.where(finite, work - lo, jnp.where(work == -jnp.inf, -big, big)), -big, big)
     work = jnp.where(valid, work, 0.0)
