@@ -106,9 +106,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def in_x64_process(test):
     """Runs ``test`` in a child pytest process started with ``JAX_ENABLE_X64=1``, not under the
-    ``jax.enable_x64`` context in this process: after the float64 MSDA tests ran in-process, a toy BEVFormer
-    compiled later in the same worker returned NaN (jax 0.10.2, CPU; order dependent, not reproduced
-    without them), so float64 stays out of the suite's shared processes."""
+    ``jax.enable_x64`` context in this process, so that no test changes the dtype config of a worker the
+    rest of the suite shares (the toggle is global state; the child asserts float64, the parent float32)."""
     @functools.wraps(test)
     def wrapper():
         if jax.config.jax_enable_x64:

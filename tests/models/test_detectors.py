@@ -83,14 +83,14 @@ def test_bevformer_history_frames_carry_no_gradient(toy_models):
     config, model, params, batch = toy_models['bevformer_tiny']
     batch = dict(batch, prev_bev_exists=np.ones_like(batch['prev_bev_exists']))
 
-    def f(img):
-        return model.apply({'params': params}, dict(batch, img=img))['cls_scores'].sum()
-    g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(batch['img'])))
+    def f(img, p):
+        return model.apply({'params': p}, dict(batch, img=img))['cls_scores'].sum()
+    g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(batch['img']), params))
     assert not np.any(g[:, :-1]) and np.any(g[:, -1])
     # ... but the history does change the output when a previous BEV exists
     no_hist = dict(batch, prev_bev_exists=np.zeros_like(batch['prev_bev_exists']))
-    bev = jax.jit(lambda b: model.apply({'params': params}, b)['bev'])
-    a, b = bev(batch), bev(no_hist)
+    bev = jax.jit(lambda p, b: model.apply({'params': p}, b)['bev'])
+    a, b = bev(params, batch), bev(params, no_hist)
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
@@ -154,8 +154,8 @@ def test_prev_bev_batch0_quirk(toy_models):
     exists[:, 0] = False
     own_1_off = exists.copy()
     own_1_off[1, -1] = False                       # element 1 has no previous BEV, element 0 has one
-    jitted = {id(mdl): jax.jit(lambda b, mdl=mdl: mdl.apply({'params': params}, b)['bev']) for mdl in (model, quirk)}
-    bev = lambda mdl, b: jitted[id(mdl)](b)  # noqa: E731
+    jitted = {id(mdl): jax.jit(lambda p, b, mdl=mdl: mdl.apply({'params': p}, b)['bev']) for mdl in (model, quirk)}
+    bev = lambda mdl, b: jitted[id(mdl)](params, b)  # noqa: E731
     fixed = np.asarray(bev(model, dict(batch, prev_bev_exists=own_1_off)))
     quirky = np.asarray(bev(quirk, dict(batch, prev_bev_exists=own_1_off)))
     all_on = np.asarray(bev(model, dict(batch, prev_bev_exists=exists)))
@@ -209,13 +209,13 @@ def test_a_batch_of_two_equals_two_batches_of_one(name, toy_models):
     keys = ('cls_scores', 'bbox_preds', 'bev') if model.has_bev else ('cls_scores', 'bbox_preds')
 
     @jax.jit
-    def run(b, prev):
-        out = model.apply({'params': params}, b, prev_bev=prev)
+    def run(p, b, prev):
+        out = model.apply({'params': p}, b, prev_bev=prev)
         total, parts = losses.detection_loss(out, b, config.loss)
         return {k: out[k] for k in keys}, parts
 
-    both, both_parts = run(batch, carried)
-    singles = [run({k: v[i:i + 1] for k, v in batch.items()}, None if carried is None else carried[i:i + 1])
+    both, both_parts = run(params, batch, carried)
+    singles = [run(params, {k: v[i:i + 1] for k, v in batch.items()}, None if carried is None else carried[i:i + 1])
                for i in range(2)]
     for i, (single, _) in enumerate(singles):
         for key in keys:
