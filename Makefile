@@ -69,6 +69,7 @@ bench: bench-data
 	$(PY) experiments/bench_inference.py --config configs/bevformer_tiny.py:full --frames 3 --warmup 1
 	$(PY) experiments/bench_memory.py
 	$(PY) experiments/bench_matcher.py --out
+	$(PY) experiments/bench_compile_cache.py --config configs/fd3d_bevformer_base_to_tiny.py:demo
 
 # Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15; then
 # the scale-out/reliability tests (kill/SIGTERM and resume, 2 processes vs 1), which start their own processes.

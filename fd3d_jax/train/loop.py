@@ -291,6 +291,8 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 json.dump(copy, f)
     if start is None:
         _log_init_from(trainer.init_from, config, workdir, log)
+    if compile_cache_warning(config):
+        log(compile_cache_warning(config))
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
         f'processes) in {workdir}')
@@ -333,6 +335,17 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     writer.write(step, _eval_scalars(summary))
     writer.close()
     return summary
+
+
+def compile_cache_warning(config, cache_dir=None):
+    """One line when JAX's persistent compilation cache is on (``JAX_COMPILATION_CACHE_DIR``) but cannot hold
+    this train step: JAX does not write executables that call back into Python, and ``loss.matcher='scipy'``
+    is such a callback (``experiments/bench_compile_cache.py``). ``cache_dir``: default JAX's setting."""
+    cache_dir = jax.config.jax_compilation_cache_dir if cache_dir is None else cache_dir
+    if cache_dir and config.loss.matcher == 'scipy':
+        return ('warning: the compilation cache cannot hold this train step: loss.matcher=scipy calls back into '
+                'Python in every step (--config.loss.matcher=jax compiles it once per machine)')
+    return None
 
 
 def _log_init_from(reports, config, workdir, log):

@@ -200,3 +200,30 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_its_metrics(d
     loop.train_and_evaluate(config, str(workdir), trainer=trainer, log=lambda *a: None)
     lines = _train_lines(str(workdir))
     assert [m['step'] for m in lines] == [1, 2] and all(m['loss'] != 1.0 for m in lines)
+
+
+CACHE_PROBE = """
+import json, os, jax, jax.numpy as jnp, numpy as np
+plain = jax.jit(lambda x: jnp.sin(x) @ x.T)
+callback = jax.jit(lambda x: jax.pure_callback(lambda y: np.asarray(y) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                               jnp.cos(x)) @ x.T)
+plain(jnp.ones((8, 8))).block_until_ready()
+callback(jnp.ones((8, 8))).block_until_ready()
+print(json.dumps(sorted(name.split('-')[0] for name in os.listdir(os.environ['JAX_COMPILATION_CACHE_DIR']))))
+"""
+
+
+def test_compile_cache_warning_only_when_a_cache_cannot_hold_the_step(tmp_path):
+    """The warning's premise, in a child process with a persistent cache: JAX writes a plain jit to the cache
+    but not one with a Python callback (as the scipy matcher's step); and the warning appears exactly for a
+    cache folder with the scipy matcher."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    out = subprocess.run([sys.executable, '-c', CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+    cached = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cached.count('jit__lambda') == 1, cached         # the plain one only
+    config = detr3d_r50.get_config('toy')
+    config.loss.matcher = 'scipy'
+    assert 'matcher=jax' in loop.compile_cache_warning(config, str(tmp_path))
+    assert loop.compile_cache_warning(config, '') is None
+    config.loss.matcher = 'jax'
+    assert loop.compile_cache_warning(config, str(tmp_path)) is None
