@@ -66,6 +66,7 @@ def bevformer_model(**overrides):
     m.reproduce_shift_bug = False         # quirks of the original, for checkpoint parity
     m.tsa_batch_bug = False
     m.sca_batch0_hits = False
+    m.sca_max_cameras = 0                 # 0: SCA over all cameras (dense); K: K camera slots per BEV query
     m.prev_bev_batch0 = False
     m.remat = False                       # jax.checkpoint per encoder/decoder layer
     m.max_num = 300                       # boxes kept by the NMS-free decoder

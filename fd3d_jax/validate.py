@@ -65,6 +65,11 @@ def _model(config, key):
         number(config, f'{key}.bev_h', 1, integer=True)
         number(config, f'{key}.bev_w', 1, integer=True)
         number(config, f'{key}.encoder_layers', 1, integer=True)
+        if model.get('sca_max_cameras', 0):
+            number(config, f'{key}.sca_max_cameras', 0, model.num_cams, integer=True)
+            if model.get('sca_batch0_hits', False):
+                raise ConfigError(f'config.{key}.sca_batch0_hits (a quirk of the dense original) needs '
+                                  f'config.{key}.sca_max_cameras=0, got {model.sca_max_cameras}')
 
 
 # Integer keys and their least value.

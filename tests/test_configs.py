@@ -106,6 +106,8 @@ def test_every_shipped_config_validates():
     ('train.batch_size', 0, r'config.train.batch_size must be >= 1, got 0'),
     ('optim.lr', 0.0, r'config.optim.lr must be > 0.0, got 0.0'),
     ('model.name', 'pointpillars', r"config.model.name must be 'bevformer' or 'detr3d', got 'pointpillars'"),
+    ('model.sca_max_cameras', 7, r'config.model.sca_max_cameras must be >= 0 and <= 6, got 7'),
+    ('model.sca_batch0_hits', True, None),
 ])
 def test_validate_names_the_key(key, value, message):
     config = importlib.import_module('configs.fd3d_bevformer_base_to_tiny').get_config('toy')
@@ -114,5 +116,9 @@ def test_validate_names_the_key(key, value, message):
     for part in path:
         node = node[part]
     node[last] = value
+    if message is None:     # valid alone; with a sparse SCA it is not
+        assert validate(config)
+        config.model.sca_max_cameras = 2
+        message = r'config.model.sca_batch0_hits .* needs config.model.sca_max_cameras=0, got 2'
     with pytest.raises(ConfigError, match=message):
         validate(config)

@@ -31,6 +31,7 @@ class EncoderLayer(nn.Module):
     dropout: float = 0.1
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
+    sca_max_cameras: int = 0
 
     @nn.compact
     def __call__(self, bev, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask):
@@ -41,7 +42,7 @@ class EncoderLayer(nn.Module):
                                        name='tsa')(bev, bev_pos, value, ref_hybrid, self.bev_hw, det)
         bev = layer_norm('norm1')(bev)
         bev, _ = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
-                                       self.num_z_anchors, self.dropout, self.sca_batch0_hits,
+                                       self.num_z_anchors, self.dropout, self.sca_batch0_hits, self.sca_max_cameras,
                                        name='sca')(bev, feats, self.spatial_shapes, ref_cam, bev_mask, det)
         bev = layer_norm('norm2')(bev)
         bev = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(bev, det)

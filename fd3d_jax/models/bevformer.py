@@ -75,6 +75,7 @@ class BEVFormer(Detector):
     reproduce_shift_bug: bool = False
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
+    sca_max_cameras: int = 0              # spatial cross-attention: K camera slots per BEV query (0: all, dense)
     prev_bev_batch0: bool = False
     remat: bool = False
     grid_mask: bool = False               # GridMask on the current frame's images in training
@@ -95,7 +96,7 @@ class BEVFormer(Detector):
                             num_levels=self.num_levels, sca_points=self.sca_points, tsa_points=self.tsa_points,
                             num_z_anchors=self.num_points_in_pillar, bev_hw=(self.bev_h, self.bev_w),
                             dropout=self.dropout, tsa_batch_bug=self.tsa_batch_bug,
-                            sca_batch0_hits=self.sca_batch0_hits)
+                            sca_batch0_hits=self.sca_batch0_hits, sca_max_cameras=self.sca_max_cameras)
         self.encoder = BEVEncoder(self.encoder_layers, layer_kwargs, self.remat)
         self.head = self.build_head(None)
 

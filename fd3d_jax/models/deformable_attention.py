@@ -51,11 +51,15 @@ def _static_shapes(spatial_shapes):
     return tuple((int(h), int(w)) for h, w in spatial_shapes)
 
 
-def _check(value, spatial_shapes, sampling_locations, attention_weights):
+def _check(value, spatial_shapes, sampling_locations, attention_weights, value_index=None):
     batch, value_len, num_heads, _ = value.shape
     assert value_len == sum(h * w for h, w in spatial_shapes), (value.shape, spatial_shapes)
-    assert sampling_locations.shape[:3] == (batch, sampling_locations.shape[1], num_heads), \
-        (value.shape, sampling_locations.shape)
+    if value_index is None:
+        assert sampling_locations.shape[0] == batch, (value.shape, sampling_locations.shape)
+    else:
+        assert value_index.shape == sampling_locations.shape[:2], (value_index.shape, sampling_locations.shape)
+        assert jnp.issubdtype(value_index.dtype, jnp.integer), value_index.dtype
+    assert sampling_locations.shape[2] == num_heads, (value.shape, sampling_locations.shape)
     assert sampling_locations.shape[3] == len(spatial_shapes) and sampling_locations.shape[-1] == 2, \
         (sampling_locations.shape, spatial_shapes)
     assert attention_weights.shape == sampling_locations.shape[:-1], (attention_weights.shape, sampling_locations.shape)
@@ -65,17 +69,21 @@ def _check(value, spatial_shapes, sampling_locations, attention_weights):
 # Reference: one level and one corner at a time, advanced indexing into (B, H, W, M, Dh).
 # ----------------------------------------------------------------------------------------------
 
-def ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights):
+def ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights, value_index=None):
     """Direct MSDA (materialises every gathered corner). Same arguments/result as ``ms_deform_attn``."""
     spatial_shapes = _static_shapes(spatial_shapes)
     value, sampling_locations, attention_weights = map(jnp.asarray, (value, sampling_locations, attention_weights))
-    _check(value, spatial_shapes, sampling_locations, attention_weights)
+    _check(value, spatial_shapes, sampling_locations, attention_weights, value_index)
     batch, num_queries, num_heads, _, num_points, _ = sampling_locations.shape
-    bi = jnp.arange(batch)[:, None, None, None]                             # (B, 1, 1, 1)
+    value_batch = value.shape[0]
+    if value_index is None:
+        bi = jnp.arange(batch)[:, None, None, None]                         # (B, 1, 1, 1)
+    else:
+        bi = jnp.asarray(value_index, jnp.int32)[:, :, None, None]          # (B, Q, 1, 1)
     mi = jnp.arange(num_heads)[None, None, :, None]                         # (1, 1, M, 1)
     out, start = 0.0, 0
     for lvl, (hh, ww) in enumerate(spatial_shapes):
-        level_value = value[:, start:start + hh * ww].reshape(batch, hh, ww, num_heads, -1)
+        level_value = value[:, start:start + hh * ww].reshape(value_batch, hh, ww, num_heads, -1)
         start += hh * ww
         pix_w = sampling_locations[:, :, :, lvl, :, 0] * ww - 0.5           # (B, Q, M, P)
         pix_h = sampling_locations[:, :, :, lvl, :, 1] * hh - 0.5
@@ -286,67 +294,82 @@ def _from_chunks(array, batch, num_queries, rows):
     return array.reshape((batch, num_queries) + array.shape[1:])
 
 
-def _row_base(chunk_index, chunk, batch, num_queries, value_len):
+def _row_base(chunk_index, chunk, batch, num_queries, value_len, value_index=None):
+    """(chunk,) first table row of each row's value element: its batch element's, or ``value_index``'s (the
+    chunk's (chunk,) slice; padded rows read element 0 with attention 0)."""
+    if value_index is not None:
+        return value_index.astype(jnp.int32) * value_len
     ids = chunk_index * chunk + jnp.arange(chunk, dtype=jnp.int32)
     return jnp.minimum(ids // num_queries, batch - 1) * value_len          # padded rows -> last element
 
 
+def _index_chunks(value_index, rows, nc, pad):
+    """``value_index`` (B, Q) -> (nc, chunk) like the locations, or None."""
+    return None if value_index is None else _to_chunks(value_index.astype(jnp.int32), rows, nc, pad)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights):
-    batch, value_len, num_heads, dh = value.shape
-    num_queries = sampling_locations.shape[1]
+def _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights, value_index):
+    value_batch, value_len, num_heads, dh = value.shape
+    batch, num_queries = sampling_locations.shape[:2]
     rows, nc, pad = _chunk_layout(batch, num_queries, chunk)
-    table = value.reshape(batch * value_len * num_heads, dh)
+    table = value.reshape(value_batch * value_len * num_heads, dh)
 
     def step(args):
-        chunk_index, loc, attn = args
-        return _chunk_forward(table, _row_base(chunk_index, chunk, batch, num_queries, value_len), loc, attn,
+        chunk_index, loc, attn, index = args
+        return _chunk_forward(table, _row_base(chunk_index, chunk, batch, num_queries, value_len, index), loc, attn,
                               spatial_shapes, num_heads)
 
     out = jax.lax.map(step, (jnp.arange(nc, dtype=jnp.int32), _to_chunks(sampling_locations, rows, nc, pad),
-                             _to_chunks(attention_weights, rows, nc, pad)))  # (nc, chunk, M, Dh)
+                             _to_chunks(attention_weights, rows, nc, pad),
+                             _index_chunks(value_index, rows, nc, pad)))  # (nc, chunk, M, Dh)
     return _from_chunks(out, batch, num_queries, rows).reshape(batch, num_queries, num_heads * dh).astype(value.dtype)
 
 
-def _ms_deform_attn_chunked_fwd(spatial_shapes, chunk, value, sampling_locations, attention_weights):
-    out = _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights)
-    return out, (value, sampling_locations, attention_weights)
+def _ms_deform_attn_chunked_fwd(spatial_shapes, chunk, value, sampling_locations, attention_weights, value_index):
+    out = _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights, value_index)
+    return out, (value, sampling_locations, attention_weights, value_index)
 
 
 def _ms_deform_attn_chunked_bwd(spatial_shapes, chunk, residuals, cot):
-    value, sampling_locations, attention_weights = residuals
-    batch, value_len, num_heads, dh = value.shape
-    num_queries = sampling_locations.shape[1]
+    value, sampling_locations, attention_weights, value_index = residuals
+    value_batch, value_len, num_heads, dh = value.shape
+    batch, num_queries = sampling_locations.shape[:2]
     rows, nc, pad = _chunk_layout(batch, num_queries, chunk)
-    table = value.reshape(batch * value_len * num_heads, dh)
+    table = value.reshape(value_batch * value_len * num_heads, dh)
     acc = jnp.promote_types(value.dtype, jnp.float32)
 
     def step(d_table, args):
-        chunk_index, loc, attn, cot_chunk = args
+        chunk_index, loc, attn, cot_chunk, index = args
         d_table, d_loc, d_attn = _chunk_backward(table, d_table,
-                                                 _row_base(chunk_index, chunk, batch, num_queries, value_len),
+                                                 _row_base(chunk_index, chunk, batch, num_queries, value_len, index),
                                                  loc, attn, cot_chunk, spatial_shapes, num_heads)
         return d_table, (d_loc, d_attn)
 
     xs = (jnp.arange(nc, dtype=jnp.int32), _to_chunks(sampling_locations, rows, nc, pad),
           _to_chunks(attention_weights, rows, nc, pad),
-          _to_chunks(cot.reshape(batch, num_queries, num_heads, dh), rows, nc, pad))
-    d_table, (d_loc, d_attn) = jax.lax.scan(step, jnp.zeros((batch * value_len * num_heads, dh), acc), xs)
+          _to_chunks(cot.reshape(batch, num_queries, num_heads, dh), rows, nc, pad),
+          _index_chunks(value_index, rows, nc, pad))
+    d_table, (d_loc, d_attn) = jax.lax.scan(step, jnp.zeros((value_batch * value_len * num_heads, dh), acc), xs)
     return (d_table.reshape(value.shape).astype(value.dtype), _from_chunks(d_loc, batch, num_queries, rows),
-            _from_chunks(d_attn, batch, num_queries, rows))
+            _from_chunks(d_attn, batch, num_queries, rows), None)
 
 
 _ms_deform_attn_chunked.defvjp(_ms_deform_attn_chunked_fwd, _ms_deform_attn_chunked_bwd)
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, *, query_chunk=None,
-                   chunk_bytes=None):
+                   chunk_bytes=None, value_index=None):
     """Memory-bounded MSDA, numerically equal to ``ms_deform_attn_reference``.
 
     value (B, S, M, Dh); spatial_shapes static ((H_l, W_l), ...); sampling_locations
     (B, Q, M, L, P, 2) normalised (x, y); attention_weights (B, Q, M, L, P) -> (B, Q, M*Dh) in
     ``value.dtype`` (accumulated in at least float32). Differentiable in all three arrays (reverse
     mode only: a ``jax.custom_vjp``).
+
+    ``value_index`` (B', Q) int, optional: query row (b, q) reads value element ``value_index[b, q]`` in [0, B)
+    instead of its own b; the locations and weights then have any batch B' (the sparse spatial
+    cross-attention's (query, camera slot) rows reading their camera's features). Not differentiated.
 
     The B*Q (batch, query) rows are flattened (free reshapes, no transpose) and cut into chunks of
     ``query_chunk`` rows (default ``choose_chunk`` with ``chunk_bytes`` of gathered taps, default
@@ -366,16 +389,17 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     """
     spatial_shapes = _static_shapes(spatial_shapes)
     value, sampling_locations, attention_weights = map(jnp.asarray, (value, sampling_locations, attention_weights))
-    _check(value, spatial_shapes, sampling_locations, attention_weights)
-    batch, value_len, num_heads, _ = value.shape
-    rows = batch * sampling_locations.shape[1]
-    assert batch * value_len * num_heads < 2 ** 31, 'int32 gather indices'
+    value_index = None if value_index is None else jnp.asarray(value_index)
+    _check(value, spatial_shapes, sampling_locations, attention_weights, value_index)
+    value_batch, value_len, num_heads, _ = value.shape
+    rows = sampling_locations.shape[0] * sampling_locations.shape[1]
+    assert value_batch * value_len * num_heads < 2 ** 31, 'int32 gather indices'
     if query_chunk is None:
         chunk = choose_chunk(rows, _row_bytes(value, sampling_locations),
                              default_chunk_bytes() if chunk_bytes is None else chunk_bytes)
     else:
         chunk = max(1, min(int(query_chunk), rows))
-    return _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights)
+    return _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights, value_index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ multiplying each camera's output by its hit mask, summing over cameras and divid
 ``max(1, #hits)`` gives the same numbers with static shapes (cost: N / mean-hits more sampling).
 The original takes the hit lists from batch element 0 for every element but divides each element's sum by
 its own hit count (``sca_batch0_hits`` reproduces that; the default uses each element's own hits for both).
+
+**Sparse (``max_cameras = K > 0``):** each query samples only K camera slots (``camera_slots``: the cameras it
+hits, lowest index first, then unhit cameras with weight 0), through ``ms_deform_attn``'s ``value_index``; K / N
+of the dense sampling, static shapes. Exactly the dense result when no query hits more than K cameras (on the
+nuScenes rig no BEV query hits more than 2: ``experiments/sca_camera_hits.py``); a query hitting more keeps its
+K lowest-index cameras and averages over those (``dropped`` counts the hits left out). The original has no such
+limit: K = N is always exact.
 """
 import flax.linen as nn
 import jax
@@ -40,6 +47,17 @@ def reference_points_3d(bev_h, bev_w, num_points_in_pillar, z_size):
     xy = np.stack([xs.reshape(-1), ys.reshape(-1)], -1)
     return np.concatenate([np.broadcast_to(xy, (len(zs),) + xy.shape),
                            np.broadcast_to(zs[:, None, None], (len(zs), len(xy), 1))], -1).astype(np.float32)
+
+
+def camera_slots(hit, max_cameras):
+    """hit (B, N, Q) bool -> (cameras (B, Q, K) int32, kept (B, Q, K) bool, dropped (B, Q) int32): per query the
+    K = ``max_cameras`` cameras it hits, lowest index first, padded with the lowest unhit ones (``kept`` False);
+    ``dropped`` = hits beyond K."""
+    num_cams = hit.shape[1]
+    rank = jnp.where(hit, 2 * num_cams, num_cams) - jnp.arange(num_cams)[None, :, None]   # hits first, low index first
+    _, cameras = jax.lax.top_k(jnp.moveaxis(rank, 1, -1), max_cameras)
+    kept = jnp.take_along_axis(jnp.moveaxis(hit, 1, -1), cameras, -1)
+    return cameras.astype(jnp.int32), kept, hit.sum(1).astype(jnp.int32) - kept.sum(-1).astype(jnp.int32)
 
 
 def reference_points_2d(bev_h, bev_w):
@@ -81,6 +99,7 @@ class SpatialCrossAttention(nn.Module):
     num_z_anchors: int = 4
     dropout: float = 0.1
     sca_batch0_hits: bool = False
+    max_cameras: int = 0                  # 0: dense over all N cameras; K > 0: K camera slots per query
 
     @nn.compact
     def __call__(self, query, feats, spatial_shapes, ref_cam, bev_mask, deterministic=True):
@@ -103,6 +122,12 @@ class SpatialCrossAttention(nn.Module):
                         name=f'{inner}_attention_weights')(query)
         attn = jax.nn.softmax(attn.reshape(batch, nq, num_heads, lv * num_points), -1).reshape(
             batch, nq, num_heads, lv, num_points)
+        if self.max_cameras:
+            assert not self.sca_batch0_hits, 'sca_batch0_hits is a dense-only quirk'
+            slots, dropped = self.sparse(value, off, attn, spatial_shapes, ref_cam, bev_mask)
+            slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
+            slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
+            return slots + query, dict(dropped=dropped)
         # Anchor index fastest: point k * D + z samples around the projection of anchor z.
         ref = ref_cam.astype(query.dtype)[:, :, :, None, None, None, :, :]        # (B, N, Q, 1, 1, 1, D, 2)
         loc = (ref + off[:, None]).reshape(batch, num_cams, nq, num_heads, lv, num_points, 2)
@@ -119,3 +144,21 @@ class SpatialCrossAttention(nn.Module):
         slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
         slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
         return slots + query, dict(sampling_locations=loc, attention_weights=attn, hit=hit)
+
+    def sparse(self, value, off, attn, spatial_shapes, ref_cam, bev_mask):
+        """The K-slot SCA: value (B*N, S, M, Dh); off (B, Q, M, L, P/D, D, 2) normalised; attn (B, Q, M, L, P);
+        ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D) -> (slots (B, Q, C) averaged over kept cameras,
+        dropped (B, Q))."""
+        batch, num_cams, nq = bev_mask.shape[:3]
+        num_slots = min(self.max_cameras, num_cams)
+        cameras, kept, dropped = camera_slots(bev_mask.any(-1), num_slots)                 # (B, Q, K)
+        ref = jnp.take_along_axis(jnp.moveaxis(ref_cam, 1, 2), cameras[..., None, None], 2)  # (B, Q, K, D, 2)
+        ref = ref.astype(off.dtype)[:, :, :, None, None, None, :, :]
+        loc = (ref + off[:, :, None]).reshape(batch, nq * num_slots, *attn.shape[2:], 2)
+        weights = jnp.broadcast_to(attn[:, :, None], (batch, nq, num_slots) + attn.shape[2:])
+        value_index = jnp.arange(batch, dtype=jnp.int32)[:, None, None] * num_cams + cameras
+        out = ms_deform_attn(value, tuple(spatial_shapes), loc, weights.reshape(batch, nq * num_slots, *attn.shape[2:]),
+                             value_index=value_index.reshape(batch, nq * num_slots))
+        out = out.reshape(batch, nq, num_slots, -1)
+        count = jnp.maximum(kept.sum(-1), 1).astype(out.dtype)[..., None]
+        return jnp.einsum('bqkc,bqk->bqc', out, kept.astype(out.dtype)) / count, dropped

@@ -387,3 +387,26 @@ def test_module_dropout_is_applied_in_training():
     # dropped entries equal the residual (the query without query_pos)
     dropped = np.isclose(np.asarray(train), query, atol=1e-7)
     assert 0.2 < dropped.mean() < 0.8
+
+
+@pytest.mark.parametrize('chunk', [1, 5, 100])
+def test_value_index_reads_the_named_element(chunk):
+    """``value_index``: row (b, q) reads value element ``value_index[b, q]`` (locations with another batch size
+    than value); forward equal to the numpy kernel row by row, gradients equal to the reference's autodiff."""
+    value, loc, attn = make_inputs(4, b=3)                                   # value from 3 elements
+    loc, attn = loc[:2], attn[:2]                                            # rows of 2
+    index = np.random.default_rng(4).integers(0, 3, size=loc.shape[:2])
+    assert len(np.unique(index)) == 3 and (index != np.arange(2)[:, None]).any()
+    want = np.stack([np.concatenate([np_msda(value[index[b, q]][None], SHAPES, loc[b, q][None, None],
+                                             attn[b, q][None, None])[0] for q in range(loc.shape[1])])
+                     for b in range(2)])
+    got = da.ms_deform_attn(value, SHAPES, loc, attn, value_index=index, query_chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    weights = np.random.default_rng(5).normal(size=want.shape)
+
+    def loss(impl):
+        return lambda v, l, a: (impl(v, SHAPES, l, a, value_index=index) * weights).sum()
+    grads = jax.grad(loss(functools.partial(da.ms_deform_attn, query_chunk=chunk)), (0, 1, 2))(value, loc, attn)
+    want_grads = jax.grad(loss(da.ms_deform_attn_reference), (0, 1, 2))(value, loc, attn)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)

@@ -137,8 +137,9 @@ def test_pillar_anchors_span_the_range_height():
     """The pillar anchors cover ``pc_range[5] - pc_range[2]`` (the original's Z), not a fixed 8 m: with a 6 m
     range the world heights are ``z_min + linspace(0.5, Z - 0.5, D)``."""
     config = toy_config('bevformer_tiny')
-    config.model.pc_range = (-51.2, -51.2, -4.0, 51.2, 51.2, 2.0)
-    model = build(config.model)
+    other_range = config.model.copy_and_resolve_references()     # the fixture's config stays as it is
+    other_range.pc_range = (-51.2, -51.2, -4.0, 51.2, 51.2, 2.0)
+    model = build(other_range)
     z = model.pillar_points()[:, 0, 2] * 6.0 - 4.0
     np.testing.assert_allclose(z, -4.0 + np.linspace(0.5, 5.5, config.model.num_points_in_pillar), atol=1e-5)
 
@@ -227,3 +228,19 @@ def test_a_batch_of_two_equals_two_batches_of_one(name, toy_models):
     for term in ('loss_cls', 'loss_bbox', 'd0.loss_cls'):
         want = sum(n * float(parts[term]) for n, (_, parts) in zip(counts, singles)) / sum(counts)
         np.testing.assert_allclose(float(both_parts[term]), want, rtol=1e-4, err_msg=term)
+
+
+def test_sparse_spatial_cross_attention_model_equals_dense(toy_models):
+    """``model.sca_max_cameras=2`` on the toy rig (no BEV query hits more than two cameras): the same params give
+    the dense model's BEV and boxes, through the history frames and the current one."""
+    config, model, params, batch = toy_models['bevformer_tiny']
+    sparse_config = config.model.copy_and_resolve_references()
+    sparse_config.sca_max_cameras = 2
+    sparse = build(sparse_config)
+    batch = dict(batch, prev_bev_exists=np.ones_like(batch['prev_bev_exists']))
+    run = {id(mdl): jax.jit(lambda p, b, mdl=mdl: {k: mdl.apply({'params': p}, b)[k] for k in ('bev', 'bbox_preds')})
+           for mdl in (model, sparse)}
+    dense_out, sparse_out = run[id(model)](params, batch), run[id(sparse)](params, batch)
+    for key in ('bev', 'bbox_preds'):
+        np.testing.assert_allclose(np.asarray(sparse_out[key]), np.asarray(dense_out[key]), rtol=1e-4, atol=1e-4,
+                                   err_msg=key)

@@ -103,3 +103,60 @@ def test_sca_batch0_hits_quirk():
     np.testing.assert_allclose(np.asarray(b[1]), want, rtol=2e-4, atol=2e-4)
     counts = np.asarray(bev_mask).any(-1).sum(1)                                   # (B, Q): the two differ
     assert (counts[0] != counts[1]).any()
+
+
+def _two_element_inputs(seed=2, c=8):
+    """A batch of two on the rig: element 0 without CAM_FRONT hits (unhit queries), element 1 with camera 5 in
+    slot 4 too (queries hitting up to three cameras)."""
+    rng = np.random.default_rng(seed)
+    l2i = rig_lidar2img()
+    l2i_b = np.stack([l2i, l2i[[0, 1, 2, 3, 5, 5]]])
+    ref_cam, bev_mask = sca_lib.point_sampling(sca_lib.reference_points_3d(8, 10, 4, 8.0), PC,
+                                               jnp.asarray(l2i_b, jnp.float32), IMG_HW)
+    bev_mask = bev_mask.at[0, 0].set(False)
+    shapes = ((6, 10), (3, 5))
+    query = rng.normal(size=(2, 80, c)).astype(np.float32)
+    feats = rng.normal(size=(2, 6, 75, c)).astype(np.float32)
+    return query, feats, shapes, ref_cam, bev_mask
+
+
+def test_sparse_sca_equals_dense_when_no_query_hits_more_than_k():
+    """``max_cameras=K`` with every query hitting <= K cameras: the dense outputs and the gradients of params
+    and image features, for each batch element (element 1's slots read its own cameras' features)."""
+    query, feats, shapes, ref_cam, bev_mask = _two_element_inputs()
+    hits = np.asarray(bev_mask).any(-1).sum(1)                                      # (B, Q)
+    assert list(hits.max(1)) == [2, 3] and (hits == 0).any()
+    dense = sca_lib.SpatialCrossAttention(8, 2, 2, 8, 4)
+    params = randomize(dense.init(jax.random.PRNGKey(0), query, feats, shapes, ref_cam, bev_mask)['params'])
+
+    def loss(module, p, f):
+        out, _ = module.apply({'params': p}, query, f, shapes, ref_cam, bev_mask)
+        return (out * jnp.linspace(-1, 1, out.size).reshape(out.shape)).sum(), out
+
+    (_, want), want_grads = jax.value_and_grad(lambda p, f: loss(dense, p, f), (0, 1), has_aux=True)(params, feats)
+    for k in (3, 4, 6):
+        sparse = sca_lib.SpatialCrossAttention(8, 2, 2, 8, 4, max_cameras=k)
+        (_, got), grads = jax.value_and_grad(lambda p, f: loss(sparse, p, f), (0, 1), has_aux=True)(params, feats)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=f'K={k}')
+        for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=f'K={k}')
+        _, aux = sparse.apply({'params': params}, query, feats, shapes, ref_cam, bev_mask)
+        assert not np.asarray(aux['dropped']).any()
+
+
+def test_sparse_sca_above_k_keeps_the_lowest_index_cameras_and_counts_the_rest():
+    """K = 1 with queries hitting up to three cameras: each query averages over its lowest-index hit camera only
+    (the numpy rebatching with the other hits removed), ``dropped`` counts the removed hits."""
+    query, feats, shapes, ref_cam, bev_mask = _two_element_inputs()
+    sparse = sca_lib.SpatialCrossAttention(8, 2, 2, 8, 4, max_cameras=1)
+    params = randomize(sparse.init(jax.random.PRNGKey(0), query, feats, shapes, ref_cam, bev_mask)['params'])
+    out, aux = sparse.apply({'params': params}, query, feats, shapes, ref_cam, bev_mask)
+    hit = np.asarray(bev_mask).any(-1)                                               # (B, N, Q)
+    first = hit & (np.cumsum(hit, 1) == 1)                                           # lowest-index hit camera
+    np.testing.assert_array_equal(np.asarray(aux['dropped']), hit.sum(1) - first.sum(1))
+    assert list(np.asarray(aux['dropped']).max(1)) == [1, 2]
+    for b in range(2):
+        kept_mask = np.asarray(bev_mask[b]) & first[b][..., None]
+        want = ref.sca_rebatch(jax.tree_util.tree_map(np.asarray, params), query[b].astype(np.float64),
+                               feats[b].astype(np.float64), shapes, np.asarray(ref_cam[b], np.float64), kept_mask, 2, 8, 4)
+        np.testing.assert_allclose(np.asarray(out[b]), want, rtol=2e-4, atol=2e-4, err_msg=f'element {b}')
