@@ -164,6 +164,10 @@ def test_detr3d_sweep_covers_the_weight_its_pair_ships():
     assert len(set(shipped.values())) == 1 and set(shipped.values()) <= set(dt.DETR3D_SWEEP_WEIGHTS), shipped
     rows = {key: overrides for key, _, overrides in dt.TABLES['sweep_detr3d']['rows']}
     assert set(rows) == {'head'} | {f'fd3d_w{w}' for w in dt.DETR3D_SWEEP_WEIGHTS}
+    assert set(shipped.values()) == {dt.DETR3D_WEIGHT}             # table2_tuned's FD3D row is what ships
+    tuned = {key: overrides for key, _, overrides in dt.TABLES['table2_tuned']['rows']}
+    assert tuned[f'fd3d_w{dt.DETR3D_WEIGHT}'] == rows[f'fd3d_w{dt.DETR3D_WEIGHT}']
+    assert set(tuned) >= set(dt.BASELINES) | {'alone'}
     assert rows['fd3d_w0.3'] == {'distill.method': 'fd3d', 'distill.generative.bev_weight': 0.3,
                                  'distill.generative.pv_weight': 0.3, 'distill.focal.weight': 0.3}
 
