@@ -124,31 +124,36 @@ class SpatialCrossAttention(nn.Module):
             batch, nq, num_heads, lv, num_points)
         if self.max_cameras:
             assert not self.sca_batch0_hits, 'sca_batch0_hits is a dense-only quirk'
-            slots, dropped = self.sparse(value, off, attn, spatial_shapes, ref_cam, bev_mask)
-            slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
-            slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
-            return slots + query, dict(dropped=dropped)
+            slots, aux = self.sparse(value, off, attn, spatial_shapes, ref_cam, bev_mask)
+        else:
+            slots, aux = self.dense(value, off, attn, spatial_shapes, ref_cam, bev_mask)
+        slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
+        slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
+        return slots + query, aux
+
+    def dense(self, value, off, attn, spatial_shapes, ref_cam, bev_mask):
+        """Every camera for every query, masked: value (B*N, S, M, Dh); off (B, Q, M, L, P/D, D, 2) normalised;
+        attn (B, Q, M, L, P); ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D) -> (slots (B, Q, C) averaged over
+        hit cameras, the sampling dict)."""
+        batch, num_cams, nq = bev_mask.shape[:3]
         # Anchor index fastest: point k * D + z samples around the projection of anchor z.
-        ref = ref_cam.astype(query.dtype)[:, :, :, None, None, None, :, :]        # (B, N, Q, 1, 1, 1, D, 2)
-        loc = (ref + off[:, None]).reshape(batch, num_cams, nq, num_heads, lv, num_points, 2)
-        weights = jnp.broadcast_to(attn[:, None], (batch, num_cams, nq, num_heads, lv, num_points))
-        out = ms_deform_attn(value, tuple(spatial_shapes),
-                             loc.reshape(batch * num_cams, nq, num_heads, lv, num_points, 2),
-                             weights.reshape(batch * num_cams, nq, num_heads, lv, num_points))
-        out = out.reshape(batch, num_cams, nq, channels)
+        ref = ref_cam.astype(off.dtype)[:, :, :, None, None, None, :, :]          # (B, N, Q, 1, 1, 1, D, 2)
+        loc = (ref + off[:, None]).reshape(batch, num_cams, nq, *attn.shape[2:], 2)
+        weights = jnp.broadcast_to(attn[:, None], (batch, num_cams) + attn.shape[1:])
+        out = ms_deform_attn(value, tuple(spatial_shapes), loc.reshape(batch * num_cams, nq, *attn.shape[2:], 2),
+                             weights.reshape(batch * num_cams, nq, *attn.shape[2:]))
+        out = out.reshape(batch, num_cams, nq, -1)
         hit = bev_mask.any(-1).astype(out.dtype)                                   # (B, N, Q)
         count = jnp.maximum(hit.sum(1), 1.0)[..., None]                            # each element's own
         if self.sca_batch0_hits:   # the queries summed are element 0's, the count stays per element
             hit = jnp.broadcast_to(hit[:1], hit.shape)
         slots = jnp.einsum('bnqc,bnq->bqc', out, hit) / count
-        slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
-        slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
-        return slots + query, dict(sampling_locations=loc, attention_weights=attn, hit=hit)
+        return slots, dict(sampling_locations=loc, attention_weights=attn, hit=hit)
 
     def sparse(self, value, off, attn, spatial_shapes, ref_cam, bev_mask):
         """The K-slot SCA: value (B*N, S, M, Dh); off (B, Q, M, L, P/D, D, 2) normalised; attn (B, Q, M, L, P);
         ref_cam (B, N, Q, D, 2); bev_mask (B, N, Q, D) -> (slots (B, Q, C) averaged over kept cameras,
-        dropped (B, Q))."""
+        dict(dropped=(B, Q) hits left out))."""
         batch, num_cams, nq = bev_mask.shape[:3]
         num_slots = min(self.max_cameras, num_cams)
         cameras, kept, dropped = camera_slots(bev_mask.any(-1), num_slots)                 # (B, Q, K)
@@ -161,4 +166,4 @@ class SpatialCrossAttention(nn.Module):
                              value_index=value_index.reshape(batch, nq * num_slots))
         out = out.reshape(batch, nq, num_slots, -1)
         count = jnp.maximum(kept.sum(-1), 1).astype(out.dtype)[..., None]
-        return jnp.einsum('bqkc,bqk->bqc', out, kept.astype(out.dtype)) / count, dropped
+        return jnp.einsum('bqkc,bqk->bqc', out, kept.astype(out.dtype)) / count, dict(dropped=dropped)

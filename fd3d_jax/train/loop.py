@@ -291,8 +291,9 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 json.dump(copy, f)
     if start is None:
         _log_init_from(trainer.init_from, config, workdir, log)
-    if compile_cache_warning(config):
-        log(compile_cache_warning(config))
+    cache_warning = compile_cache_warning(config)
+    if cache_warning:
+        log(cache_warning)
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
         f'processes) in {workdir}')
