@@ -30,8 +30,7 @@ def compile_step(spec, matcher):
     """Child: compile ``spec``'s train step (FD3D for a pair config) with ``matcher``; prints the seconds."""
     _, config = benchmark.load_config(spec)
     config.loss.matcher = matcher
-    pair = 'distill' in config and config.distill.method != 'none'
-    jitted, step_args = loop.abstract_train_step(config, make_distiller(config) if pair else None)
+    jitted, step_args = loop.abstract_train_step(config, make_distiller(config))   # None without an expert
     _, seconds = aot_compile(jitted, *step_args)
     print(MARK + json.dumps(seconds), flush=True)
 
@@ -71,7 +70,7 @@ def main(argv=None):
                                warm_over_cold=round(warm['total'] / cold['total'], 3))
         print(f"matcher {matcher}: cold {cold['total']} s, warm {warm['total']} s (x{result[matcher]['warm_over_cold']}),"
               f' {len(entries)} train-step cache entries', flush=True)
-    slug = args.config.rsplit('/', 1)[-1].replace('.py', '').replace(':', '_')
+    slug = benchmark.config_slug(args.config)
     return benchmark.write_result(args.name or f'bench_compile_cache_{slug}', dict(config=args.config, **result),
                                   args.out_dir)
 

@@ -184,7 +184,7 @@ def main(argv=None):
         raise SystemExit(f'error: {args.config} is not a distillation pair config')
     config.distill.expert_checkpoint = args.expert_checkpoint or config.distill.expert_checkpoint
     result = compile_only(config) if args.compile_only else run(config, args)
-    slug = args.config.rsplit('/', 1)[-1].replace('.py', '').replace(':', '_')
+    slug = benchmark.config_slug(args.config)
     name = args.name or f"bench_train_step{'_compile' if args.compile_only else ''}_{slug}"
     path = benchmark.write_result(name, dict(config=args.config, distill_method=config.distill.method, **result),
                                   args.out_dir)

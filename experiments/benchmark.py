@@ -112,6 +112,11 @@ def load_config(spec):
     return f'{name}:{arg or "full"}', importlib.import_module(f'configs.{name}').get_config(arg or 'full')
 
 
+def config_slug(spec):
+    """``configs/NAME.py:ARG`` -> ``NAME_ARG``, for result names."""
+    return spec.rsplit('/', 1)[-1].replace('.py', '').replace(':', '_')
+
+
 def parse_config_args(parser, argv, default_config):
     """``parser``'s (argparse) options plus the project's ``--config FILE[:ARG] --config.key=value``
     (absl, private flag values). Returns (args, config, name), name like ``bevformer_tiny:demo``."""
