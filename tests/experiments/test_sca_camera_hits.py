@@ -3,28 +3,19 @@ import numpy as np
 from configs import bevformer_tiny
 from experiments.sca_camera_hits import cameras_per_query
 from fd3d_jax.models.inputs import dummy_batch, image_hw
-from fd3d_jax.models.spatial_cross_attention import EPS_DEPTH
+from tests.models import numpy_reference as ref
 
 
 def numpy_cameras_per_query(config):
-    """The BEVFormer ``point_sampling`` hit rule restated in numpy from the config's numbers: pillar anchors at
-    cell centres, z at ``linspace(0.5, Z - 0.5, D) / Z`` of the range's height Z (the original's
-    ``get_reference_points``), projected through each camera; a hit is in front (depth > eps) and strictly
-    inside the padded image."""
+    """The hit rule restated in numpy: pillar anchors at cell centres, z at ``linspace(0.5, Z - 0.5, D) / Z`` of
+    the range's height Z (the original's ``get_reference_points``), through the numpy ``point_sampling``."""
     m = config.model
-    lo, hi = np.asarray(m.pc_range[:3]), np.asarray(m.pc_range[3:])
     ys, xs = np.meshgrid((np.arange(m.bev_h) + 0.5) / m.bev_h, (np.arange(m.bev_w) + 0.5) / m.bev_w, indexing='ij')
     z_range = m.pc_range[5] - m.pc_range[2]
     zs = np.linspace(0.5, z_range - 0.5, m.num_points_in_pillar) / z_range
     pts = np.stack(np.broadcast_arrays(xs[None], ys[None], zs[:, None, None]), -1).reshape(len(zs), -1, 3)
-    pts = np.concatenate([pts * (hi - lo) + lo, np.ones(pts.shape[:-1] + (1,))], -1)       # (D, Q, 4)
     lidar2img = np.asarray(dummy_batch(config, 1, queue_length=1)['lidar2img'][0, 0], np.float64)  # (N, 4, 4)
-    cam = np.einsum('nij,dqj->nqdi', lidar2img, pts)
-    depth = cam[..., 2]
-    height, width = image_hw(config)
-    u = cam[..., 0] / np.maximum(depth, EPS_DEPTH) / width
-    v = cam[..., 1] / np.maximum(depth, EPS_DEPTH) / height
-    hit = (depth > EPS_DEPTH) & (u > 0) & (u < 1) & (v > 0) & (v < 1)
+    _, hit = ref.point_sampling(pts, m.pc_range, lidar2img, image_hw(config))                     # (N, Q, D)
     return hit.any(-1).sum(0)
 
 
