@@ -69,6 +69,7 @@ def bevformer_model(**overrides):
     m.sca_max_cameras = 0                 # 0: SCA over all cameras (dense); K: K camera slots per BEV query
     m.prev_bev_batch0 = False
     m.remat = False                       # jax.checkpoint per encoder/decoder layer
+    m.dtype = 'float32'                   # compute precision: 'float32' | 'bfloat16' (params stay float32)
     m.max_num = 300                       # boxes kept by the NMS-free decoder
     m.grid_mask = True                    # use_grid_mask=True: GridMask(prob=0.7) in training
     m.backbone = resnet(101, 'caffe', (1, 2, 3), dcn=True)
@@ -89,6 +90,7 @@ def detr3d_model(**overrides):
     m.num_query, m.num_classes = 900, len(CLASS_NAMES)
     m.pc_range = POINT_CLOUD_RANGE
     m.remat = False
+    m.dtype = 'float32'                   # compute precision: 'float32' | 'bfloat16' (params stay float32)
     m.max_num = 300
     m.grid_mask = True                    # use_grid_mask=True: GridMask(prob=0.7) in training
     m.backbone = resnet(101, 'caffe', (0, 1, 2, 3), dcn=True)

@@ -1,6 +1,7 @@
 """Compiled peak memory of the real train step, per config, beside PyTorch's published training memory.
 
     python experiments/bench_memory.py [--configs bevformer_tiny fd3d_bevformer_base_to_tiny ...] [--remat on|off]
+        [--dtypes float32 bfloat16]
 
 For each config (``NAME[:ARG]``, ``ARG`` default ``full``; default: the five detectors and the three FD3D
 pairs) it compiles, from abstract shapes only (``loop.abstract_train_step``: nothing is initialised or
@@ -12,6 +13,9 @@ counts (apprentice, distillation modules, expert). The PyTorch column is the BEV
 memory (nvidia-smi, fp32, batch 1 per GPU) for the official configs: a process-level figure (CUDA context
 and caching allocator included), not the same definition.
 ``--remat on|off`` overrides the layers' and the backbone's rematerialisation (apprentice and expert).
+``--dtypes float32 bfloat16`` compiles every config in each compute precision (``config.model.dtype``, which the
+distiller applies to the expert and its own modules too) and prints the peak ratio to the first, side by side
+(result ``bench_memory_precision``).
 """
 import argparse
 import time
@@ -47,7 +51,7 @@ def measure(config):
                 params=count(params['model']), distill_params=count(params.get('distill', {})),
                 expert_params=count(args[1]), batch=int(args[2]['img'].shape[0]),
                 queue_length=int(args[2]['img'].shape[1]),
-                image_hw=list(args[2]['img'].shape[3:5]), remat=bool(config.model.remat),
+                image_hw=list(args[2]['img'].shape[3:5]), remat=bool(config.model.remat), dtype=config.model.dtype,
                 backbone_remat=bool(config.model.backbone.remat))
 
 
@@ -56,29 +60,39 @@ def main(argv=None):
     parser.add_argument('--configs', nargs='+', default=CONFIGS, help='NAME[:ARG] (ARG default full)')
     parser.add_argument('--remat', choices=('config', 'on', 'off'), default='config')
     parser.add_argument('--out-dir', default=benchmark.RESULTS_DIR)
-    parser.add_argument('--name', default='', help='result name (default bench_memory[_remat_on|off])')
+    parser.add_argument('--dtypes', nargs='+', choices=('float32', 'bfloat16'), default=None,
+                        help="compute precisions to compile each config in (default: the config's)")
+    parser.add_argument('--name', default='', help='result name (default bench_memory[_remat_on|off], '
+                        'bench_memory_precision with --dtypes)')
     args = parser.parse_args(argv)
-    args.name = args.name or 'bench_memory' + ('' if args.remat == 'config' else f'_remat_{args.remat}')
+    default_name = 'bench_memory_precision' if args.dtypes else 'bench_memory'
+    args.name = args.name or default_name + ('' if args.remat == 'config' else f'_remat_{args.remat}')
     rows = []
     for spec in args.configs:
-        name, config = benchmark.load_config(spec)
-        if args.remat != 'config':
-            set_remat(config, args.remat == 'on')
-        print(f'compiling {name} ...', flush=True)
-        try:
-            row = dict(config=name, **measure(config))
-        except Exception as e:   # noqa: BLE001 (e.g. out of host memory: recorded, the others go on)
-            row = dict(config=name, error=f'{type(e).__name__}: {e}'[:500])
-        row['peak_gb'] = round(row['memory_bytes']['peak'] / 1e9, 3) if 'memory_bytes' in row else None
-        row['pytorch_train_gb'] = PYTORCH_TRAIN_GB.get(name)
-        rows.append(row)
-        print(f"  {name}: peak {row['peak_gb']} GB, compile {row.get('compile_s')} s", flush=True)
-        benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir, echo=False)
-    print('| config | params | peak GB (XLA) | PyTorch GB (nvidia-smi) | compile s (CPU s) |')
+        for dtype in args.dtypes or [None]:
+            name, config = benchmark.load_config(spec)
+            if args.remat != 'config':
+                set_remat(config, args.remat == 'on')
+            if dtype:
+                config.model.dtype = dtype
+            print(f'compiling {name} ({config.model.dtype}) ...', flush=True)
+            try:
+                row = dict(config=name, **measure(config))
+            except Exception as e:   # noqa: BLE001 (e.g. out of host memory: recorded, the others go on)
+                row = dict(config=name, dtype=config.model.dtype, error=f'{type(e).__name__}: {e}'[:500])
+            row['peak_gb'] = round(row['memory_bytes']['peak'] / 1e9, 3) if 'memory_bytes' in row else None
+            row['pytorch_train_gb'] = PYTORCH_TRAIN_GB.get(name)
+            rows.append(row)
+            print(f"  {name} ({row['dtype']}): peak {row['peak_gb']} GB, compile {row.get('compile_s')} s", flush=True)
+            benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir, echo=False)
+    print('| config | dtype | params | peak GB (XLA) | x first dtype | PyTorch GB (nvidia-smi) | compile s (CPU s) |')
+    first = {}
     for r in rows:
-        print(f"| {r['config']} | {r.get('params', 0) / 1e6:.2f} M | {r['peak_gb']} | {r['pytorch_train_gb'] or '-'} "
-              f"| {r.get('compile_s', r.get('error'))} ({r.get('compile_cpu_s')}) |")
-    return benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir)
+        first.setdefault(r['config'], r['peak_gb'])
+        ratio = f"{r['peak_gb'] / first[r['config']]:.2f}" if r['peak_gb'] and first[r['config']] else '-'
+        print(f"| {r['config']} | {r['dtype']} | {r.get('params', 0) / 1e6:.2f} M | {r['peak_gb']} | {ratio} "
+              f"| {r['pytorch_train_gb'] or '-'} | {r.get('compile_s', r.get('error'))} ({r.get('compile_cpu_s')}) |")
+    return benchmark.write_result(args.name, dict(remat=args.remat, dtypes=args.dtypes, rows=rows), args.out_dir)
 
 
 if __name__ == '__main__':

@@ -120,6 +120,21 @@ TABLES = {
                              *(row for row in _METHOD_ROWS if row[0] in ('alone',) + BASELINES),
                              (f'fd3d_w{DETR3D_WEIGHT}', f'FD3D generative + focal, weights {DETR3D_WEIGHT}',
                               weighted('fd3d', DETR3D_WEIGHT))]),
+    # FD3D's ablations for the DETR3D pair at the tuned weight (each remaining term keeps weight DETR3D_WEIGHT),
+    # beside the rows it must beat. Shares table 2's run folders.
+    'table2_ablations': dict(title=f'FD3D ablations, DETR3D R101 -> R50 (:demo), weights {DETR3D_WEIGHT}',
+                             config='configs/fd3d_detr3d_r101_to_r50.py:demo', folder='table2',
+                             expert='experiments/experts/detr3d_r101_demo', rows=[
+                                 HEAD_ROW,
+                                 *(row for row in _METHOD_ROWS if row[0] == 'fitnet'),
+                                 (f'fd3d_w{DETR3D_WEIGHT}', f'FD3D generative + focal, weights {DETR3D_WEIGHT}',
+                                  weighted('fd3d', DETR3D_WEIGHT)),
+                                 (f'fd3d_gen_w{DETR3D_WEIGHT}', 'generative only',
+                                  {**weighted('fd3d', DETR3D_WEIGHT), 'distill.focal.weight': 0.0}),
+                                 (f'fd3d_focal_w{DETR3D_WEIGHT}', 'focal only',
+                                  {**weighted('fd3d', DETR3D_WEIGHT), 'distill.generative.bev_weight': 0.0,
+                                   'distill.generative.pv_weight': 0.0}),
+                             ]),
     # FD3D's weights for the DETR3D pair (0.3, 1, 3; run it with --split tune). Shares table 2's run folders.
     'sweep_detr3d': dict(title='FD3D weight sweep, DETR3D R101 -> R50 (:demo)',
                          config='configs/fd3d_detr3d_r101_to_r50.py:demo', folder='table2',

@@ -9,7 +9,7 @@ from fd3d_jax.detection.matching import MATCHERS
 from fd3d_jax.distill import METHODS
 from fd3d_jax.distill.masks import SELECT_RULES
 from fd3d_jax.errors import ConfigError
-from fd3d_jax.models import DETECTORS
+from fd3d_jax.models import DETECTORS, precision
 
 FEATURE_NORMS = ('none', 'expert', 'both')
 MASK_MODES = ('zero', 'random')
@@ -61,6 +61,8 @@ def _model(config, key):
         raise ConfigError(f'config.{key}.embed_dims={model.embed_dims} must be a multiple of '
                           f'config.{key}.num_heads={model.num_heads}')
     number(config, f'{key}.dropout', 0.0, 1.0)
+    if 'dtype' in model:
+        one_of(config, f'{key}.dtype', tuple(precision.DTYPES))
     if DETECTORS[model.name].has_bev:
         number(config, f'{key}.bev_h', 1, integer=True)
         number(config, f'{key}.bev_w', 1, integer=True)

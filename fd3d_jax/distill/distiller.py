@@ -32,10 +32,12 @@ from fd3d_jax.distill.modules import Align, BEVUpsampler, Generator
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
+from fd3d_jax.models.precision import compute_dtype
 
 
 def standardization(feats, eps=1e-5):
-    """(mean, std) per channel over all other axes (keepdims) of ``standardize``."""
+    """(mean, std) per channel over all other axes (keepdims) of ``standardize``, in at least float32."""
+    feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
     axes = tuple(range(feats.ndim - 1))
     mean = jnp.mean(feats, axes, keepdims=True)
     var = jnp.var(feats, axes, keepdims=True)
@@ -107,7 +109,10 @@ class Distiller:
         self.config = config
         self.distill_cfg = config.distill
         self.apprentice_cfg, self.expert_cfg = config.model, config.expert.model
-        self.apprentice, self.expert = build(self.apprentice_cfg), build(self.expert_cfg)
+        # One precision for all three (config.model.dtype): the expert runs in the apprentice's.
+        self.dtype = compute_dtype(self.apprentice_cfg.get('dtype', 'float32'))
+        self.apprentice = build(self.apprentice_cfg)
+        self.expert = build(self.expert_cfg, dtype=self.apprentice_cfg.get('dtype', 'float32'))
         self.has_bev = self.apprentice.has_bev
         self.upsample = int(self.distill_cfg.expert_upsample)
         batch = dummy_batch(config, 1, queue_length=1, expert_model=self.expert_cfg)
@@ -154,16 +159,17 @@ class Distiller:
 
         apprentice_channels = self.apprentice_cfg.embed_dims
         if self.has_bev:
-            add('bev_align', Align(self.bev_channels), jnp.zeros((1, 2, 2, apprentice_channels)))
+            add('bev_align', Align(self.bev_channels, self.dtype), jnp.zeros((1, 2, 2, apprentice_channels)))
             if self.bev_factor > 1:
-                add('bev_up', BEVUpsampler(self.bev_channels, self.bev_factor), jnp.zeros((1, 2, 2, self.bev_channels)))
+                add('bev_up', BEVUpsampler(self.bev_channels, self.bev_factor, self.dtype),
+                    jnp.zeros((1, 2, 2, self.bev_channels)))
             if self.generates_bev:
-                add('bev_gen', Generator(self.bev_channels), jnp.zeros((1, 4, 4, self.bev_channels)))
+                add('bev_gen', Generator(self.bev_channels, self.dtype), jnp.zeros((1, 4, 4, self.bev_channels)))
         apprentice_pv_channels = self.apprentice_cfg.neck.out_channels
         for level, channels in enumerate(self.pv_channels):
-            add(f'pv_align_{level}', Align(channels), jnp.zeros((1, 2, 2, apprentice_pv_channels)))
+            add(f'pv_align_{level}', Align(channels, self.dtype), jnp.zeros((1, 2, 2, apprentice_pv_channels)))
             if self.generates_pv:
-                add(f'pv_gen_{level}', Generator(channels), jnp.zeros((1, 4, 4, channels)))
+                add(f'pv_gen_{level}', Generator(channels, self.dtype), jnp.zeros((1, 4, 4, channels)))
         return params
 
     @staticmethod
@@ -174,11 +180,11 @@ class Distiller:
 
     def generate_bev(self, params, masked_bev):
         """The BEV generator's output for the masked apprentice BEV (B, H_e, W_e, C_e)."""
-        return self.apply_module(params, 'bev_gen', Generator(self.bev_channels), masked_bev)
+        return self.apply_module(params, 'bev_gen', Generator(self.bev_channels, self.dtype), masked_bev)
 
     def generate_pv(self, params, level, masked_pv):
         """The generator of paired level ``level`` applied to the masked apprentice level."""
-        return self.apply_module(params, f'pv_gen_{level}', Generator(masked_pv.shape[-1]), masked_pv)
+        return self.apply_module(params, f'pv_gen_{level}', Generator(masked_pv.shape[-1], self.dtype), masked_pv)
 
     # -- the loss ---------------------------------------------------------------------------------
     def features(self, params, out, expert_out):
@@ -187,9 +193,10 @@ class Distiller:
         expert_bev = apprentice_bev = None
         if self.has_bev:
             expert_bev = expert_out['bev'].reshape((batch_size,) + self.expert.bev_shape())
-            aligned = self.apply_module(params, 'bev_align', Align(self.bev_channels),
+            aligned = self.apply_module(params, 'bev_align', Align(self.bev_channels, self.dtype),
                                         out['bev'].reshape((batch_size,) + self.apprentice.bev_shape()))
-            apprentice_bev = (self.apply_module(params, 'bev_up', BEVUpsampler(self.bev_channels, self.bev_factor),
+            upsampler = BEVUpsampler(self.bev_channels, self.bev_factor, self.dtype)
+            apprentice_bev = (self.apply_module(params, 'bev_up', upsampler,
                                                 aligned) if self.bev_factor > 1 else aligned)
         expert_bev_raw = expert_bev
         expert_pv = [expert_out['img_feats'][e] for _, e in self.pairs]
@@ -201,7 +208,7 @@ class Distiller:
         apprentice_pv = [out['img_feats'][a] for a, _ in self.pairs]
         if norm == 'both':  # the apprentice's FPN levels too, before they are aligned
             apprentice_pv = [standardize(level) for level in apprentice_pv]
-        apprentice_pv = [self.apply_module(params, f'pv_align_{level}', Align(channels), feats)
+        apprentice_pv = [self.apply_module(params, f'pv_align_{level}', Align(channels, self.dtype), feats)
                          for level, (feats, channels) in enumerate(zip(apprentice_pv, self.pv_channels))]
         return Features(expert_bev, apprentice_bev, expert_pv, apprentice_pv, expert_bev_raw)
 

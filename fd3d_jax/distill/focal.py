@@ -87,6 +87,6 @@ def pv_focal_features(sampling, expert_levels, apprentice_levels):
         locations = jnp.broadcast_to(points.reshape(batch * cams, num_queries, 1, 1, 1, 2),
                                      (batch * cams, num_queries, 1, len(levels), 1, 2))
         for value, acc in ((expert_value, expert_feats), (apprentice_value, apprentice_feats)):
-            out = ms_deform_attn(value, shapes, locations.astype(value.dtype), weights.astype(value.dtype))
+            out = ms_deform_attn(value, shapes, locations, weights)   # locations and weights stay float32
             acc.append(jnp.nan_to_num(out.reshape(batch, cams, num_queries, -1).sum(1)))
     return jnp.stack(expert_feats), jnp.stack(apprentice_feats)

@@ -4,9 +4,11 @@ Features are channels-last with any leading dims: BEV ``(B, H, W, C)``, FPN leve
 ``(B, N_cam, H, W, C)``; the convs fold the leading dims into one batch axis and unfold after.
 Init is PyTorch's default for ``nn.Conv2d`` / ``nn.ConvTranspose2d``: kernel
 ``kaiming_uniform(a=sqrt(5))`` = U(±1/sqrt(fan_in)) = ``variance_scaling(1/3, 'fan_in', 'uniform')``
-and bias U(±1/sqrt(fan_in)). None of these layers is used at inference.
+and bias U(±1/sqrt(fan_in)). None of these layers is used at inference. ``dtype``: the convs' compute
+precision (``config.model.dtype``); params are float32, BatchStatNorm's statistics float32.
 """
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,10 +27,10 @@ def torch_bias_init(fan_in):
     return init
 
 
-def _conv(features, kernel_size, fan_in, name):
+def _conv(features, kernel_size, fan_in, name, dtype=jnp.float32):
     """``nn.Conv2d(fan_in / k², features, k, padding=k // 2)`` with bias and PyTorch init."""
     pad = kernel_size // 2
-    return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+    return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)), dtype=dtype,
                    kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in), name=name)
 
 
@@ -45,6 +47,7 @@ class Align(nn.Module):
     ``(..., H, W, C_in) -> (..., H, W, out_channels)``.
     """
     out_channels: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, feats):
@@ -52,19 +55,20 @@ class Align(nn.Module):
         if in_channels == self.out_channels:
             return feats
         feats4, back = _as_4d(feats)
-        return back(_conv(self.out_channels, 1, in_channels, 'conv')(feats4))
+        return back(_conv(self.out_channels, 1, in_channels, 'conv', self.dtype)(feats4))
 
 
 class Generator(nn.Module):
     """MGD's generation block ``Conv3x3(p1) -> ReLU -> Conv3x3(p1)``, C -> C, with bias
     (yzd-v/MGD ``mgd.py``, ``self.generation``). ``(..., H, W, C) -> (..., H, W, channels)``."""
     channels: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, feats):
         feats4, back = _as_4d(feats)
-        hidden = nn.relu(_conv(self.channels, 3, 9 * feats.shape[-1], 'conv1')(feats4))
-        return back(_conv(self.channels, 3, 9 * self.channels, 'conv2')(hidden))
+        hidden = nn.relu(_conv(self.channels, 3, 9 * feats.shape[-1], 'conv1', self.dtype)(feats4))
+        return back(_conv(self.channels, 3, 9 * self.channels, 'conv2', self.dtype)(hidden))
 
 
 class BatchStatNorm(nn.Module):
@@ -113,6 +117,7 @@ class BEVUpsampler(nn.Module):
     """
     channels: int
     factor: int = 2
+    dtype: Any = jnp.float32
 
     def __post_init__(self):
         factor = self.factor
@@ -128,7 +133,7 @@ class BEVUpsampler(nn.Module):
         out, back = _as_4d(bev)
         for layer in range(num_layers):
             out = nn.ConvTranspose(self.channels, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                                   use_bias=False, transpose_kernel=True,
+                                   use_bias=False, transpose_kernel=True, dtype=self.dtype,
                                    kernel_init=torch_kernel_init, name=f'deconv_{layer}')(out)
             out = nn.relu(BatchStatNorm(name=f'bn_{layer}')(out))
-        return back(_conv(self.channels, 3, 9 * self.channels, 'conv')(out))
+        return back(_conv(self.channels, 3, 9 * self.channels, 'conv', self.dtype)(out))

@@ -22,12 +22,15 @@ def detector_class(model_cfg):
     return DETECTORS[model_cfg.name]
 
 
-def build(model_cfg):
+def build(model_cfg, dtype=None):
     """The detector of a model config section: ``cls(**fields)`` of its class (keys that are not fields, like
-    ``name``, are ignored; ``backbone`` and ``neck`` are passed as plain dicts)."""
+    ``name``, are ignored; ``backbone`` and ``neck`` are passed as plain dicts). ``dtype``: a compute precision
+    that replaces the section's (the distiller runs the expert in the apprentice's)."""
     cls = detector_class(model_cfg)
     names = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
     kwargs = {k: v for k, v in model_cfg.items() if k in names}
     kwargs['backbone'] = dict(model_cfg.backbone)
     kwargs['neck'] = dict(model_cfg.neck)
+    if dtype is not None:
+        kwargs['dtype'] = dtype
     return cls(**kwargs)

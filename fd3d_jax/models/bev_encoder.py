@@ -8,6 +8,8 @@ The layers run as one ``nn.scan`` (parameters stacked on axis 0 under ``layers``
 rematerialised: the backward pass then keeps one (B, Q, C) BEV per layer and recomputes one
 layer at a time, whatever the backend's scheduler does with unrolled checkpoints.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -32,21 +34,22 @@ class EncoderLayer(nn.Module):
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
     sca_max_cameras: int = 0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, bev, bev_pos, prev_stack, prev_exists, ref_hybrid, feats, ref_cam, bev_mask):
         det = self.deterministic
         value = jnp.where(prev_exists[:, None, None, None], prev_stack, jnp.stack([bev, bev], 1))
         bev, _ = TemporalSelfAttention(self.embed_dims, self.num_heads, self.tsa_points, self.dropout,
-                                       self.tsa_batch_bug,
+                                       self.tsa_batch_bug, self.dtype,
                                        name='tsa')(bev, bev_pos, value, ref_hybrid, self.bev_hw, det)
-        bev = layer_norm('norm1')(bev)
+        bev = layer_norm('norm1', self.dtype)(bev)
         bev, _ = SpatialCrossAttention(self.embed_dims, self.num_heads, self.num_levels, self.sca_points,
                                        self.num_z_anchors, self.dropout, self.sca_batch0_hits, self.sca_max_cameras,
-                                       name='sca')(bev, feats, self.spatial_shapes, ref_cam, bev_mask, det)
-        bev = layer_norm('norm2')(bev)
-        bev = FFN(self.embed_dims, self.ffn_dims, self.dropout, name='ffn')(bev, det)
-        return layer_norm('norm3')(bev), None
+                                       self.dtype, name='sca')(bev, feats, self.spatial_shapes, ref_cam, bev_mask, det)
+        bev = layer_norm('norm2', self.dtype)(bev)
+        bev = FFN(self.embed_dims, self.ffn_dims, self.dropout, self.dtype, name='ffn')(bev, det)
+        return layer_norm('norm3', self.dtype)(bev), None
 
 
 class BEVEncoder(nn.Module):

@@ -12,9 +12,12 @@ Outputs (dict): ``bev`` (B, Q, C), ``img_feats`` (list of (B, N, H_l, W_l, C)), 
 per-layer decoder ``sampling`` (locations, weights).
 
 The history frames run as a scan with the parameters broadcast (one frame's activations at a time).
+
+``dtype`` (``config.model.dtype``, ``fd3d_jax.models.precision``): the compute precision of the backbone, the
+encoder and the decoder; the BEV it returns and carries between frames is float32 whatever it.
 """
 import functools
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,16 +28,19 @@ from fd3d_jax.models.bev_encoder import BEVEncoder
 from fd3d_jax.models.detector import Detector
 from fd3d_jax.models.decoder import BEVCrossAttention, DetectionHead, layer_norm, xavier_uniform
 from fd3d_jax.models.grid_mask import grid_mask as apply_grid_mask
+from fd3d_jax.models.precision import compute_dtype
 from fd3d_jax.models.spatial_cross_attention import point_sampling, reference_points_2d, reference_points_3d
 from fd3d_jax.models.temporal_self_attention import hybrid_reference_points, rotate_bev
 
 
 class ImageFeatures(nn.Module):
     """Backbone + FPN per camera image: (B, N, H, W, 3) -> list of (B, N, H_l, W_l, C).
-    ``grid_mask``: GridMask on the B*N images when not ``deterministic`` (rng 'dropout')."""
+    ``grid_mask``: GridMask on the B*N images when not ``deterministic`` (rng 'dropout'). The images are cast to
+    ``dtype`` after the mask; the levels come out in it."""
     backbone: dict
     neck: dict
     grid_mask: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, img, deterministic=True):
@@ -42,8 +48,8 @@ class ImageFeatures(nn.Module):
         img = img.reshape((batch * num_cams,) + img.shape[2:])
         if self.grid_mask and not deterministic:
             img = apply_grid_mask(img, self.make_rng('dropout'))
-        feats = ResNet(**self.backbone, name='backbone')(img)
-        feats = FPN(**self.neck, name='neck')(feats)
+        feats = ResNet(**self.backbone, dtype=self.dtype, name='backbone')(img.astype(self.dtype))
+        feats = FPN(**self.neck, dtype=self.dtype, name='neck')(feats)
         return [f.reshape((batch, num_cams) + f.shape[1:]) for f in feats]
 
 
@@ -79,24 +85,27 @@ class BEVFormer(Detector):
     prev_bev_batch0: bool = False
     remat: bool = False
     grid_mask: bool = False               # GridMask on the current frame's images in training
+    dtype: str = 'float32'                # compute precision ('float32' | 'bfloat16'); params stay float32
 
     def setup(self):
         embed_dims, num_bev_queries = self.embed_dims, self.bev_h * self.bev_w
-        self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask)
+        dtype = compute_dtype(self.dtype)
+        self.image_features = ImageFeatures(dict(self.backbone), dict(self.neck), self.grid_mask, dtype)
         self.bev_embedding = self.param('bev_embedding', nn.initializers.normal(1.0), (num_bev_queries, embed_dims))
         # LearnedPositionalEncoding(num_feats=C/2): [col_embed(x) | row_embed(y)].
         self.row_embed = self.param('row_embed', nn.initializers.normal(1.0), (self.bev_h, embed_dims // 2))
         self.col_embed = self.param('col_embed', nn.initializers.normal(1.0), (self.bev_w, embed_dims // 2))
         self.cams_embeds = self.param('cams_embeds', nn.initializers.normal(1.0), (self.num_cams, embed_dims))
         self.level_embeds = self.param('level_embeds', nn.initializers.normal(1.0), (self.num_levels, embed_dims))
-        self.can_bus_fc0 = nn.Dense(embed_dims // 2, kernel_init=xavier_uniform)
-        self.can_bus_fc1 = nn.Dense(embed_dims, kernel_init=xavier_uniform)
-        self.can_bus_norm = layer_norm()
+        self.can_bus_fc0 = nn.Dense(embed_dims // 2, kernel_init=xavier_uniform, dtype=dtype)
+        self.can_bus_fc1 = nn.Dense(embed_dims, kernel_init=xavier_uniform, dtype=dtype)
+        self.can_bus_norm = layer_norm(dtype=dtype)
         layer_kwargs = dict(embed_dims=embed_dims, num_heads=self.num_heads, ffn_dims=self.ffn_dims,
                             num_levels=self.num_levels, sca_points=self.sca_points, tsa_points=self.tsa_points,
                             num_z_anchors=self.num_points_in_pillar, bev_hw=(self.bev_h, self.bev_w),
                             dropout=self.dropout, tsa_batch_bug=self.tsa_batch_bug,
-                            sca_batch0_hits=self.sca_batch0_hits, sca_max_cameras=self.sca_max_cameras)
+                            sca_batch0_hits=self.sca_batch0_hits, sca_max_cameras=self.sca_max_cameras,
+                            dtype=dtype)
         self.encoder = BEVEncoder(self.encoder_layers, layer_kwargs, self.remat)
         self.head = self.build_head(None)
 
@@ -122,15 +131,17 @@ class BEVFormer(Detector):
     def build_head(self, img_hw, name=None):
         """The decoder reads the BEV (context ``dict(bev=(B, Q, C))``); ``img_hw`` is not used."""
         del img_hw
+        dtype = compute_dtype(self.dtype)
         cross = functools.partial(BEVCrossAttention, (self.bev_h, self.bev_w), self.embed_dims, self.num_heads,
-                                  self.decoder_points, self.dropout)
+                                  self.decoder_points, self.dropout, dtype)
         return DetectionHead(self.num_query, self.embed_dims, self.num_heads, self.ffn_dims, self.decoder_layers,
-                             self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat, name=name)
+                             self.num_classes, self.dropout, tuple(self.pc_range), cross, self.remat, dtype,
+                             name=name)
 
     @nn.nowrap
     def head_context(self, out, lidar2img):
         del lidar2img
-        return dict(bev=out['bev'])
+        return dict(bev=out['bev'].astype(compute_dtype(self.dtype)))
 
     def bev_pos(self, batch_size):
         pos = jnp.concatenate([
@@ -165,8 +176,9 @@ class BEVFormer(Detector):
         prev = rotate_bev(prev_bev, rot_index, rot_valid).astype(dtype)
         hybrid = hybrid_reference_points(jnp.asarray(reference_points_2d(self.bev_h, self.bev_w)), shift,
                                          prev_exists, self.reproduce_shift_bug)
-        return self.encoder(bev_query, self.bev_pos(batch).astype(dtype), prev, prev_exists, hybrid, flat, shapes,
-                            ref_cam, bev_mask, deterministic)
+        bev = self.encoder(bev_query, self.bev_pos(batch).astype(dtype), prev, prev_exists, hybrid, flat, shapes,
+                           ref_cam, bev_mask, deterministic)
+        return bev.astype(jnp.float32)
 
     def __call__(self, batch, prev_bev=None, deterministic=True):
         """batch: img (B, T, N, H, W, 3), lidar2img (B, T, N, 4, 4), can_bus (B, T, 18),
@@ -176,7 +188,8 @@ class BEVFormer(Detector):
         batch_size, num_frames = img.shape[:2]
         img_hw = img.shape[3:5]
         num_bev_queries, embed_dims = self.bev_h * self.bev_w, self.embed_dims
-        prev = jnp.zeros((batch_size, num_bev_queries, embed_dims), img.dtype) if prev_bev is None else prev_bev
+        prev = (jnp.zeros((batch_size, num_bev_queries, embed_dims), jnp.float32) if prev_bev is None
+                else prev_bev.astype(jnp.float32))
 
         keys = ('img', 'lidar2img', 'can_bus', 'prev_bev_exists', 'bev_shift', 'bev_rot_index', 'bev_rot_valid')
 
@@ -194,6 +207,6 @@ class BEVFormer(Detector):
             prev, _ = nn.scan(history_step, variable_broadcast='params', split_rngs={'params': False, 'dropout': False})(
                 self, prev, history)
         bev, feats = encode_frame(self, prev, {k: batch[k][:, num_frames - 1] for k in keys}, deterministic)
-        out = self.head(dict(bev=bev), batch_size, deterministic)
+        out = self.head(self.head_context(dict(bev=bev), None), batch_size, deterministic)
         return dict(out, bev=bev, img_feats=feats)
 

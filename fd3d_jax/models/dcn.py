@@ -177,7 +177,8 @@ class ModulatedDeformConv2dPack(nn.Module):
             bias = self.param('bias', nn.initializers.zeros, (self.features,))
         out = nn.Conv(3 * kh * kw, (kh, kw), strides=_pair(self.strides),
                       padding=((pad[0], pad[0]), (pad[1], pad[1])),
-                      kernel_dilation=_pair(self.dilation), use_bias=True, dtype=self.dtype,
+                      kernel_dilation=_pair(self.dilation), use_bias=True,
+                      dtype=jnp.promote_types(self.dtype or inputs.dtype, jnp.float32),   # offsets are geometry
                       kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                       name='conv_offset')(inputs)
         offset = out[..., :2 * kh * kw]

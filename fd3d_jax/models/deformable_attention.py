@@ -24,6 +24,7 @@ autodiff through a checkpointed chunk): see ``ms_deform_attn``.
 """
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -426,12 +427,16 @@ class MSDeformableAttention(nn.Module):
 
     Not supported (unused by BEVFormer/DETR3D): ``key_padding_mask``, 4-d box reference points,
     a separate ``identity`` argument, sequence-first layout.
+
+    ``dtype``: the value and output projections' compute dtype; the offsets and attention logits are computed in
+    float32 (sampling locations and the softmax stay float32, ``fd3d_jax.models.precision``).
     """
     embed_dims: int = 256
     num_heads: int = 8
     num_levels: int = 4
     num_points: int = 4
     dropout: float = 0.1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, query, value, reference_points, spatial_shapes, query_pos=None, deterministic=True):
@@ -443,12 +448,12 @@ class MSDeformableAttention(nn.Module):
         if query_pos is not None:
             query = query + query_pos
         batch, nq, _ = query.shape
-        proj_value = nn.Dense(embed_dims, kernel_init=xavier_uniform, name='value_proj')(value).reshape(
-            batch, -1, num_heads, embed_dims // num_heads)
+        proj_value = nn.Dense(embed_dims, kernel_init=xavier_uniform, dtype=self.dtype, name='value_proj')(
+            value).reshape(batch, -1, num_heads, embed_dims // num_heads)
         off = nn.Dense(num_heads * lv * num_points * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=_constant_init(grid_init_bias(num_heads, lv, num_points)),
+                       bias_init=_constant_init(grid_init_bias(num_heads, lv, num_points)), dtype=jnp.float32,
                        name='sampling_offsets')(query).reshape(batch, nq, num_heads, lv, num_points, 2)
-        logits = nn.Dense(num_heads * lv * num_points, kernel_init=nn.initializers.zeros,
+        logits = nn.Dense(num_heads * lv * num_points, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
                           name='attention_weights')(query)
         attn = jax.nn.softmax(logits.reshape(batch, nq, num_heads, lv * num_points), -1).reshape(
             batch, nq, num_heads, lv, num_points)
@@ -456,6 +461,6 @@ class MSDeformableAttention(nn.Module):
         ref = reference_points[:, :, None, :, None, :].astype(off.dtype)       # (B, Q, 1, L|1, 1, 2)
         loc = ref + off / normalizer[:, None, :].astype(off.dtype)
         out = ms_deform_attn(proj_value, spatial_shapes, loc, attn)
-        out = nn.Dense(embed_dims, kernel_init=xavier_uniform, name='output_proj')(out)
+        out = nn.Dense(embed_dims, kernel_init=xavier_uniform, dtype=self.dtype, name='output_proj')(out)
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
         return out + identity, dict(sampling_locations=loc, attention_weights=attn)

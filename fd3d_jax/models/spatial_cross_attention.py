@@ -19,6 +19,8 @@ nuScenes rig no BEV query hits more than 2: ``experiments/sca_camera_hits.py``);
 K lowest-index cameras and averages over those (``dropped`` counts the hits left out). The original has no such
 limit: K = N is always exact.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,7 @@ class SpatialCrossAttention(nn.Module):
     dropout: float = 0.1
     sca_batch0_hits: bool = False
     max_cameras: int = 0                  # 0: dense over all N cameras; K > 0: K camera slots per query
+    dtype: Any = jnp.float32              # projections; offsets, softmax and locations in float32
 
     @nn.compact
     def __call__(self, query, feats, spatial_shapes, ref_cam, bev_mask, deterministic=True):
@@ -110,16 +113,17 @@ class SpatialCrossAttention(nn.Module):
         num_heads, lv, num_points, num_anchors = self.num_heads, self.num_levels, self.num_points, self.num_z_anchors
         assert len(spatial_shapes) == lv and num_points % num_anchors == 0, (spatial_shapes, num_points, num_anchors)
         inner = 'deformable_attention'
-        value = nn.Dense(channels, kernel_init=xavier_uniform, name=f'{inner}_value_proj')(feats)
+        value = nn.Dense(channels, kernel_init=xavier_uniform, dtype=self.dtype, name=f'{inner}_value_proj')(feats)
         value = value.reshape(batch * num_cams, -1, num_heads, channels // num_heads)
         # Offsets and weights depend on the query only, which is the same for every camera.
         off = nn.Dense(num_heads * lv * num_points * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=grid_init(num_heads, lv, num_points), name=f'{inner}_sampling_offsets')(query)
+                       bias_init=grid_init(num_heads, lv, num_points), dtype=jnp.float32,
+                       name=f'{inner}_sampling_offsets')(query)
         off = off.reshape(batch, nq, num_heads, lv, num_points // num_anchors, num_anchors, 2)
-        normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], query.dtype)
+        normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], off.dtype)
         off = off / normalizer[None, None, None, :, None, None, :]
         attn = nn.Dense(num_heads * lv * num_points, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                        name=f'{inner}_attention_weights')(query)
+                        dtype=jnp.float32, name=f'{inner}_attention_weights')(query)
         attn = jax.nn.softmax(attn.reshape(batch, nq, num_heads, lv * num_points), -1).reshape(
             batch, nq, num_heads, lv, num_points)
         if self.max_cameras:
@@ -127,7 +131,7 @@ class SpatialCrossAttention(nn.Module):
             slots, aux = self.sparse(value, off, attn, spatial_shapes, ref_cam, bev_mask)
         else:
             slots, aux = self.dense(value, off, attn, spatial_shapes, ref_cam, bev_mask)
-        slots = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(slots)
+        slots = nn.Dense(channels, kernel_init=xavier_uniform, dtype=self.dtype, name='output_proj')(slots)
         slots = nn.Dropout(self.dropout)(slots, deterministic=deterministic)
         return slots + query, aux
 

@@ -5,6 +5,8 @@ The ego-motion alignment is host-side metadata (``fd3d_jax.data.geometry.bev_shi
 ``bev_rotation_index``): the shift moves the reference points of the previous-BEV half, the rotation
 is a nearest-neighbour gather of the previous BEV (``rotate_prev_bev``).
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ class TemporalSelfAttention(nn.Module):
     num_points: int = 4
     dropout: float = 0.1
     tsa_batch_bug: bool = False
+    dtype: Any = jnp.float32              # projections; offsets, softmax and locations in float32
 
     @nn.compact
     def __call__(self, query, query_pos, value, ref_hybrid, bev_hw, deterministic=True):
@@ -52,21 +55,21 @@ class TemporalSelfAttention(nn.Module):
         # B > 1 the original's value[:B] picks (b0-prev, b0-cur, b1-prev, ...) (tsa_batch_bug).
         first = value.reshape(batch * nv, nq, channels)[:batch] if self.tsa_batch_bug else value[:, 0]
         q_in = jnp.concatenate([first, query], -1)
-        proj_value = nn.Dense(channels, kernel_init=xavier_uniform, name='value_proj')(value).reshape(
-            batch * nv, nq, num_heads, channels // num_heads)
+        proj_value = nn.Dense(channels, kernel_init=xavier_uniform, dtype=self.dtype, name='value_proj')(
+            value).reshape(batch * nv, nq, num_heads, channels // num_heads)
         off = nn.Dense(num_heads * nv * num_points * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=grid_init(num_heads, nv, num_points),
+                       bias_init=grid_init(num_heads, nv, num_points), dtype=jnp.float32,
                        name='sampling_offsets')(q_in).reshape(batch, nq, num_heads, nv, 1, num_points, 2)
         attn = nn.Dense(num_heads * nv * num_points, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                        name='attention_weights')(q_in)
+                        dtype=jnp.float32, name='attention_weights')(q_in)
         attn = jax.nn.softmax(attn.reshape(batch, nq, num_heads, nv, num_points), -1).reshape(
             batch, nq, num_heads, nv, 1, num_points)
         off = jnp.moveaxis(off, 3, 1).reshape(batch * nv, nq, num_heads, 1, num_points, 2)
         attn = jnp.moveaxis(attn, 3, 1).reshape(batch * nv, nq, num_heads, 1, num_points)
-        normalizer = jnp.asarray([bev_hw[1], bev_hw[0]], query.dtype)
-        loc = ref_hybrid.reshape(batch * nv, nq, 1, 1, 1, 2).astype(query.dtype) + off / normalizer
+        normalizer = jnp.asarray([bev_hw[1], bev_hw[0]], off.dtype)
+        loc = ref_hybrid.reshape(batch * nv, nq, 1, 1, 1, 2).astype(off.dtype) + off / normalizer
         out = ms_deform_attn(proj_value, (tuple(bev_hw),), loc, attn).reshape(batch, nv, nq, channels).mean(1)
-        out = nn.Dense(channels, kernel_init=xavier_uniform, name='output_proj')(out)
+        out = nn.Dense(channels, kernel_init=xavier_uniform, dtype=self.dtype, name='output_proj')(out)
         out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
         return out + identity, dict(sampling_locations=loc.reshape(batch, nv, nq, num_heads, 1, num_points, 2),
                                     attention_weights=attn.reshape(batch, nv, nq, num_heads, 1, num_points))

@@ -3,11 +3,14 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import bevformer_base, detr3d_r101, fd3d_bevformer_base_to_tiny, fd3d_detr3d_r101_to_r50
-from fd3d_jax.data import records
+from fd3d_jax.data import pipeline, records
+from fd3d_jax.distill import build_distillation
 from fd3d_jax.distill import distiller as distiller_lib
 from fd3d_jax.distill import expert as expert_lib
 from fd3d_jax.errors import ExpertError
@@ -121,3 +124,32 @@ def test_every_method_trains_checkpoints_and_evaluates(kind, method, data_cfg, e
         assert not any(k.startswith('distill/') for k in m)
         return
     _distill(kind, method, data_cfg, experts, str(tmp_path))
+
+
+def test_bfloat16_distillation_keeps_float32_state_and_the_float32_losses(data_cfg, experts, train_records):
+    """``model.dtype='bfloat16'`` for apprentice, expert and FD3D modules: params, optimiser state and expert
+    stay float32, and the first step's detection and distillation terms are within bfloat16 rounding (2 %) of
+    float32's on the same batch; a wrong cast (a float16 path, a bfloat16 loss) would show here."""
+    metrics = {}
+    for dtype in ('float32', 'bfloat16'):
+        config = _with_data(PAIRS['bevformer'][0].get_config('toy'), data_cfg)
+        config.distill.expert_checkpoint = experts['bevformer']
+        config.model.dtype = dtype
+        distiller, expert_params = build_distillation(config)
+        trainer = loop.Trainer(config, len(train_records['samples']), distiller=distiller, expert_params=expert_params)
+        batch = next(iter(pipeline.train_dataset(train_records, config.data.dataroot, config.data, 1, config.seed,
+                                                 bev=pipeline.bev_config(config.model),
+                                                 expert_bev=pipeline.bev_config(config.expert.model))))
+        metrics[dtype] = [jax.device_get(trainer.step(batch)) for _ in range(2)]
+        assert trainer.distiller.expert.dtype == dtype
+        floats = [x.dtype for x in jax.tree_util.tree_leaves((trainer.state.params, trainer.state.opt_state,
+                                                              trainer.expert_params))
+                  if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert set(floats) == {jnp.dtype(jnp.float32)}
+    first32, first16 = metrics['float32'][0], metrics['bfloat16'][0]
+    terms = ['loss_det'] + [k for k in first32 if k.startswith('distill_unweighted/')]
+    assert len(terms) >= 3, sorted(first32)
+    for key in terms:
+        assert abs(first16[key] - first32[key]) <= 2e-2 * abs(first32[key]) + 1e-6, (key, first16[key], first32[key])
+    assert first16['loss'] != first32['loss']   # bfloat16 ran
+    assert np.isfinite(metrics['bfloat16'][1]['loss'])
