@@ -16,15 +16,23 @@ and caching allocator included), not the same definition.
 ``--dtypes float32 bfloat16`` compiles every config in each compute precision (``config.model.dtype``, which the
 distiller applies to the expert and its own modules too) and prints the peak ratio to the first, side by side
 (result ``bench_memory_precision``).
+
+Each row also has ``residual_bytes``: what the backward pass keeps of the forward, per dtype (``jax.vjp``'s
+residuals of the differentiated loss, from abstract shapes: no compile, no backend). It is the backend-independent
+part of the peak that precision changes; XLA:CPU's peak is not (it has no bfloat16 convolution or matmul and
+converts every one to float32 after optimisation, temporaries included).
 """
 import argparse
 import time
 
 import jax
+import numpy as np
 
 from experiments import benchmark
 from fd3d_jax.distill import make_distiller
+from fd3d_jax.models import build
 from fd3d_jax.train import loop
+from fd3d_jax.train.train_step import expert_forward, make_loss_fn
 
 CONFIGS = ('bevformer_tiny', 'bevformer_small', 'bevformer_base', 'detr3d_r50', 'detr3d_r101',
            'fd3d_bevformer_base_to_tiny', 'fd3d_bevformer_base_to_small', 'fd3d_detr3d_r101_to_r50')
@@ -40,9 +48,25 @@ def count(tree):
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
 
 
+def residual_bytes(config, distiller, state, expert_params, batch, rng):
+    """{dtype: bytes} of the residuals ``jax.vjp`` keeps for the backward pass of the train step's loss (the
+    expert's forward is outside it, as in ``train_step``), from abstract shapes."""
+    loss_fn = make_loss_fn(build(config.model), config, distiller)
+
+    def residuals(params, expert_params, batch, rng):
+        expert_out = None if distiller is None else expert_forward(distiller, expert_params, batch)
+        return jax.vjp(lambda p: loss_fn(p, expert_params, batch, rng, expert_out)[0], params)[1]
+
+    out = {}
+    for leaf in jax.tree_util.tree_leaves(jax.eval_shape(residuals, state.params, expert_params, batch, rng)):
+        out[str(leaf.dtype)] = out.get(str(leaf.dtype), 0) + int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    return out
+
+
 def measure(config):
     distiller = make_distiller(config)
     jitted, args = loop.abstract_train_step(config, distiller)
+    residuals = residual_bytes(config, distiller, *args)
     c0, t0 = time.process_time(), time.perf_counter()
     compiled = jitted.lower(*args).compile()
     params = args[0].params
@@ -52,6 +76,7 @@ def measure(config):
                 expert_params=count(args[1]), batch=int(args[2]['img'].shape[0]),
                 queue_length=int(args[2]['img'].shape[1]),
                 image_hw=list(args[2]['img'].shape[3:5]), remat=bool(config.model.remat), dtype=config.model.dtype,
+                residual_bytes=residuals, residual_gb=round(sum(residuals.values()) / 1e9, 3),
                 backbone_remat=bool(config.model.backbone.remat))
 
 
@@ -85,13 +110,17 @@ def main(argv=None):
             rows.append(row)
             print(f"  {name} ({row['dtype']}): peak {row['peak_gb']} GB, compile {row.get('compile_s')} s", flush=True)
             benchmark.write_result(args.name, dict(remat=args.remat, rows=rows), args.out_dir, echo=False)
-    print('| config | dtype | params | peak GB (XLA) | x first dtype | PyTorch GB (nvidia-smi) | compile s (CPU s) |')
+    print('| config | dtype | params | peak GB (XLA) | x first | residuals GB | x first | PyTorch GB (nvidia-smi) '
+          '| compile s (CPU s) |')
     first = {}
     for r in rows:
-        first.setdefault(r['config'], r['peak_gb'])
-        ratio = f"{r['peak_gb'] / first[r['config']]:.2f}" if r['peak_gb'] and first[r['config']] else '-'
-        print(f"| {r['config']} | {r['dtype']} | {r.get('params', 0) / 1e6:.2f} M | {r['peak_gb']} | {ratio} "
-              f"| {r['pytorch_train_gb'] or '-'} | {r.get('compile_s', r.get('error'))} ({r.get('compile_cpu_s')}) |")
+        base = first.setdefault(r['config'], r)
+
+        def ratio(key):
+            return f'{r[key] / base[key]:.2f}' if r.get(key) and base.get(key) else '-'
+        print(f"| {r['config']} | {r['dtype']} | {r.get('params', 0) / 1e6:.2f} M | {r['peak_gb']} | {ratio('peak_gb')} "
+              f"| {r.get('residual_gb')} | {ratio('residual_gb')} | {r['pytorch_train_gb'] or '-'} "
+              f"| {r.get('compile_s', r.get('error'))} ({r.get('compile_cpu_s')}) |")
     return benchmark.write_result(args.name, dict(remat=args.remat, dtypes=args.dtypes, rows=rows), args.out_dir)
 
 

@@ -25,11 +25,43 @@ from fd3d_jax.train.state import step_rng
 CONFIGS = ('bevformer_tiny:demo', 'bevformer_tiny:full', 'bevformer_base:full')
 
 
-def with_slots(config, slots, batch_size):
+def with_model_key(config, key, value, batch_size):
+    """A copy of ``config`` with ``config.model.<key> = value`` and ``train.batch_size = batch_size``."""
     config = config.copy_and_resolve_references()
-    config.model.sca_max_cameras = slots
+    config.model[key] = value
     config.train.batch_size = batch_size
     return config
+
+
+def compare_variants(config, key, variants, timed, batch_size, iters, warmup):
+    """The train step of ``config`` for each ``{variant: value of config.model.<key>}``: compile seconds and XLA's
+    peak bytes (from abstract shapes unless ``timed``), and with ``timed`` the step times on one dummy batch with
+    random GT, interleaved, and each variant's median over the first's (``over_first``)."""
+    entry = {}
+    if timed:   # concrete trainers: their compiles give the memory too
+        mesh = mesh_lib.make_mesh()
+        trainers = {v: loop.Trainer(with_model_key(config, key, value, batch_size), 1, mesh)
+                    for v, value in variants.items()}
+        batch = mesh_lib.shard_batch(with_gt(dummy_batch(config, batch_size), config), mesh)
+        rng = step_rng(next(iter(trainers.values())).state.rng, 0)
+    for variant, value in variants.items():
+        if timed:
+            trainer = trainers[variant]
+            compiled, seconds = aot_compile(trainer.train_step, trainer.state, None, batch, rng)
+        else:
+            jitted, step_args = loop.abstract_train_step(with_model_key(config, key, value, batch_size),
+                                                         batch_size=batch_size)
+            compiled, seconds = aot_compile(jitted, *step_args)
+        entry[variant] = dict(compile_s=seconds, memory_bytes=benchmark.memory(compiled))
+        print(f"  {variant}: compile {seconds['total']} s, peak {entry[variant]['memory_bytes']['peak'] / 2**30:.2f} GiB",
+              flush=True)
+    if timed:
+        times = entry['times'] = benchmark.interleaved({v: stepper(t, batch, rng) for v, t in trainers.items()},
+                                                       warmup=warmup, iters=iters)
+        first = times[next(iter(variants))]['median_ms']
+        entry['over_first'] = {v: round(times[v]['median_ms'] / first, 3) for v in variants}
+        print('  median ms ' + ', '.join(f"{v} {times[v]['median_ms']}" for v in variants), flush=True)
+    return entry
 
 
 def main(argv=None):
@@ -48,31 +80,14 @@ def main(argv=None):
     result = {}
     for spec in args.configs:
         name, config = benchmark.load_config(spec)
-        entry = result[name] = {}
+        print(name, flush=True)
         timed = spec in args.time or name in args.time
-        if timed:   # concrete trainers: their compiles give the memory too
-            mesh = mesh_lib.make_mesh()
-            trainers = {v: loop.Trainer(with_slots(config, s, batch_size), 1, mesh) for v, s in variants.items()}
-            batch = mesh_lib.shard_batch(with_gt(dummy_batch(config, batch_size), config), mesh)
-            rng = step_rng(trainers['dense'].state.rng, 0)
-        for variant, slots in variants.items():
-            if timed:
-                trainer = trainers[variant]
-                compiled, seconds = aot_compile(trainer.train_step, trainer.state, None, batch, rng)
-            else:
-                jitted, step_args = loop.abstract_train_step(with_slots(config, slots, batch_size), batch_size=batch_size)
-                compiled, seconds = aot_compile(jitted, *step_args)
-            entry[variant] = dict(compile_s=seconds, memory_bytes=benchmark.memory(compiled))
-            print(f"{name} {variant}: compile {seconds['total']} s, peak "
-                  f"{entry[variant]['memory_bytes']['peak'] / 2**30:.2f} GiB", flush=True)
+        entry = result[name] = compare_variants(config, 'sca_max_cameras', variants, timed, batch_size, args.iters,
+                                                args.warmup)
         if timed:
-            times = benchmark.interleaved({v: stepper(t, batch, rng) for v, t in trainers.items()},
-                                          warmup=args.warmup, iters=args.iters)
-            sparse = f'sparse_{args.slots}'
-            entry['times'] = times
+            times, sparse = entry['times'], f'sparse_{args.slots}'
             entry['dense_over_sparse'] = round(times['dense']['median_ms'] / times[sparse]['median_ms'], 3)
-            print(f"{name}: median ms dense {times['dense']['median_ms']}, {sparse} {times[sparse]['median_ms']}, "
-                  f"dense / sparse {entry['dense_over_sparse']}", flush=True)
+            print(f"  dense / sparse {entry['dense_over_sparse']}", flush=True)
     return benchmark.write_result(args.name, dict(slots=args.slots, batch_size=batch_size, backend=jax.default_backend(),
                                                   configs=result),
                                   args.out_dir)

@@ -28,6 +28,23 @@ def test_bench_memory_compiles_the_real_train_step(tmp_path):
     assert row['params'] > 0 and row['expert_params'] == 0 and row['pytorch_train_gb'] is None
 
 
+def test_bench_memory_compiles_a_pair_in_bfloat16(tmp_path):
+    out = _main('bench_memory', '--configs', 'fd3d_detr3d_r101_to_r50:toy', '--dtypes', 'bfloat16',
+                '--out-dir', str(tmp_path))
+    [row] = out['rows']
+    assert out['benchmark'] == 'bench_memory_precision' and 'error' not in row, row
+    assert row['dtype'] == 'bfloat16' and row['expert_params'] > 0 and row['memory_bytes']['peak'] > 0
+
+
+@pytest.mark.slow
+def test_bench_precision_times_both_precisions(tmp_path):
+    out = _main('bench_precision', '--configs', 'detr3d_r50:toy', '--time', 'detr3d_r50:toy', '--iters', '1',
+                '--warmup', '0', '--out-dir', str(tmp_path))
+    entry = out['configs']['detr3d_r50:toy']
+    assert set(entry['over_first']) == {'float32', 'bfloat16'} and entry['over_first']['float32'] == 1.0
+    assert entry['peak_bfloat16_over_float32'] > 0 and entry['bfloat16']['memory_bytes']['peak'] > 0
+
+
 @pytest.mark.slow
 def test_bench_memory_of_a_pair_counts_the_expert(tmp_path):
     out = _main('bench_memory', '--configs', 'fd3d_detr3d_r101_to_r50:toy', '--remat', 'on', '--out-dir', str(tmp_path))

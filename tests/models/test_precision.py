@@ -1,6 +1,7 @@
 """``config.model.dtype``: bfloat16 compute with float32 params, geometry, softmaxes, norms and outputs."""
 import importlib
 
+import flax.linen as nn
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from fd3d_jax import validate
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.models import build
+from fd3d_jax.models.decoder import SelfAttention, attention_softmax_float32
 from fd3d_jax.models.deformable_attention import MSDeformableAttention
 from fd3d_jax.models.inputs import dummy_batch
 
@@ -128,3 +130,51 @@ def test_an_unknown_dtype_is_refused_naming_the_key():
     config.model.dtype = 'float16'
     with pytest.raises(ConfigError, match=r'config\.model\.dtype'):
         validate.validate(config)
+
+
+def residual_bytes(model, params, batch):
+    """Bytes ``jax.vjp`` keeps for the backward pass of a loss on the model's outputs (abstract shapes)."""
+    def loss(p):
+        out = model.apply({'params': p}, batch)
+        return out['cls_scores'].sum() + out['bbox_preds'].sum()
+    leaves = jax.tree_util.tree_leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_bfloat16_halves_what_the_backward_pass_keeps(name, models):
+    """The memory precision is for: the residuals kept for the backward pass shrink to at most 0.62x float32's
+    (not 0.5x: softmax outputs, norm statistics, geometry and masks stay as they are). Fails when the attention
+    weights or a block's activations stay float32."""
+    config, batch, params32, _ = models[name]
+    full, half = (residual_bytes(build(config.model, dtype=dtype), params32, batch) for dtype in ('float32', 'bfloat16'))
+    assert half <= 0.62 * full, (half, full, half / full)
+
+
+def test_self_attention_keeps_one_float32_copy_of_its_weights_and_equals_flax_in_float32():
+    """Decoder self-attention (``attention_softmax_float32``): in float32 identical to flax's attention, dropout
+    draw included; in bfloat16 the backward pass keeps one float32 (Q, Q) tensor per head-batch (the softmax's
+    output), not flax's ``force_fp32_for_softmax`` float32 weights through dropout and the value product."""
+    rng = np.random.default_rng(0)
+    query, pos = (jnp.asarray(rng.normal(size=(1, 300, 32)), jnp.float32) for _ in range(2))
+    rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
+    ours = SelfAttention(32, 8, 0.1)
+    params = ours.init(rngs, query, pos)['params']
+    flax_attention = nn.MultiHeadDotProductAttention(num_heads=8, qkv_features=32, out_features=32, dropout_rate=0.1,
+                                                     broadcast_dropout=False, deterministic=False)
+    qk = query + pos
+    expected = flax_attention.apply({'params': params['attn']}, qk, qk, query, rngs={'dropout': jax.random.PRNGKey(2)})
+    got = nn.MultiHeadDotProductAttention(num_heads=8, qkv_features=32, out_features=32, dropout_rate=0.1,
+                                          broadcast_dropout=False, deterministic=False,
+                                          attention_fn=attention_softmax_float32).apply(
+        {'params': params['attn']}, qk, qk, query, rngs={'dropout': jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+    half = SelfAttention(32, 8, 0.1, jnp.bfloat16)
+
+    def loss(p):
+        return half.apply({'params': p}, query.astype(jnp.bfloat16), pos.astype(jnp.bfloat16), deterministic=False,
+                          rngs={'dropout': jax.random.PRNGKey(2)}).astype(jnp.float32).sum()
+    kept = jax.tree_util.tree_leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
+    square = [leaf.dtype for leaf in kept if leaf.shape[-2:] == (300, 300)]
+    assert square.count(jnp.dtype(jnp.float32)) == 1, square
