@@ -29,6 +29,7 @@ import matplotlib
 import numpy as np
 
 from experiments.benchmark import load_config, machine_info
+from fd3d_jax.train.metrics_writer import read_metrics
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -135,6 +136,14 @@ TABLES = {
                                   {**weighted('fd3d', DETR3D_WEIGHT), 'distill.generative.bev_weight': 0.0,
                                    'distill.generative.pv_weight': 0.0}),
                              ]),
+    # Compute precision (model.dtype): the head-only row in float32 and in bfloat16, paired by seed (same init,
+    # same batches). Shares table 1's run folders.
+    'precision': dict(title='float32 vs bfloat16 compute, BEVFormer base -> tiny (:demo), expert head only',
+                      config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',
+                      expert='experiments/experts/bevformer_base_demo', rows=[
+                          HEAD_ROW,
+                          ('head_bf16', 'expert head only, model.dtype=bfloat16',
+                           {'distill.method': 'none', 'model.dtype': 'bfloat16'})]),
     # FD3D's weights for the DETR3D pair (0.3, 1, 3; run it with --split tune). Shares table 2's run folders.
     'sweep_detr3d': dict(title='FD3D weight sweep, DETR3D R101 -> R50 (:demo)',
                          config='configs/fd3d_detr3d_r101_to_r50.py:demo', folder='table2',
@@ -283,7 +292,16 @@ def run_cell(cmd, workdir, identity=None, log=print):
         with open(os.path.join(workdir, 'wall.json')) as f:
             wall = json.load(f)['seconds']
     return dict(nds=s['nd_score'], map=s['mean_ap'], tp_errors=s['tp_errors'], wall_s=wall, argv=argv,
-                **(identity or {}))
+                final_loss=final_loss(workdir), **(identity or {}))
+
+
+def final_loss(workdir, fraction=0.25):
+    """Mean training loss over the last ``fraction`` of the run's logged steps (its ``metrics.jsonl``), or None."""
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return None
+    losses = [m['loss'] for m in read_metrics(path) if 'loss' in m]
+    return float(np.mean(losses[-max(1, int(len(losses) * fraction)):])) if losses else None
 
 
 def cell_identity(expert):

@@ -31,6 +31,9 @@ if seed != 9:   # a training run (the expert's evaluation prints no progress)
     print('step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min', flush=True)
 if '--config.distill.method=fail' in argv:
     sys.exit(3)
+with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:   # losses 10, 8, 6, 4 + seed at steps 1-4
+    for step, loss in enumerate([10.0, 8.0, 6.0, 4.0 + seed], 1):
+        f.write(json.dumps(dict(step=step, loss=loss)) + '\\n')
 with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
     json.dump(dict(nd_score=0.1 * (seed + 1), mean_ap=0.05 * (seed + 1), tp_errors=dict(trans_err=1.0)), f)
 '''
@@ -86,6 +89,7 @@ def test_table_runs_cells_once_and_writes_mean_and_std(fake):
     nds = result['rows'][1]['nds']
     assert nds['values'] == pytest.approx([0.1, 0.2]) and nds['mean'] == pytest.approx(0.15)
     assert nds['std'] == pytest.approx(0.0707107, rel=1e-5)
+    assert [cell['final_loss'] for cell in result['rows'][1]['cells']] == [4.0, 5.0]   # the last quarter's mean
     md = (tmp / 'out' / 't.md').read_text()
     assert '| FD3D | 0.1500 ± 0.0707 | 0.0750 ± 0.0354 | +0.0000 |' in md and '| expert (expert) | 0.5000 |' in md
     assert '| expert on the distillation input | 1.0000 | 0.5000 |' in md and result['expert_input']['nds'] == 1.0
