@@ -71,6 +71,9 @@ bench: bench-data
 	$(PY) experiments/bench_matcher.py --out
 	$(PY) experiments/bench_compile_cache.py --config configs/fd3d_bevformer_base_to_tiny.py:demo
 	$(PY) experiments/bench_sca.py --configs bevformer_tiny:demo bevformer_tiny:full --time bevformer_tiny:demo
+	$(PY) experiments/bench_memory.py --dtypes float32 bfloat16
+	$(PY) experiments/bench_precision.py
+	$(PY) experiments/bench_compile.py --config bevformer_tiny:full
 	$(PY) experiments/sca_camera_hits.py --out
 
 # Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15; then

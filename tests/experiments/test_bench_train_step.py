@@ -78,3 +78,11 @@ def test_bench_train_step_compile_only(tmp_path):
     for key in ('apprentice', 'fd3d'):
         assert out[key]['compile_s']['total'] > 0 and out[key]['memory_bytes']['peak'] > 0
     assert out['fd3d']['memory_bytes']['peak'] > out['apprentice']['memory_bytes']['peak']
+
+
+@pytest.mark.slow
+def test_bench_compile_splits_the_step_and_compiles_variants(tmp_path):
+    out = _main('bench_compile', '--config', 'detr3d_r50:toy', '--variants', 'matcher_jax', '--out-dir', str(tmp_path))
+    assert set(out['parts']) == {'forward', 'loss_gradient', 'train_step'} and set(out['variants']) == {'matcher_jax'}
+    assert all(seconds['compile'] > 0 and seconds['cpu'] > 0 for seconds in [*out['parts'].values(),
+                                                                             *out['variants'].values()])
