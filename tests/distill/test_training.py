@@ -126,6 +126,7 @@ def test_every_method_trains_checkpoints_and_evaluates(kind, method, data_cfg, e
     _distill(kind, method, data_cfg, experts, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_bfloat16_distillation_keeps_float32_state_and_the_float32_losses(data_cfg, experts, train_records):
     """``model.dtype='bfloat16'`` for apprentice, expert and FD3D modules: params, optimiser state and expert
     stay float32, and the first step's detection and distillation terms are within bfloat16 rounding (2 %) of

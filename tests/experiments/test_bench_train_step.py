@@ -28,6 +28,7 @@ def test_bench_memory_compiles_the_real_train_step(tmp_path):
     assert row['params'] > 0 and row['expert_params'] == 0 and row['pytorch_train_gb'] is None
 
 
+@pytest.mark.slow
 def test_bench_memory_compiles_a_pair_in_bfloat16(tmp_path):
     out = _main('bench_memory', '--configs', 'fd3d_detr3d_r101_to_r50:toy', '--dtypes', 'bfloat16',
                 '--out-dir', str(tmp_path))

@@ -27,13 +27,17 @@ def toy(name):
 
 @pytest.fixture(scope='module')
 def models():
+    """Per detector: (config, batch, float32 params, abstract params of the bfloat16 model, outputs of the float32
+    and of the bfloat16 model with the float32 params)."""
     out = {}
     for name in NAMES:
         config, batch = toy(name)
         rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
         params32 = jax.jit(build(config.model).init)(rngs, batch)['params']
         params16 = jax.eval_shape(build(config.model, dtype='bfloat16').init, rngs, batch)['params']
-        out[name] = (config, batch, params32, params16)
+        outputs = {dtype: apply_fn(build(config.model, dtype=dtype))(params32, batch)
+                   for dtype in ('float32', 'bfloat16')}
+        out[name] = (config, batch, params32, params16, outputs)
     return out
 
 
@@ -70,10 +74,10 @@ def matmul_flops(jaxpr, multiplier=1):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_params_stay_float32_and_outputs_follow_the_policy(name, models):
-    config, batch, params32, params16 = models[name]
+    _, _, params32, params16, outputs = models[name]
     assert {x.dtype for x in jax.tree_util.tree_leaves(params16)} == {jnp.dtype(jnp.float32)}
     assert jax.tree_util.tree_structure(params16) == jax.tree_util.tree_structure(params32)
-    out = apply_fn(build(config.model, dtype='bfloat16'))(params32, batch)
+    out = outputs['bfloat16']
     for key in ('cls_scores', 'bbox_preds', 'references') + (('bev',) if 'bev' in out else ()):
         assert out[key].dtype == jnp.float32, key
     assert out['img_feats'][0].dtype == jnp.bfloat16 and out['queries'].dtype == jnp.bfloat16
@@ -87,7 +91,7 @@ def test_params_stay_float32_and_outputs_follow_the_policy(name, models):
 def test_matmuls_and_convolutions_run_in_bfloat16(name, models):
     """Nearly all matmul/conv FLOPs in bfloat16 (what is left: offsets, attention logits, the branches' last
     Linear, the reference points, the DCN offsets); none in float32 mode. Fails when a module ignores dtype."""
-    config, batch, params32, _ = models[name]
+    config, batch, params32, _, _ = models[name]
     for dtype, low, high in (('float32', 0.0, 0.0), ('bfloat16', 0.9, 1.0)):
         model = build(config.model, dtype=dtype)
         jaxpr = jax.make_jaxpr(lambda p, b: model.apply({'params': p}, b))(params32, batch).jaxpr
@@ -98,9 +102,7 @@ def test_matmuls_and_convolutions_run_in_bfloat16(name, models):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_bfloat16_outputs_are_near_float32(name, models):
-    config, batch, params32, _ = models[name]
-    out32 = apply_fn(build(config.model))(params32, batch)
-    out16 = apply_fn(build(config.model, dtype='bfloat16'))(params32, batch)
+    out32, out16 = models[name][4]['float32'], models[name][4]['bfloat16']
     for key in ('cls_scores', 'bbox_preds'):
         ref, got = np.asarray(out32[key]), np.asarray(out16[key])
         rel = np.abs(got - ref).mean() / np.abs(ref).mean()
@@ -146,7 +148,7 @@ def test_bfloat16_halves_what_the_backward_pass_keeps(name, models):
     """The memory precision is for: the residuals kept for the backward pass shrink to at most 0.62x float32's
     (not 0.5x: softmax outputs, norm statistics, geometry and masks stay as they are). Fails when the attention
     weights or a block's activations stay float32."""
-    config, batch, params32, _ = models[name]
+    config, batch, params32, _, _ = models[name]
     full, half = (residual_bytes(build(config.model, dtype=dtype), params32, batch) for dtype in ('float32', 'bfloat16'))
     assert half <= 0.62 * full, (half, full, half / full)
 
