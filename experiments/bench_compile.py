@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def variant_config(spec, variant=None):
-    """``(config, step args)`` of ``spec`` at one sample per device, with ``variant`` applied."""
+    """The config of ``spec`` at one sample per device, with ``variant`` applied."""
     _, config = benchmark.load_config(spec)
     config.train.batch_size = jax.device_count()
     if variant:

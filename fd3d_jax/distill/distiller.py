@@ -110,9 +110,9 @@ class Distiller:
         self.distill_cfg = config.distill
         self.apprentice_cfg, self.expert_cfg = config.model, config.expert.model
         # One precision for all three (config.model.dtype): the expert runs in the apprentice's.
-        self.dtype = compute_dtype(self.apprentice_cfg.get('dtype', 'float32'))
         self.apprentice = build(self.apprentice_cfg)
-        self.expert = build(self.expert_cfg, dtype=self.apprentice_cfg.get('dtype', 'float32'))
+        self.expert = build(self.expert_cfg, dtype=self.apprentice.dtype)
+        self.dtype = compute_dtype(self.apprentice.dtype)
         self.has_bev = self.apprentice.has_bev
         self.upsample = int(self.distill_cfg.expert_upsample)
         batch = dummy_batch(config, 1, queue_length=1, expert_model=self.expert_cfg)
