@@ -58,7 +58,7 @@ BENCH_DATA := data/synthetic
 bench-data: venv
 	test -f $(BENCH_DATA)/fd3d_synthetic.json || $(PY) -m fd3d_jax.data.synthetic --out $(BENCH_DATA) --scenes 10 --seed 0
 
-bench: bench-data
+bench: bench-data data
 	$(PY) experiments/bench_msda.py --shapes tiny_sca tiny_tsa base_tsa base_sca --queries 2500
 	$(PY) experiments/bench_train_step.py --dataroot $(BENCH_DATA)
 	$(PY) experiments/bench_pipeline.py --config configs/bevformer_tiny.py:demo
@@ -73,6 +73,7 @@ bench: bench-data
 	$(PY) experiments/bench_sca.py --configs bevformer_tiny:demo bevformer_tiny:full --time bevformer_tiny:demo
 	$(PY) experiments/bench_memory.py --dtypes float32 bfloat16
 	$(PY) experiments/bench_precision.py
+	$(PY) experiments/precision_gradients.py --batches 6 --dataroot $(DATA)
 	$(PY) experiments/bench_compile.py --config bevformer_tiny:full
 	$(PY) experiments/sca_camera_hits.py --out
 
