@@ -8,8 +8,8 @@ dropout draws are from each other (the step-to-step noise SGD already lives with
 None`` keep the config's, e.g. from ``--config.data.dataroot=DIR``).
 
 At the same float32 params (a fresh init, seed 0), on the first ``--batches`` training batches (the training
-pipeline, seed 0), the detection loss's gradient in ``model.dtype`` float32 and bfloat16 with the same dropout key,
-and in float32 with another dropout key. Per batch: both losses, the relative error ``|g_bf16 - g_f32| / |g_f32|``
+pipeline, the config's seed), the detection loss's gradient in ``model.dtype`` float32 and bfloat16 with the same
+dropout key, and in float32 with another dropout key. Per batch: both losses, the relative error ``|g_bf16 - g_f32| / |g_f32|``
 and cosine of the whole gradient, the same two numbers for the other dropout draw; per parameter kind (the last
 key: kernel, bias, scale, embeddings), the median and 90th percentile of the per-leaf relative error of bfloat16.
 A bfloat16 error well below the dropout spread says the rounding is not what makes bfloat16 training differ; a
@@ -25,9 +25,8 @@ import jax
 import numpy as np
 
 from experiments import benchmark
-from fd3d_jax.data import pipeline
+from experiments.bench_train_step import real_batches
 from fd3d_jax.models import build
-from fd3d_jax.train.loop import load_split
 from fd3d_jax.train.train_step import make_loss_fn
 
 
@@ -56,9 +55,7 @@ def main(argv=None):
     config.data.dataroot = config.data.dataroot if args.dataroot == 'None' else args.dataroot
     config.data.version = config.data.version if args.version == 'None' else args.version
     config.data.train_split = 'mini_train' if config.data.version.endswith('mini') else 'train'
-    records = load_split(config, config.data.train_split)
-    data = iter(pipeline.train_dataset(records, config.data.dataroot, config.data, 1, 0,
-                                       bev=pipeline.bev_config(config.model)))
+    data = real_batches(config, config.data.dataroot, batch_size=1)
     batches = [next(data) for _ in range(args.batches)]
     params = jax.jit(build(config.model).init)({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
                                                batches[0])['params']
