@@ -57,7 +57,7 @@ def make_expert(config):
     if config.distill.expert_checkpoint:
         return build_distillation(config)
     distiller = make_distiller(config)
-    batch = dummy_batch(config, 1, queue_length=1, raw_wh=loop.INIT_IMAGE_WH)
+    batch = dummy_batch(config, 1, queue_length=1, raw_wh=loop.INIT_IMAGE_WH, expert_model=distiller.expert_cfg)
     return distiller, init_params(distiller.expert, distiller.expert_batch(batch), config.seed + 3)
 
 
@@ -115,7 +115,8 @@ def real_batches(config, dataroot, batch_size):
     config.data.dataroot, config.data.records_dir = dataroot, ''
     recs = loop.load_split(config, config.data.train_split)
     ds = pipeline.train_dataset(recs, dataroot, config.data, batch_size, config.seed,
-                                bev=pipeline.bev_config(config.model), expert_bev=pipeline.bev_config(config.expert.model))
+                                bev=pipeline.bev_config(config.model),
+                                expert_bev=pipeline.bev_config(config.expert.model) if 'expert' in config else None)
     return iter(ds)
 
 
@@ -123,7 +124,8 @@ def run(config, args):
     mesh = mesh_lib.make_mesh()
     batch_size = args.batch_size or config.train.batch_size
     data = real_batches(config, args.dataroot, batch_size) if args.dataroot else None
-    host_batch = next(data) if data else with_gt(dummy_batch(config, batch_size), config)
+    expert_model = config.expert.model   # its BEV grid may differ from the apprentice's: expert_bev_* inputs
+    host_batch = next(data) if data else with_gt(dummy_batch(config, batch_size, expert_model=expert_model), config)
     if not data:
         print('warning: no --dataroot: timing on a dummy batch (random images, random GT)', flush=True)
     distiller, expert_params = make_expert(config)
@@ -153,7 +155,8 @@ def run(config, args):
 
     t0, step_s = time.perf_counter(), []
     for i in range(args.steps):   # the training loop's own path: host batch -> shard -> Trainer.step
-        host = next(data) if data else with_gt(dummy_batch(config, batch_size, seed=i + 1), config, 1 + i % 10, i + 1)
+        host = next(data) if data else with_gt(dummy_batch(config, batch_size, seed=i + 1, expert_model=expert_model),
+                                                config, 1 + i % 10, i + 1)
         t = time.perf_counter()
         jax.block_until_ready(fd3d.step(host))
         step_s.append(time.perf_counter() - t)
