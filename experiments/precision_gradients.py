@@ -9,9 +9,10 @@ None`` keep the config's, e.g. from ``--config.data.dataroot=DIR``).
 
 At the same float32 params (a fresh init, seed 0), on the first ``--batches`` training batches (the training
 pipeline, the config's seed), the detection loss's gradient in ``model.dtype`` float32 and bfloat16 with the same
-dropout key, and in float32 with another dropout key. Per batch: both losses, the relative error ``|g_bf16 - g_f32| / |g_f32|``
-and cosine of the whole gradient, the same two numbers for the other dropout draw; per parameter kind (the last
-key: kernel, bias, scale, embeddings), the median and 90th percentile of the per-leaf relative error of bfloat16.
+dropout key, and in float32 with another dropout key. Per batch: both losses, the relative error
+``|g_bf16 - g_f32| / |g_f32|`` and cosine of the whole gradient, the same two numbers for the other dropout draw;
+per parameter kind (the last key: kernel, bias, scale, embeddings), the median and 90th percentile of the per-leaf
+relative error of bfloat16.
 A bfloat16 error well below the dropout spread says the rounding is not what makes bfloat16 training differ; a
 kind far worse than the others (say, bias gradients summed over many positions in bfloat16) would show here.
 Parameters whose float32 gradient is zero up to rounding (the attention key bias: softmax ignores a constant per
@@ -83,7 +84,7 @@ def main(argv=None):
             if norm32 < 1e-3 * norm16:  # zero up to rounding in float32
                 zero[key].append((float(norm32), float(norm16)))
                 continue
-            per_kind[path[-1].key].append(float(np.linalg.norm(leaf16 - leaf32) / np.linalg.norm(leaf32)))
+            per_kind[path[-1].key].append(float(np.linalg.norm(leaf16 - leaf32) / norm32))
     kinds = {kind: dict(leaves=len(errs), median=float(np.median(errs)), p90=float(np.percentile(errs, 90)))
              for kind, errs in sorted(per_kind.items())}
     for kind, stats in kinds.items():
