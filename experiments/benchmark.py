@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import time
 
 import jax
@@ -18,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 RESULTS_DIR = os.path.join('experiments', 'results')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _version(dist):
@@ -46,6 +48,18 @@ def physical_memory_bytes():
         return None
 
 
+def git_commit():
+    """The checkout's commit (``+dirty`` with uncommitted changes to the code), or None outside git."""
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'fd3d_jax', 'configs'], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ('+dirty' if dirty else '')
+
+
 def machine_info():
     """Where and with what a figure was measured (goes into every result file)."""
     devices = jax.devices()
@@ -55,7 +69,7 @@ def machine_info():
         affinity=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
         memory_gb=None if physical_memory_bytes() is None else round(physical_memory_bytes() / 1e9, 1),
         backend=jax.default_backend(), devices=f'{len(devices)} x {devices[0].device_kind}',
-        python=platform.python_version(),
+        python=platform.python_version(), commit=git_commit(),
         versions={d: _version(d) for d in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'grain')})
 
 

@@ -28,7 +28,7 @@ import time
 import matplotlib
 import numpy as np
 
-from experiments.benchmark import load_config, machine_info
+from experiments.benchmark import git_commit, load_config, machine_info
 from fd3d_jax.train.metrics_writer import read_metrics
 
 matplotlib.use('Agg')
@@ -191,18 +191,6 @@ def expert_hash(expert):
         if files:
             return _hash_files(files, expert)
     raise TableError(f'{expert} holds no params/ or checkpoints/: not an expert')
-
-
-def git_commit():
-    """The checkout's commit (``+dirty`` with uncommitted changes to the code), or None outside git."""
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'fd3d_jax', 'configs'], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ('+dirty' if dirty else '')
 
 
 def carve_tune_splits(dataroot, fraction=0.2):
