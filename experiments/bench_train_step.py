@@ -111,24 +111,25 @@ def stepper(trainer, batch, rng):
     return run
 
 
-def real_batches(config, dataroot, batch_size):
+def real_batches(config, dataroot, batch_size, expert_model=None):
+    """The training pipeline's batches of ``dataroot``; with ``expert_model``, also that expert's BEV inputs."""
     config.data.dataroot, config.data.records_dir = dataroot, ''
     recs = loop.load_split(config, config.data.train_split)
     ds = pipeline.train_dataset(recs, dataroot, config.data, batch_size, config.seed,
                                 bev=pipeline.bev_config(config.model),
-                                expert_bev=pipeline.bev_config(config.expert.model) if 'expert' in config else None)
+                                expert_bev=None if expert_model is None else pipeline.bev_config(expert_model))
     return iter(ds)
 
 
 def run(config, args):
     mesh = mesh_lib.make_mesh()
     batch_size = args.batch_size or config.train.batch_size
-    data = real_batches(config, args.dataroot, batch_size) if args.dataroot else None
-    expert_model = config.expert.model   # its BEV grid may differ from the apprentice's: expert_bev_* inputs
+    distiller, expert_params = make_expert(config)
+    expert_model = distiller.expert_cfg   # its BEV grid may differ from the apprentice's: expert_bev_* inputs
+    data = real_batches(config, args.dataroot, batch_size, expert_model) if args.dataroot else None
     host_batch = next(data) if data else with_gt(dummy_batch(config, batch_size, expert_model=expert_model), config)
     if not data:
         print('warning: no --dataroot: timing on a dummy batch (random images, random GT)', flush=True)
-    distiller, expert_params = make_expert(config)
     alone = loop.Trainer(apprentice_config(config), 1, mesh)
     fd3d = loop.Trainer(config, 1, mesh, distiller=distiller, expert_params=expert_params)
     traced = {}

@@ -28,13 +28,12 @@ import time
 import matplotlib
 import numpy as np
 
-from experiments.benchmark import git_commit, load_config, machine_info
+from experiments.benchmark import REPO, git_commit, load_config, machine_info
 from fd3d_jax.train.metrics_writer import read_metrics
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NONE = {'distill.method': 'none', 'distill.init_apprentice_head': False}
 
 # Rows: (key, label, config overrides). Every distillation row starts the apprentice's head from the
