@@ -57,7 +57,7 @@ def compare_variants(config, key, variants, timed, batch_size, iters, warmup):
               flush=True)
     if timed:
         times = entry['times'] = benchmark.interleaved({v: stepper(t, batch, rng) for v, t in trainers.items()},
-                                                       warmup=warmup, iters=iters)
+                                                       warmup=warmup, iters=iters, progress=True)
         first = times[next(iter(variants))]['median_ms']
         entry['over_first'] = {v: round(times[v]['median_ms'] / first, 3) for v in variants}
         print('  median ms ' + ', '.join(f"{v} {times[v]['median_ms']}" for v in variants), flush=True)

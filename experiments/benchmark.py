@@ -93,18 +93,21 @@ def time_call(fn, *args, warmup=1, iters=5, sync=jax.block_until_ready):
     return summarize_times(times)
 
 
-def interleaved(fns, warmup=1, iters=5):
+def interleaved(fns, warmup=1, iters=5, progress=False):
     """Times several zero-argument callables round-robin (``{name: fn}``, each returning when done), so
-    that a slow spell of the machine hits all of them alike; ``{name: summarize_times}``."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    that a slow spell of the machine hits all of them alike; ``{name: summarize_times}``. With ``progress``
+    each call's seconds are printed as it ends (for calls that take minutes)."""
     times = {name: [] for name in fns}
-    for _ in range(iters):
+    for round_ in range(-warmup, iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if round_ >= 0:
+                times[name].append(seconds)
+            if progress:
+                print(f"    {'warmup' if round_ < 0 else f'iter {round_ + 1}/{iters}'} {name}: {seconds:.1f} s",
+                      flush=True)
     return {name: summarize_times(t) for name, t in times.items()}
 
 

@@ -26,10 +26,15 @@ Frozen parts (mmdet ``norm_cfg=dict(requires_grad=False)``, ``norm_eval=True``, 
 * The output of the stem (``frozen_stages >= 0``) and of each frozen stage ``layer1..layer{f}`` goes
   through ``jax.lax.stop_gradient``: the backward pass stops there (no work spent on frozen convs,
   as in PyTorch where no input requires grad), so frozen conv kernels also get zero gradients.
-* Memory: the repeated blocks of a stage are a scan, and with ``remat`` (mmdet ``with_cp``) every
-  block is rematerialised. Expressed as a scan, the backward pass must recompute one block at a
-  time, so only block inputs are kept — an unrolled ``jax.checkpoint`` leaves XLA free to hoist
-  all recomputation and (on XLA:CPU) saves nothing.
+* The repeated blocks of a stage share one stacked parameter tree (``layer{s}_rest``, an ``nn.scan``).
+  With ``remat`` (mmdet ``with_cp``) they run as a loop and every block is rematerialised: the backward
+  pass must recompute one block at a time, so only block inputs are kept — an unrolled
+  ``jax.checkpoint`` leaves XLA free to hoist all recomputation and (on XLA:CPU) saves nothing.
+  Without ``remat`` the scan is fully unrolled (same parameters, same residuals, no loop): XLA:CPU
+  leaves the backward convolutions inside a loop body in non-canonical dimension orders that its fast
+  convolution kernels do not take, and runs them in its naive emitter — a ResNet-50 gradient on
+  6x480x800 took 316 s as a loop against 14 s unrolled (docs/benchmarks.md). Compiled for a GPU or TPU
+  the two forms run alike; the loop only compiles faster.
 * Zero gradient is not enough with decoupled weight decay (AdamW decays every leaf it is given),
   so the optimizer must skip these leaves: ``resnet_trainable_mask(params, frozen_stages)`` returns
   the boolean pytree (False = frozen) for ``optax.masked`` / ``optax.multi_transform``.
@@ -134,6 +139,8 @@ class ResNet(nn.Module):
       frozen_stages: -1 nothing, 0 stem, k stem + layer1..layerk (stop_gradient after them).
       dcn_stages: per stage, DCNv2 for the 3x3 conv of every block.
       remat: ``jax.checkpoint`` each block (mmdet ``with_cp``).
+      loop_blocks: run a stage's repeated blocks as a loop (True) or unrolled (False); None (default):
+        a loop exactly when ``remat`` (module docstring).
       base_width, stage_blocks: overrides for tiny test/toy variants (e.g. 8, (1, 1, 1, 1)).
       zero_init_residual: bn3 scale initialised to 0 (mmdet's default is True; the default here
         is False because BN is frozen, so a from-scratch model would keep every residual branch
@@ -147,6 +154,7 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     remat: bool = False
+    loop_blocks: Optional[bool] = None
     base_width: int = 64
     stage_blocks: Optional[Sequence[int]] = None
     zero_init_residual: bool = False
@@ -162,6 +170,7 @@ class ResNet(nn.Module):
         feat = nn.max_pool(feat, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.frozen_stages >= 0:
             feat = jax.lax.stop_gradient(feat)
+        loop = self.remat if self.loop_blocks is None else self.loop_blocks
         block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
         step_cls = nn.remat(_BlockStep, prevent_cse=False) if self.remat else _BlockStep
         inplanes = self.base_width
@@ -176,7 +185,7 @@ class ResNet(nn.Module):
             inplanes = planes * BOTTLENECK_EXPANSION
             if num_blocks > 1:
                 scan = nn.scan(step_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                               length=num_blocks - 1)
+                               length=num_blocks - 1, unroll=1 if loop else num_blocks - 1)
                 feat, _ = scan(dict(planes=planes, **kwargs), name=f'layer{stage + 1}_rest')(feat, None)
             if stage < self.frozen_stages:
                 feat = jax.lax.stop_gradient(feat)
