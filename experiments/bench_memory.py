@@ -12,7 +12,9 @@ compile seconds (wall, and this process's CPU seconds: robust to a busy machine)
 counts (apprentice, distillation modules, expert). The PyTorch column is the BEVFormer README's training
 memory (nvidia-smi, fp32, batch 1 per GPU) for the official configs: a process-level figure (CUDA context
 and caching allocator included), not the same definition.
-``--remat on|off`` overrides the layers' and the backbone's rematerialisation (apprentice and expert).
+``--remat on|off`` overrides the layers' and the backbone's rematerialisation (apprentice and expert). The
+backbone's repeated blocks are compiled as a loop, the form GPUs and TPUs run (``summary.accelerator_form``; the CPU
+default unrolls them, ``bench_backbone.py``).
 ``--dtypes float32 bfloat16`` compiles every config in each compute precision (``config.model.dtype``, which the
 distiller applies to the expert and its own modules too) and prints the peak ratio to the first, side by side
 (result ``bench_memory_precision``).
@@ -31,6 +33,7 @@ import numpy as np
 from experiments import benchmark
 from fd3d_jax.distill import make_distiller
 from fd3d_jax.models import build
+from fd3d_jax.models.summary import accelerator_form
 from fd3d_jax.train import loop
 from fd3d_jax.train.train_step import expert_forward, make_loss_fn
 
@@ -96,6 +99,7 @@ def main(argv=None):
     for spec in args.configs:
         for dtype in args.dtypes or [None]:
             name, config = benchmark.load_config(spec)
+            config = accelerator_form(config)
             if args.remat != 'config':
                 set_remat(config, args.remat == 'on')
             if dtype:

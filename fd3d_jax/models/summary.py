@@ -9,7 +9,8 @@ AdamW update of all parameters, with a stand-in loss (sum of squared head output
 detection loss is used. Peak bytes = XLA's ``memory_analysis()``: arguments + outputs + temporaries
 - aliased. GFLOPs: the jaxpr count with loop trip counts (``fd3d_jax.models.flops``); ``xla_gflops``
 is XLA's ``cost_analysis`` (counts each loop body once); ``gmacs`` = multiply-accumulates of dots
-and convolutions (what mmcv's counter calls FLOPs).
+and convolutions (what mmcv's counter calls FLOPs). The ResNet's repeated blocks are compiled as a loop, the form
+GPUs and TPUs run (``accelerator_form``), unless the config sets ``model.backbone.loop_blocks``.
 """
 import json
 import time
@@ -35,7 +36,21 @@ def peak_bytes(compiled):
                - analysis.alias_size_in_bytes)
 
 
+def accelerator_form(config):
+    """A copy of ``config`` whose ResNet backbones (``model``, and ``expert.model`` of a distillation config) run
+    their repeated blocks as a loop where ``loop_blocks`` is unset: the default on GPUs and TPUs, while on the CPU
+    the default unrolls them (``fd3d_jax.models.backbone``), which runs faster there and peaks higher. Memory figures
+    measured on the CPU use this form to stand for an accelerator's."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for model in [config.model] + ([config.expert.model] if 'expert' in config else []):
+            if 'backbone' in model and model.backbone.get('loop_blocks') is None:
+                model.backbone.loop_blocks = True
+    return config
+
+
 def summarize(config):
+    config = accelerator_form(config)
     model = build(config.model)
     rngs = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)}
     infer_batch = batch_spec(config, 1, queue_length=1)
