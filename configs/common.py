@@ -36,11 +36,11 @@ def data_config(toy=False):
 
 
 def resnet(depth, style='pytorch', out_indices=(3,), dcn=False, remat=False):
-    """mmdet ResNet config: frozen BN, frozen stem + stage 1, DCNv2 in stages 3-4 when ``dcn``. ``loop_blocks``
-    None: a stage's repeated blocks unrolled on the CPU unless rematerialised, else a loop (``ResNet``)."""
+    """mmdet ResNet config: frozen BN, frozen stem + stage 1, DCNv2 in stages 3-4 when ``dcn``. ``repeated_blocks``
+    'auto': a stage's repeated blocks unrolled on the CPU unless rematerialised, else a loop (``ResNet``)."""
     return ml_collections.ConfigDict(dict(
         depth=depth, style=style, out_indices=tuple(out_indices), frozen_stages=1,
-        dcn_stages=(False, False, dcn, dcn), remat=remat, loop_blocks=None, base_width=64, stage_blocks=None))
+        dcn_stages=(False, False, dcn, dcn), remat=remat, repeated_blocks='auto', base_width=64, stage_blocks=None))
 
 
 def fpn(in_channels, num_outs, start_level=0, out_channels=256):
@@ -105,7 +105,7 @@ def toy_backbone(model):
     C4/C5 + one extra FPN level (3 levels: 6x10, 3x5, 2x3 at 96x160), C=32, 4 heads, FFN 64."""
     model.backbone = ml_collections.ConfigDict(dict(
         depth=50, style='pytorch', out_indices=(2, 3), frozen_stages=-1, dcn_stages=(False,) * 4, remat=False,
-        loop_blocks=None, base_width=8, stage_blocks=(1, 1, 1, 1)))
+        repeated_blocks='auto', base_width=8, stage_blocks=(1, 1, 1, 1)))
     model.neck = fpn((128, 256), 3, out_channels=32)
     model.num_levels = 3
     model.embed_dims, model.num_heads, model.ffn_dims = 32, 4, 64

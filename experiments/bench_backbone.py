@@ -1,4 +1,4 @@
-"""The image backbone's repeated blocks as a loop vs unrolled (``ResNet.loop_blocks``): forward and gradient.
+"""The image backbone's repeated blocks as a loop vs unrolled (``model.backbone.repeated_blocks``): forward and gradient.
 
     python experiments/bench_backbone.py [--config bevformer_tiny:full] [--iters 3] [--warmup 1]
         [--variants loop unrolled]
@@ -24,13 +24,13 @@ from experiments.bench_train_step import aot_compile
 from fd3d_jax.models.backbone import ResNet
 from fd3d_jax.models.inputs import image_hw
 
-VARIANTS = {'loop': True, 'unrolled': False}
+VARIANTS = ('loop', 'unrolled')
 
 
-def backbone_functions(config, loop_blocks):
-    """``(params, forward, gradient)`` of the config's ResNet with ``loop_blocks``: both functions take
+def backbone_functions(config, repeated_blocks):
+    """``(params, forward, gradient)`` of the config's ResNet with ``repeated_blocks``: both functions take
     ``(params, images)`` and are jitted; params from ``init`` at the config's seed (identical across variants)."""
-    model = ResNet(**dict(config.model.backbone), loop_blocks=loop_blocks)
+    model = ResNet(**{**dict(config.model.backbone), 'repeated_blocks': repeated_blocks})
     height, width = image_hw(config)
     params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, height, width, 3)))
 
@@ -47,7 +47,7 @@ def compare(config, variants, iters, warmup):
                          jnp.float32)
     entry, calls = {'images': list(images.shape)}, {}
     for variant in variants:
-        params, forward, gradient = backbone_functions(config, VARIANTS[variant])
+        params, forward, gradient = backbone_functions(config, variant)
         for function, jitted in (('forward', forward), ('gradient', gradient)):
             compiled, seconds = aot_compile(jitted, params, images)
             peak = benchmark.memory(compiled)['peak']

@@ -22,9 +22,9 @@ from fd3d_jax.errors import CheckpointError, ExpertError
 # Do not change the params or outputs: execution choices and training-only switches. ``sca_max_cameras`` (sparse
 # spatial cross-attention) changes outputs only for BEV queries hitting more than K cameras, none at K >= 2 on
 # the nuScenes rig: an expert trained dense may run sparse and the reverse. ``dtype`` (compute precision): params
-# are float32 in either, and the distiller runs the expert in the apprentice's precision. ``loop_blocks`` (the
+# are float32 in either, and the distiller runs the expert in the apprentice's precision. ``repeated_blocks`` (the
 # backbone's repeated blocks as a loop or unrolled) is the same computation either way.
-IGNORED_MODEL_KEYS = ('remat', 'loop_blocks', 'grid_mask', 'max_num', 'dropout', 'sca_max_cameras', 'dtype')
+IGNORED_MODEL_KEYS = ('remat', 'repeated_blocks', 'grid_mask', 'max_num', 'dropout', 'sca_max_cameras', 'dtype')
 # Model keys added after experts were written, with the value that reproduces the code before them: a saved
 # config without the key was trained with that value.
 ADDED_MODEL_KEYS = {'prev_bev_batch0': False}

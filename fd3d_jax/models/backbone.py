@@ -35,7 +35,7 @@ Frozen parts (mmdet ``norm_cfg=dict(requires_grad=False)``, ``norm_eval=True``, 
   convolution kernels do not take, and runs them in its naive emitter — the ResNet-50 gradient of
   ``bevformer_tiny:full`` (6x480x800) takes 315 s as a loop against 19 s unrolled, at 1.84 against 2.29 GiB
   peak (docs/benchmarks.md). On GPUs and TPUs, whose convolutions have no such gap, they stay a loop (less
-  memory, faster compiles). ``loop_blocks`` overrides the choice.
+  memory, faster compiles). ``repeated_blocks`` overrides the choice.
 * Zero gradient is not enough with decoupled weight decay (AdamW decays every leaf it is given),
   so the optimizer must skip these leaves: ``resnet_trainable_mask(params, frozen_stages)`` returns
   the boolean pytree (False = frozen) for ``optax.masked`` / ``optax.multi_transform``.
@@ -140,8 +140,8 @@ class ResNet(nn.Module):
       frozen_stages: -1 nothing, 0 stem, k stem + layer1..layerk (stop_gradient after them).
       dcn_stages: per stage, DCNv2 for the 3x3 conv of every block.
       remat: ``jax.checkpoint`` each block (mmdet ``with_cp``).
-      loop_blocks: run a stage's repeated blocks as a loop (True) or unrolled (False); None (default):
-        unrolled only without ``remat`` on the CPU backend (module docstring).
+      repeated_blocks: 'loop' or 'unrolled', how a stage's repeated blocks run; 'auto' (default): unrolled
+        only without ``remat`` on the CPU backend (module docstring).
       base_width, stage_blocks: overrides for tiny test/toy variants (e.g. 8, (1, 1, 1, 1)).
       zero_init_residual: bn3 scale initialised to 0 (mmdet's default is True; the default here
         is False because BN is frozen, so a from-scratch model would keep every residual branch
@@ -155,7 +155,7 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     remat: bool = False
-    loop_blocks: Optional[bool] = None
+    repeated_blocks: str = 'auto'
     base_width: int = 64
     stage_blocks: Optional[Sequence[int]] = None
     zero_init_residual: bool = False
@@ -171,9 +171,11 @@ class ResNet(nn.Module):
         feat = nn.max_pool(feat, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.frozen_stages >= 0:
             feat = jax.lax.stop_gradient(feat)
-        loop = self.loop_blocks
-        if loop is None:
-            loop = self.remat or jax.default_backend() != 'cpu'
+        if self.repeated_blocks not in ('auto', 'loop', 'unrolled'):
+            raise ValueError(f"model.backbone.repeated_blocks must be 'auto', 'loop' or 'unrolled', "
+                             f"got {self.repeated_blocks!r}")
+        loop = (self.repeated_blocks == 'loop' or self.repeated_blocks == 'auto'
+                and (self.remat or jax.default_backend() != 'cpu'))
         block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
         step_cls = nn.remat(_BlockStep, prevent_cse=False) if self.remat else _BlockStep
         inplanes = self.base_width

@@ -10,7 +10,7 @@ detection loss is used. Peak bytes = XLA's ``memory_analysis()``: arguments + ou
 - aliased. GFLOPs: the jaxpr count with loop trip counts (``fd3d_jax.models.flops``); ``xla_gflops``
 is XLA's ``cost_analysis`` (counts each loop body once); ``gmacs`` = multiply-accumulates of dots
 and convolutions (what mmcv's counter calls FLOPs). The ResNet's repeated blocks are compiled as a loop, the form
-GPUs and TPUs run (``accelerator_form``), unless the config sets ``model.backbone.loop_blocks``.
+GPUs and TPUs run (``accelerator_form``), unless the config sets ``model.backbone.repeated_blocks``.
 """
 import json
 import time
@@ -38,14 +38,14 @@ def peak_bytes(compiled):
 
 def accelerator_form(config):
     """A copy of ``config`` whose ResNet backbones (``model``, and ``expert.model`` of a distillation config) run
-    their repeated blocks as a loop where ``loop_blocks`` is unset: the default on GPUs and TPUs, while on the CPU
+    their repeated blocks as a loop where ``repeated_blocks`` is 'auto': the default on GPUs and TPUs, while on the CPU
     the default unrolls them (``fd3d_jax.models.backbone``), which runs faster there and peaks higher. Memory figures
     measured on the CPU use this form to stand for an accelerator's."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
         for model in [config.model] + ([config.expert.model] if 'expert' in config else []):
-            if 'backbone' in model and model.backbone.get('loop_blocks') is None:
-                model.backbone.loop_blocks = True
+            if 'backbone' in model and model.backbone.get('repeated_blocks', 'auto') == 'auto':
+                model.backbone.repeated_blocks = 'loop'
     return config
 
 

@@ -316,24 +316,26 @@ def test_real_config_shapes_and_param_counts():
 
 
 @pytest.mark.parametrize('remat', [False, True])
-def test_repeated_blocks_loop_only_when_rematerialised(remat):
-    """Without remat the repeated blocks are unrolled (no loop in the compiled gradient: XLA:CPU runs backward
-    convolutions in a loop body in its naive emitter); as a loop or unrolled, same outputs and gradients."""
+def test_repeated_blocks_loop_on_the_cpu_only_when_rematerialised(remat):
+    """On the CPU, without remat, the repeated blocks are unrolled (no loop in the compiled gradient: XLA:CPU runs
+    backward convolutions in a loop body in its naive emitter); as a loop or unrolled, the same gradients."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     blocks = (2, 3, 1, 1)
-    nets = {loop: ResNet(frozen_stages=1, base_width=TINY['base_width'], stage_blocks=blocks, remat=remat,
-                         loop_blocks=loop) for loop in (None, True, False)}
-    params = random_params(nets[None], rng, x)
+    nets = {form: ResNet(frozen_stages=1, base_width=TINY['base_width'], stage_blocks=blocks, remat=remat,
+                         repeated_blocks=form) for form in ('auto', 'loop', 'unrolled')}
+    params = random_params(nets['auto'], rng, x)
 
     def gradient(net):
         return jax.jit(jax.grad(lambda p: sum(jnp.sum(f ** 2) for f in net.apply({'params': p}, x))))
 
-    hlo = gradient(nets[None]).lower(params).compile().as_text()
-    assert ('while(' in hlo) == remat
-    assert 'while(' in gradient(nets[True]).lower(params).compile().as_text()
-    want = gradient(nets[True])(params)
+    assert jax.default_backend() == 'cpu'
+    has_loop = {form: 'while(' in gradient(net).lower(params).compile().as_text() for form, net in nets.items()}
+    assert has_loop == {'auto': remat, 'loop': True, 'unrolled': False}
+    want = gradient(nets['loop'])(params)
     assert np.any(np.asarray(want['layer2_rest']['block']['conv2']['kernel']))   # stage 2 is trained
-    for loop in (None, False):
+    for form in ('auto', 'unrolled'):
         jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
-                               gradient(nets[loop])(params), want)
+                               gradient(nets[form])(params), want)
+    with pytest.raises(ValueError, match='repeated_blocks'):
+        ResNet(repeated_blocks='scan', **TINY).init(jax.random.key(0), x)
