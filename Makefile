@@ -71,6 +71,8 @@ bench: bench-data data
 	$(PY) experiments/bench_matcher.py --out
 	$(PY) experiments/bench_compile_cache.py --config configs/fd3d_bevformer_base_to_tiny.py:demo
 	$(PY) experiments/bench_sca.py --configs bevformer_tiny:demo bevformer_tiny:full --time bevformer_tiny:demo
+	$(PY) experiments/bench_sca.py --configs bevformer_tiny:full --time bevformer_tiny:full --iters 3 --name bench_sca_tiny_full
+	$(PY) experiments/bench_backbone.py --config bevformer_tiny:full --iters 2 --warmup 0
 	$(PY) experiments/bench_memory.py --dtypes float32 bfloat16
 	$(PY) experiments/bench_precision.py
 	$(PY) experiments/precision_gradients.py --batches 6 --dataroot $(DATA)
