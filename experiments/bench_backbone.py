@@ -7,8 +7,10 @@ The config's ResNet (its ``model.backbone``: depth, frozen stages, DCN, remat) o
 config's padded image size (``num_cams`` x H x W x 3, random images). Per variant (``loop``: each stage's
 repeated blocks as one ``lax.scan`` loop, ``unrolled``: the same scan fully unrolled; same parameters), two
 jitted functions, each compiled ahead of time: the forward (the mean of the backbone's outputs) and its
-gradient with respect to the parameters (what the train step differentiates; frozen stages stop it). Then the
-calls timed round robin (``benchmark.interleaved``), and for each function unrolled over loop.
+gradient with respect to the parameters (what the train step differentiates; frozen stages stop it), whether the
+compiled program has a loop, and the two gradients' largest difference (relative to the largest gradient; the
+same computation). Then the calls timed round robin (``benchmark.interleaved``), and per function loop over
+unrolled.
 
 Why: on XLA:CPU the backward convolutions in a loop body keep non-canonical dimension orders and fall to the
 naive convolution emitter (``fd3d_jax/models/backbone.py``); the forward is unaffected.
@@ -45,15 +47,22 @@ def compare(config, variants, iters, warmup):
     height, width = image_hw(config)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(config.model.num_cams, height, width, 3)),
                          jnp.float32)
-    entry, calls = {'images': list(images.shape)}, {}
+    entry, calls, gradients = {'images': list(images.shape)}, {}, {}
     for variant in variants:
         params, forward, gradient = backbone_functions(config, variant)
         for function, jitted in (('forward', forward), ('gradient', gradient)):
             compiled, seconds = aot_compile(jitted, params, images)
             peak = benchmark.memory(compiled)['peak']
-            entry[f'{variant}/{function}'] = dict(compile_s=seconds, peak_bytes=peak)
+            entry[f'{variant}/{function}'] = dict(compile_s=seconds, peak_bytes=peak,
+                                                  loop_in_program='while(' in compiled.as_text())
             print(f'  {variant} {function}: compile {seconds["total"]} s, peak {peak / 2**30:.2f} GiB', flush=True)
             calls[f'{variant}/{function}'] = (lambda c=compiled, p=params: jax.block_until_ready(c(p, images)))
+        gradients[variant] = calls[f'{variant}/gradient']()
+    if len(gradients) == 2:   # the same computation: the largest gradient difference against the largest gradient
+        first, second = gradients.values()
+        differences = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: jnp.max(jnp.abs(a - b)), first, second))
+        scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree_util.tree_leaves(first))
+        entry['gradient_max_difference'] = float(max(differences)) / scale if scale else 0.0
     times = entry['times'] = benchmark.interleaved(calls, warmup=warmup, iters=iters, progress=True)
     if {'loop', 'unrolled'} <= set(variants):
         entry['loop_over_unrolled'] = {f: round(times[f'loop/{f}']['median_ms'] / times[f'unrolled/{f}']['median_ms'], 2)
