@@ -1,8 +1,11 @@
 """experiments/bench_backbone.py on the toy backbone with repeated blocks: both forms, the same gradients."""
+import pytest
+
 from configs import bevformer_tiny
 from tests.experiments import load_script
 
 
+@pytest.mark.slow   # four compiles; the forms themselves are tested in tests/models/test_backbone.py
 def test_loop_and_unrolled_compile_as_named_and_agree():
     config = bevformer_tiny.get_config('toy')
     config.model.backbone.stage_blocks = (1, 3, 1, 1)   # stage 2 has two repeated blocks
