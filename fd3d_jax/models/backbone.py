@@ -33,9 +33,9 @@ Frozen parts (mmdet ``norm_cfg=dict(requires_grad=False)``, ``norm_eval=True``, 
   Without ``remat``, compiled for the CPU, the scan is fully unrolled (same parameters, no loop): XLA:CPU
   leaves the backward convolutions inside a loop body in non-canonical dimension orders that its fast
   convolution kernels do not take, and runs them in its naive emitter — the ResNet-50 gradient of
-  ``bevformer_tiny:full`` (6x480x800) takes 315 s as a loop against 19 s unrolled, at 1.84 against 2.29 GiB
-  peak (docs/benchmarks.md). On GPUs and TPUs, whose convolutions have no such gap, they stay a loop (less
-  memory, faster compiles). ``repeated_blocks`` overrides the choice.
+  ``bevformer_tiny:full`` (6x480x800) takes 320 s as a loop against 19 s unrolled, at 1.97 against 2.46 GB
+  peak (docs/benchmarks.md). On GPUs and TPUs they stay a loop (less memory, faster compiles; the slow path is
+  XLA:CPU's, not measured there). ``repeated_blocks`` overrides the choice.
 * Zero gradient is not enough with decoupled weight decay (AdamW decays every leaf it is given),
   so the optimizer must skip these leaves: ``resnet_trainable_mask(params, frozen_stages)`` returns
   the boolean pytree (False = frozen) for ``optax.masked`` / ``optax.multi_transform``.
