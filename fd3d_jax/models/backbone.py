@@ -174,8 +174,8 @@ class ResNet(nn.Module):
         if self.repeated_blocks not in ('auto', 'loop', 'unrolled'):
             raise ValueError(f"model.backbone.repeated_blocks must be 'auto', 'loop' or 'unrolled', "
                              f"got {self.repeated_blocks!r}")
-        loop = (self.repeated_blocks == 'loop' or self.repeated_blocks == 'auto'
-                and (self.remat or jax.default_backend() != 'cpu'))
+        loop = (self.repeated_blocks == 'loop'
+                or (self.repeated_blocks == 'auto' and (self.remat or jax.default_backend() != 'cpu')))
         block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
         step_cls = nn.remat(_BlockStep, prevent_cse=False) if self.remat else _BlockStep
         inplanes = self.base_width
