@@ -8,14 +8,18 @@
         renormalised) and writes ``W/eval/metrics_summary.json``;
     python -m fd3d_jax.eval --results R.json --dataroot D --version V --split S --out O
         evaluates a nuScenes results JSON and writes ``O/metrics_summary.json``.
+
+W, R and O may be URLs (``gs://bucket/run``; ``fd3d_jax.storage``): the devkit reads and writes local files, so it
+evaluates in a local temporary folder whose files are then copied to ``W/eval`` or ``O``. D stays local.
 """
+import contextlib
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fd3d_jax import nuscenes_metrics
+from fd3d_jax import nuscenes_metrics, storage
 from fd3d_jax.cli import exit_on, parse_flags
 from fd3d_jax.train.loop import evaluate_checkpoint, evaluate_expert
 from fd3d_jax.validate import validate
@@ -49,10 +53,13 @@ def main(argv):
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]
     if missing:
         sys.exit('error: missing flags: ' + ', '.join('--' + n for n in missing))
-    if not os.path.exists(FLAGS.results):
+    if not storage.as_path(FLAGS.results).exists():
         sys.exit(f'error: results file not found: {FLAGS.results}')
     try:
-        summary = nuscenes_metrics.run_detection_eval(FLAGS.results, FLAGS.dataroot, FLAGS.version, FLAGS.split, FLAGS.out)
+        with contextlib.ExitStack() as stack:
+            results = stack.enter_context(storage.local_file(FLAGS.results))
+            out = stack.enter_context(storage.local_folder(FLAGS.out))
+            summary = nuscenes_metrics.run_detection_eval(results, FLAGS.dataroot, FLAGS.version, FLAGS.split, out)
     except (ValueError, AssertionError) as e:
         sys.exit(f'error: {e}')
     print(nuscenes_metrics.format_metrics(summary))

@@ -1,15 +1,14 @@
 """Params folders: a detector's params alone (nested dicts of arrays), written by ``save_params`` (e.g. by the
 converter or ``experiments/export_expert.py``) or read from a training workdir's checkpoint, and checked leaf by
 leaf against a model's params. Used by every layer that reads weights (expert loading, evaluation, conversion),
-so it sits below them and imports only ``fd3d_jax.errors``."""
-import os
-
+so it sits below them and imports only ``fd3d_jax.errors`` and ``fd3d_jax.storage`` (a folder may be a URL,
+``gs://bucket/expert``)."""
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import traverse_util
 
+from fd3d_jax import storage
 from fd3d_jax.errors import CheckpointError
 
 PARAMS_DIR = 'params'
@@ -18,7 +17,7 @@ PARAMS_DIR = 'params'
 def save_params(params, path):
     """Writes a params pytree to ``path/params`` (an orbax checkpoint; e.g. a converted expert)."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(path), PARAMS_DIR), params, force=True)
+        ckptr.save(storage.as_path(path) / PARAMS_DIR, params, force=True)
 
 
 def load_params(path, step=None):
@@ -26,18 +25,18 @@ def load_params(path, step=None):
     a training workdir (``params['model']`` of its latest or ``step`` checkpoint as numpy arrays, read on its
     own: the optimiser state and a distillation run's ``params['distill']`` are not read; a run with
     ``train.ema_decay`` gives its moving average ``ema``, the params it evaluated)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    path = storage.as_path(path)
+    if (path / PARAMS_DIR).is_dir():
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(os.path.join(path, PARAMS_DIR))
-    ckdir = os.path.join(path, 'checkpoints')
-    steps = ocp.utils.checkpoint_steps(ckdir) if os.path.isdir(ckdir) else []
+            return ckptr.restore(path / PARAMS_DIR)
+    ckdir = path / 'checkpoints'
+    steps = ocp.utils.checkpoint_steps(ckdir) if ckdir.is_dir() else []
     if not steps:
         raise CheckpointError(f'no checkpoint in {path} (neither {ckdir}/<step> nor {path}/{PARAMS_DIR})')
     if step is not None and int(step) not in steps:
         raise CheckpointError(f'no checkpoint for step {step} in {ckdir} (have {sorted(steps)})')
-    item = os.path.join(ckdir, str(max(steps) if step is None else int(step)), 'state')
-    handler, state_dir = ocp.PyTreeCheckpointHandler(), epath.Path(item)   # params.model alone, no optimiser moments
+    item = ckdir / str(max(steps) if step is None else int(step)) / 'state'
+    handler, state_dir = ocp.PyTreeCheckpointHandler(), item   # params.model alone, no optimiser moments
     try:
         try:
             tree = handler.metadata(state_dir).tree

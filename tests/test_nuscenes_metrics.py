@@ -7,12 +7,13 @@ import types
 import numpy as np
 import pytest
 
-from fd3d_jax import nuscenes_metrics
+from fd3d_jax import nuscenes_metrics, storage
 from fd3d_jax.data import geometry
 from fd3d_jax.data.records import split_scene_names
 from fd3d_jax.errors import RecordsError
 from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
 from fd3d_jax.train import loop
+from tests.fake_gcs import fake_gcs
 
 
 def test_boxes_to_results_known_transform():
@@ -93,6 +94,32 @@ def test_a_split_without_annotations_gets_the_submission_file_only(val_records, 
         assert written['meta']['use_camera'] and not written['meta']['use_lidar']
         assert (summary is None) == (recs is bare)
     assert len(calls) == 1
+
+
+def test_evaluation_into_a_bucket_runs_the_devkit_locally_and_copies_its_files(val_records, data_cfg, tmp_path,
+                                                                              monkeypatch):
+    """``W/eval`` at a URL: the devkit (local files only) evaluates in a local temporary folder, whose files
+    (``results.json``, ``metrics_summary.json``, ...) then appear under the URL; a split without annotations gets
+    its submission file there too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs: (
+        nuscenes_metrics.gt_as_detections(recs, CLASS_NAMES) if nuscenes_metrics.has_annotations(recs) else {}))
+    bare = dict(val_records, samples=[dict(r, gt_names=[], gt_boxes=[]) for r in val_records['samples']])
+    trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
+    with fake_gcs(tmp_path / 'bucket'):
+        monkeypatch.setattr(loop, 'load_split', lambda config, split: val_records)
+        summary = loop.evaluate_params(trainer, None, 'gs://b/run/eval', log=lambda *a: None)
+        assert summary['nd_score'] >= 0.99
+        eval_dir = storage.as_path('gs://b/run/eval')
+        assert json.loads((eval_dir / 'metrics_summary.json').read_text()) == summary
+        assert set(json.loads((eval_dir / 'results.json').read_text())['results']) == {
+            r['token'] for r in val_records['samples']}
+        monkeypatch.setattr(loop, 'load_split', lambda config, split: bare)
+        assert loop.evaluate_params(trainer, None, 'gs://b/test/eval', log=lambda *a: None) is None
+        assert storage.as_path('gs://b/test/eval/results.json').exists()
+    assert {'results.json', 'metrics_summary.json', 'metrics_details.json'} <= set(
+        os.listdir(tmp_path / 'bucket' / 'b' / 'run' / 'eval'))
+    assert not os.path.exists(tmp_path / 'gs:')
 
 
 def test_union_splits_for_final_models(data_cfg):

@@ -10,13 +10,12 @@ here; the padding (0 after the apprentice's normalisation) then holds the appren
 expert's normalisation instead of 0.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from fd3d_jax import params_io
+from fd3d_jax import params_io, storage
 from fd3d_jax.errors import CheckpointError, ExpertError
 
 # Do not change the params or outputs: execution choices and training-only switches. ``sca_max_cameras`` (sparse
@@ -104,19 +103,18 @@ def load_expert_params(path, expert_cfg, abstract):
     """The expert's params from ``path`` (``config.distill.expert_checkpoint``): a workdir of
     ``python -m fd3d_jax.train`` (its latest checkpoint's ``params['model']``; its ``config.json`` must
     describe the same model as ``expert_cfg.model`` and the same image normalisation) or a params folder written by
-    ``fd3d_jax.params_io.save_params`` (e.g. by the converter). Checked leaf by leaf against
-    ``abstract`` (``ExpertError`` lists every mismatch)."""
+    ``fd3d_jax.params_io.save_params`` (e.g. by the converter); a local folder or a URL (``gs://``). Checked leaf
+    by leaf against ``abstract`` (``ExpertError`` lists every mismatch)."""
     if not path:
         raise ExpertError('config.distill.expert_checkpoint is empty: give the workdir of a trained expert '
                           '(python -m fd3d_jax.train --config <expert config> --workdir W) or a converted '
                           'checkpoint')
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = storage.as_path(path)
+    if not path.is_dir():
         raise ExpertError(f'config.distill.expert_checkpoint={path} is not a directory')
-    saved_cfg = os.path.join(path, 'config.json')
-    if os.path.exists(saved_cfg):
-        with open(saved_cfg) as f:
-            saved = json.load(f)
+    saved_cfg = path / 'config.json'
+    if saved_cfg.exists():
+        saved = json.loads(saved_cfg.read_text())
         diffs = _model_differences(saved.get('model', {}), _jsonable(expert_cfg.model.to_dict()))
         diffs += _norm_differences(saved.get('data', {}), expert_cfg)
         if diffs:

@@ -3,18 +3,18 @@
 Layout: ``W/checkpoints/<step>/{state,data}`` (``state``: the ``TrainState`` pytree — params,
 optimiser state, step, RNG; ``data``: the grain iterator state as JSON). Saves are asynchronous
 and atomic (orbax writes to a temporary folder and renames it), so a run killed at any moment
-resumes from the last complete checkpoint; ``keep`` newest are kept.
+resumes from the last complete checkpoint; ``keep`` newest are kept. ``W`` is a local folder or a URL
+(``gs://bucket/run``: ``fd3d_jax.storage``).
 """
-import os
-
 import jax
 import orbax.checkpoint as ocp
+from fd3d_jax import storage
 from fd3d_jax.errors import CheckpointError
 
 
 class Checkpointer:
     def __init__(self, workdir, keep=3, async_save=True):
-        self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+        self.directory = storage.as_path(workdir) / 'checkpoints'   # an epath.Path
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -42,8 +42,8 @@ class Checkpointer:
                                   f'(have {sorted(self.all_steps())})')
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         items = dict(state=ocp.args.StandardRestore(abstract))
-        path = os.path.join(self.directory, str(step))
-        has_data = with_data and os.path.isdir(os.path.join(path, 'data'))
+        path = self.directory / str(step)
+        has_data = with_data and (path / 'data').is_dir()
         if has_data:
             items['data'] = ocp.args.JsonRestore()
         try:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fd3d_jax import nuscenes_metrics, params_io
+from fd3d_jax import nuscenes_metrics, params_io, storage
 from fd3d_jax.convert.init_from import apply_init_from, missing_source_warning
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
@@ -161,19 +161,26 @@ def _progress(step, num_steps, loss, rate, elapsed):
 
 
 def _truncate_metrics(path, last_step):
-    """Drops metric lines written after the checkpoint a run resumes from (they are redone)."""
-    if not os.path.exists(path):
+    """Drops metric lines written after the checkpoint a run resumes from (they are redone). ``path``: local or
+    a URL."""
+    path = storage.as_path(path)
+    if not path.exists():
         return
     lines = [m for m in read_metrics(path) if m['step'] <= last_step]
-    with open(path, 'w') as f:
-        f.writelines(json.dumps(m) + '\n' for m in lines)
+    path.write_text(''.join(json.dumps(m) + '\n' for m in lines))
+
+
+def write_json(workdir, name, value, **dumps):
+    """``workdir/name`` holding ``json.dumps(value, **dumps)``; ``workdir``: local or a URL."""
+    (storage.as_path(workdir) / name).write_text(json.dumps(value, **dumps))
 
 
 def write_config(config, workdir):
-    os.makedirs(workdir, exist_ok=True)
+    """``workdir/config.json`` (process 0); ``workdir``: local or a URL (``gs://bucket/run``)."""
+    workdir = storage.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
 
 class Preemption:
@@ -287,8 +294,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         log(f"apprentice head from the expert's: {copy['copied_leaves']} of {copy['leaves']} leaves, "
             f"{copy['copied_values']:,} of {copy['values']:,} values copied (the others differ in shape)")
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, 'head_from_expert.json'), 'w') as f:
-                json.dump(copy, f)
+            write_json(workdir, 'head_from_expert.json', copy)
     if start is None:
         _log_init_from(trainer.init_from, config, workdir, log)
     cache_warning = compile_cache_warning(config)
@@ -322,7 +328,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 log(f'SIGTERM: saved {saved} and stopped; run the same command again to resume')
                 break
             if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-                summary = evaluate_params(trainer, trainer.eval_params(), os.path.join(workdir, 'eval', str(step)))
+                summary = evaluate_params(trainer, trainer.eval_params(), storage.as_path(workdir) / 'eval' / str(step))
                 writer.write(step, _eval_scalars(summary))
     except BaseException:
         writer.close()
@@ -332,7 +338,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     if step < num_steps:   # preempted
         writer.close()
         return None
-    summary = evaluate_params(trainer, trainer.eval_params(), os.path.join(workdir, 'eval'), log=log)
+    summary = evaluate_params(trainer, trainer.eval_params(), storage.as_path(workdir) / 'eval', log=log)
     writer.write(step, _eval_scalars(summary))
     writer.close()
     return summary
@@ -359,8 +365,7 @@ def _log_init_from(reports, config, workdir, log):
         for line in report.lines():
             log(line)
     if reports and jax.process_index() == 0:
-        with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
-            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
+        write_json(workdir, 'init_from.json', [dataclasses.asdict(r) for r in reports], indent=1)
 
 
 def _eval_scalars(summary):
@@ -418,14 +423,18 @@ def evaluate_params(trainer, params, out_dir, log=print):
     detections = predict(trainer, params, val)
     if jax.process_index() != 0:
         return None
-    path = os.path.join(out_dir, 'results.json')
-    nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
-    if not nuscenes_metrics.has_annotations(val):
+    with storage.local_folder(out_dir) as local_out:   # the devkit writes local files; copied to a URL after
+        path = os.path.join(local_out, 'results.json')
+        nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
+        annotated = nuscenes_metrics.has_annotations(val)
+        if annotated:
+            summary = nuscenes_metrics.run_detection_eval(path, data_cfg.dataroot, data_cfg.version,
+                                                          data_cfg.val_split, local_out)
+    if not annotated:
         log(f'{data_cfg.val_split} has no annotations ({len(val["samples"])} samples, {time.time() - start:.0f} s): '
-            f'wrote the submission file {path} (meta + results for every sample); DetectionEval not run')
+            f'wrote the submission file {os.path.join(out_dir, "results.json")} (meta + results for every sample); '
+            f'DetectionEval not run')
         return None
-    summary = nuscenes_metrics.run_detection_eval(path, data_cfg.dataroot, data_cfg.version, data_cfg.val_split,
-                                                  out_dir)
     log(f'evaluation on {data_cfg.val_split} ({len(val["samples"])} samples, {time.time() - start:.0f} s):\n'
         + nuscenes_metrics.format_metrics(summary))
     return summary
@@ -459,8 +468,8 @@ def evaluate_expert(config, workdir, log=print):
     trainer.eval_step = compile_eval_step(make_eval_step(trainer.model, expert_config, distiller.expert_batch),
                                           trainer.mesh)
     log(f'evaluating the expert {config.distill.expert_checkpoint} on the distillation input')
-    return evaluate_params(trainer, mesh_lib.replicate(expert_params, trainer.mesh), os.path.join(workdir, 'eval'),
-                           log=log)
+    return evaluate_params(trainer, mesh_lib.replicate(expert_params, trainer.mesh),
+                           storage.as_path(workdir) / 'eval', log=log)
 
 
 def evaluate_checkpoint(config, workdir, step=None, log=print):
@@ -473,6 +482,6 @@ def evaluate_checkpoint(config, workdir, step=None, log=print):
         raise CheckpointError(f'no checkpoint in {ckpt.directory}')
     ckpt.close()
     params = restore_model_params(trainer, workdir, step)
-    out = os.path.join(workdir, f'eval/step_{step}' if named else 'eval')
+    out = storage.as_path(workdir) / (f'eval/step_{step}' if named else 'eval')
     log(f'evaluating {ckpt.directory}/{step}')
     return evaluate_params(trainer, params, out, log=log)

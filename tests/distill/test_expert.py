@@ -10,6 +10,7 @@ import pytest
 from configs import common
 from fd3d_jax.distill import expert as expert_lib
 from fd3d_jax import params_io
+from tests.fake_gcs import fake_gcs
 
 
 def test_expert_batch_renormalises_upsamples_and_scales_lidar2img():
@@ -93,6 +94,21 @@ def test_load_expert_params_from_a_params_folder_and_clear_errors(tmp_path):
     with pytest.raises(expert_lib.ExpertError, match=r'image_std: checkpoint data.image_std \[1.0, 1.0, 1.0\]') as e:
         expert_lib.load_expert_params(str(wd), cfg, _params())
     assert str(wd) in str(e.value) and 'to_rgb' in str(e.value) and 'bev_h' not in str(e.value)
+
+
+def test_an_expert_in_a_bucket_is_read_through_its_url(tmp_path, monkeypatch):
+    """``expert_checkpoint=gs://b/expert``: its ``config.json`` is read from the bucket and the errors name the
+    URL (not ``<cwd>/gs:/b/expert``, which does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = ml_collections.ConfigDict(dict(model=dict(name='bevformer', bev_h=4)))
+    (tmp_path / 'bucket' / 'b' / 'expert').mkdir(parents=True)
+    (tmp_path / 'bucket' / 'b' / 'expert' / 'config.json').write_text(json.dumps({'model': {'name': 'bevformer',
+                                                                                            'bev_h': 8}}))
+    with fake_gcs(tmp_path / 'bucket'):
+        with pytest.raises(expert_lib.ExpertError, match=r'the expert in gs://b/expert .*\n  model.bev_h: checkpoint 8'):
+            expert_lib.load_expert_params('gs://b/expert', cfg, _params())
+        with pytest.raises(expert_lib.ExpertError, match=r'expert_checkpoint=gs://b/nowhere is not a directory'):
+            expert_lib.load_expert_params('gs://b/nowhere', cfg, _params())
 
 
 def test_model_keys_added_later_take_the_value_of_the_code_before_them():

@@ -1,6 +1,8 @@
 """Checkpoints survive a crash during a save: an unfinished save (orbax's ``<step>.orbax-checkpoint-tmp``
-folder, renamed into place only when complete) is never taken for the latest checkpoint."""
+folder, renamed into place only when complete) is never taken for the latest checkpoint. A ``gs://`` workdir
+stays a URL."""
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 from fd3d_jax.errors import CheckpointError
 from fd3d_jax.params_io import load_params
 from fd3d_jax.train.checkpoint import Checkpointer
+from tests.fake_gcs import fake_gcs
 
 
 def test_a_save_cut_short_leaves_the_last_checkpoint_readable(tmp_path):
@@ -64,3 +67,31 @@ def test_load_params_reads_params_model_alone(tmp_path):
         load_params(str(tmp_path))
     with pytest.raises(CheckpointError, match=r'no checkpoint for step 9 .*\[3, 4, 5\]'):
         load_params(str(tmp_path), step=9)
+
+
+def test_a_bucket_workdir_stays_a_url(tmp_path, monkeypatch):
+    """``gs://b/run`` is never made a local path (``<cwd>/gs:/b/run``): the checkpoint folder, its steps and the
+    errors of ``Checkpointer`` and ``load_params`` name the URL. Arrays are not written to the fake bucket (orbax
+    writes them with tensorstore's own GCS driver, not through epath): a local checkpoint is copied into it."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer(str(tmp_path / 'local'), async_save=False)
+    ckpt.save(1, {'w': jnp.ones(3)})
+    ckpt.save(2, {'w': jnp.ones(3)})
+    ckpt.close()
+    shutil.copytree(tmp_path / 'local', tmp_path / 'bucket' / 'b' / 'run')
+    with fake_gcs(tmp_path / 'bucket'):
+        ckpt = Checkpointer('gs://b/run')
+        assert str(ckpt.directory) == 'gs://b/run/checkpoints'
+        assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
+        with pytest.raises(CheckpointError, match=r'no checkpoint for step 7 in gs://b/run/checkpoints \(have \[1, 2\]\)'):
+            ckpt.restore({'w': jnp.ones(3)}, step=7)
+        ckpt.close()
+        new = Checkpointer('gs://b/new')
+        assert new.latest_step() is None
+        new.close()
+        with pytest.raises(CheckpointError, match=r'no checkpoint for step 9 in gs://b/run/checkpoints'):
+            load_params('gs://b/run', step=9)
+        with pytest.raises(CheckpointError, match=r'no checkpoint in gs://b/none \(neither gs://b/none/checkpoints'):
+            load_params('gs://b/none')
+    assert os.path.isdir(tmp_path / 'bucket' / 'b' / 'new' / 'checkpoints')
+    assert not os.path.exists(tmp_path / 'gs:')

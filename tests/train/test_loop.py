@@ -18,7 +18,10 @@ from configs import detr3d_r50
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
-from fd3d_jax.train.metrics_writer import read_metrics
+from fd3d_jax import storage
+from fd3d_jax.convert.init_from import InitReport
+from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
+from tests.fake_gcs import fake_gcs
 from tests.train.test_train_step import batches, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -227,3 +230,28 @@ def test_compile_cache_warning_only_when_a_cache_cannot_hold_the_step(tmp_path):
     assert loop.compile_cache_warning(config, '') is None
     config.loss.matcher = 'jax'
     assert loop.compile_cache_warning(config, str(tmp_path)) is None
+
+
+def test_config_json_files_and_metrics_of_a_bucket_workdir(tmp_path, monkeypatch):
+    """A ``gs://`` workdir (``tests/fake_gcs.py``) gets ``config.json``, ``init_from.json``,
+    ``head_from_expert.json`` and the metric lines of a resumed run cut back to its checkpoint, read back through
+    the URL; nothing lands in ``<cwd>/gs:``."""
+    monkeypatch.chdir(tmp_path)
+    config = detr3d_r50.get_config('toy')
+    report = InitReport(source='gs://b/r50', kind='params', loaded=['backbone/w'])
+    with fake_gcs(tmp_path / 'bucket'):
+        loop.write_config(config, 'gs://b/run')
+        loop._log_init_from([report], config, 'gs://b/run', log=lambda *a: None)
+        loop.write_json('gs://b/run', 'head_from_expert.json', {'copied_leaves': 3})
+        writer = MetricsWriter('gs://b/run', tensorboard=False)
+        for step in (1, 2, 3, 4):
+            writer.write(step, {'loss': float(step)})
+        loop._truncate_metrics(writer.path, 2)
+        run = storage.as_path('gs://b/run')
+        assert json.loads((run / 'config.json').read_text())['model']['name'] == config.model.name
+        assert json.loads((run / 'init_from.json').read_text())[0]['loaded'] == ['backbone/w']
+        assert json.loads((run / 'head_from_expert.json').read_text()) == {'copied_leaves': 3}
+        assert [m['step'] for m in read_metrics('gs://b/run/metrics.jsonl')] == [1, 2]
+    assert sorted(os.listdir(tmp_path / 'bucket' / 'b' / 'run')) == ['config.json', 'head_from_expert.json',
+                                                                      'init_from.json', 'metrics.jsonl']
+    assert not os.path.exists(tmp_path / 'gs:')
