@@ -30,8 +30,13 @@ def data_config(toy=False):
     c.photometric = True              # PhotoMetricDistortionMultiViewImage on training images
     c.skip_bad_samples = False        # training only: log and redraw a sample that fails to load
                                       # (missing/corrupt image); evaluation never skips
-    c.num_threads = 2                 # grain read threads (image decoding)
-    c.prefetch = 2                    # grain prefetch buffer (batches)
+    c.num_workers = 0 if toy else -1  # grain worker processes building samples (0: threads of the training
+                                      # process; -1: one per core but one, at most 16); same batches for any
+    c.num_threads = 2                 # grain read threads (image decoding) per reading process
+    c.prefetch = 2                    # batches read ahead
+    c.device_normalize = False        # True: the pipeline emits raw uint8 images (+ photometric draws) and
+                                      # fd3d_jax.data.device_input.prepare_images distorts/normalises/resizes/
+                                      # pads them in the jitted step (same result up to float rounding)
     return c
 
 

@@ -10,7 +10,8 @@ For the config's training split (default ``config.data``: the 10-scene synthetic
   on batches already in memory: median step time, steps/s and the samples/s it consumes.
 * ``pipeline[w]``: the real ``pipeline.train_dataset`` (JPEG decode, photometric distortion when the
   config has it, resize, normalise, queue of frames, can_bus, BEV alignment, GT) with
-  ``config.data.num_threads = w`` grain read threads (0: read in the calling thread), after
+  ``config.data.num_workers = w`` worker processes (0: the read threads of this process; ``--threads``
+  read threads per reading process, default ``data.num_threads``), after
   ``--warmup`` batches, over ``--batches`` batches: samples/s (a sample is one queue of ``T`` frames of
   6 cameras), the ``headroom`` = pipeline samples/s / train-step samples/s (< 1: input-bound when the
   two are measured apart), and a short real training loop (``--loop-steps``; ``next(iterator)`` then the
@@ -28,6 +29,7 @@ Full resolution, the pipeline alone (can one host feed a node of 8 accelerators?
         --config.data.dataroot=data/synthetic_full --config.data.version=v1.0-mini \
         --config.data.train_split=mini_train
 
+(``--config.data.device_normalize=True``: the pipeline as it is with the images prepared in the jitted step)
 adds ``accelerator_need`` for the configs in ``ORIGINAL_STEP_S``: the samples/s that 8 accelerators consume
 at the original's step time (``8 / step_s``), the per-core samples/s (samples/s of the 1-worker run; each
 worker is one core), its linear extrapolation to ``--cores`` cores (an extrapolation, not a measurement) and
@@ -76,10 +78,13 @@ def accelerator_need(name, rows, cores):
                      f'need = {NODE_ACCELERATORS} / step_s of the original (1 sample per GPU)')
 
 
-def train_iter(recs, config, batch_size, workers, bev, expert_bev):
-    """A live iterator of the real training pipeline with ``workers`` grain read threads."""
+def train_iter(recs, config, batch_size, workers, bev, expert_bev, threads=None):
+    """A live iterator of the real training pipeline with ``workers`` worker processes
+    (``data.num_workers``) of ``threads`` read threads each (default ``data.num_threads``)."""
     d = config.data.copy_and_resolve_references()
-    d.num_threads = workers
+    d.num_workers = workers
+    if threads is not None:
+        d.num_threads = threads
     return iter(pipeline.train_dataset(recs, d.dataroot, d, batch_size, config.seed, bev=bev,
                                        expert_bev=expert_bev))
 
@@ -144,7 +149,10 @@ def measure_loop(trainer, it, steps, step_s):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='grain read threads to try')
+    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],
+                        help='worker processes to try (data.num_workers; 0: threads of this process)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='read threads per reading process (data.num_threads; default: the config\'s)')
     parser.add_argument('--warmup', type=int, default=3, help='untimed batches / steps first')
     parser.add_argument('--batches', type=int, default=20, help='timed pipeline batches per worker count')
     parser.add_argument('--steps', type=int, default=10, 
@@ -170,7 +178,7 @@ def main(argv=None):
     if args.steps:  # the train step on batches already in memory (read with the config's thread count)
         distiller, expert_params = build_distillation(config)
         trainer = loop.Trainer(config, len(recs['samples']), distiller=distiller, expert_params=expert_params)
-        it = train_iter(recs, config, b, d.num_threads, bev, expert_bev)
+        it = train_iter(recs, config, b, pipeline.num_workers(d), bev, expert_bev)
         cycle = itertools.cycle([next(it) for _ in range(min(4, args.steps + args.warmup + 1))])
         it.close()
         t0 = time.perf_counter()
@@ -187,8 +195,9 @@ def main(argv=None):
 
     rows = []
     for w in args.workers:
-        it = train_iter(recs, config, b, w, bev, expert_bev)
-        row = dict(workers=w, **measure_pipeline(it, b, args.warmup, args.batches))
+        it = train_iter(recs, config, b, w, bev, expert_bev, args.threads)
+        row = dict(workers=w, threads=args.threads if args.threads is not None else d.num_threads,
+                   **measure_pipeline(it, b, args.warmup, args.batches))
         row['images_per_s'] = row['samples_per_s'] * d.queue_length * config.model.num_cams
         msg = f'workers {w}: pipeline {row["samples_per_s"]:.2f} samples/s'
         if train_step:
@@ -216,9 +225,10 @@ def main(argv=None):
         photometric=bool(d.get('photometric', False)), load_avg_1m=load_avg, train_step=train_step,
         pipeline=rows, accelerator_need=need,
         min_workers_not_input_bound=min(fine) if fine else None,
-        notes=('workers = config.data.num_threads (grain ReadOptions.num_threads; 0 reads in the calling thread); '
-               'a sample is one training queue of queue_length frames x cameras images; headroom = pipeline '
-               'samples/s / samples/s the train step consumes, measured apart (<1: input-bound); loop = the '
+        device_normalize=bool(d.get('device_normalize', False)),
+        notes=('workers = config.data.num_workers (grain worker processes, each with `threads` read threads; 0: '
+               'the threads of this process); a sample is one training queue of queue_length frames x cameras '
+               'images; headroom = pipeline samples/s / samples/s the train step consumes, measured apart (<1: input-bound); loop = the '
                'real loop with both sharing the machine'))
     slug = name.replace(':', '_') + (f'_{args.tag}' if args.tag else '')
     benchmark.write_result(f'bench_pipeline_{slug}', result, args.out_dir)

@@ -37,6 +37,21 @@ def photometric_params(rng, brightness_delta=32, contrast_range=(0.5, 1.5), satu
     return params
 
 
+def photometric_arrays(params):
+    """Drawn ``params`` as the arrays ``fd3d_jax.data.device_input`` applies on the device: (5,) float32
+    (brightness, contrast before the HSV round trip, saturation, hue, contrast after it; a skipped step is its
+    neutral value 0 / 1, which the float32 arithmetic applies exactly) and (3,) int32, the RGB channel gather
+    ``2 - swap[::-1]`` (identity when not swapped)."""
+    contrast = 1.0 if params['contrast'] is None else params['contrast']
+    values = (0.0 if params['brightness'] is None else params['brightness'],
+              contrast if params['contrast_first'] else 1.0,
+              1.0 if params['saturation'] is None else params['saturation'],
+              0.0 if params['hue'] is None else params['hue'],
+              1.0 if params['contrast_first'] else contrast)
+    swap = np.arange(3) if params['swap'] is None else 2 - np.asarray(params['swap'])[::-1]
+    return np.asarray(values, np.float32), np.asarray(swap, np.int32)
+
+
 def photometric_from_params(img, params):
     """Applies drawn ``params`` to an RGB image (H, W, 3) in 0..255; returns a new float32 (H, W, 3)."""
     img = np.array(img, np.float32)

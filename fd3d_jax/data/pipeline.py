@@ -21,6 +21,17 @@ With ``expert_bev`` (distillation from a BEVFormer expert) the same three for th
 Batches add a leading batch axis. T = ``queue_length`` for training and 1 for evaluation; G =
 ``max_gt``; GT is of the current (last) frame, filtered by ``valid_flag``, class and BEV range.
 
+With ``data.device_normalize`` the images are only decoded here: ``img`` is the raw camera images,
+(T, N, H_raw, W_raw, 3) uint8 RGB, and training with ``photometric`` adds the per-image random draws
+``photo_params`` (T, N, 5) float32 and ``photo_perm`` (T, N, 3) int32, drawn from the same RNG stream in the same
+order as the distortion here draws them; ``fd3d_jax.data.device_input.prepare_images`` turns them into the
+float32 ``img`` above inside the jitted step.
+
+Samples are built by ``data.num_workers`` grain worker processes (``mp_prefetch``; 0: threads of this
+process, -1: one per core but one, at most ``MAX_AUTO_WORKERS``), each with ``data.num_threads`` read threads,
+and batched in this process. Every sample depends only on the seed and its position in the stream, so the
+batches are the same, bit for bit, whatever the worker and thread counts.
+
 Bad input raises ``DataError`` naming the file, sample token or config key: missing or corrupt
 images, GT boxes with a non-finite centre/size/yaw or a non-positive size, more GT than
 ``data.max_gt``, a split without GT when training with ``data.filter_empty_gt``. In training only,
@@ -31,11 +42,11 @@ import os
 import cv2
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.augment import photometric_distortion
+from fd3d_jax.data.augment import photometric_arrays, photometric_distortion, photometric_params
 from fd3d_jax.data.geometry import can_bus_delta
 from fd3d_jax.errors import DataConfigError, DataError
 
@@ -86,6 +97,37 @@ def load_frame(record, dataroot, cfg, out_hw, rng=None):
         imgs[cam_index, :height, :width] = img
         l2i[cam_index] = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']), scale)
     return imgs, l2i
+
+
+def raw_image_hw(records):
+    """(H, W) of the raw camera images of a split (its first camera; all must share it)."""
+    cam = records['samples'][0]['cams'][0]
+    return int(cam['height']), int(cam['width'])
+
+
+def load_frame_raw(record, dataroot, cfg, raw_hw, rng=None):
+    """``data.device_normalize``: six decoded images (N, H_raw, W_raw, 3) uint8 RGB, their lidar2img (N, 4, 4),
+    and with a numpy Generator ``rng`` each image's photometric draws ((N, 5) float32, (N, 3) int32;
+    ``augment.photometric_arrays``), drawn in ``load_frame``'s order; else None."""
+    num = len(record['cams'])
+    imgs = np.empty((num, *raw_hw, 3), np.uint8)
+    l2i = np.zeros((num, 4, 4), np.float32)
+    photo = (np.zeros((num, 5), np.float32), np.zeros((num, 3), np.int32)) if rng is not None else None
+    for cam_index, cam in enumerate(record['cams']):
+        img = load_image(os.path.join(dataroot, cam['path']), record['token'])
+        if img.shape[:2] != (cam['height'], cam['width']):
+            raise DataError(f"image {cam['path']} is {img.shape[1]}x{img.shape[0]}, the tables say "
+                            f"{cam['width']}x{cam['height']} (sample {record['token']})")
+        if img.shape[:2] != tuple(raw_hw):
+            raise DataError(f"camera {cam['channel']} of sample {record['token']} is {img.shape[1]}x{img.shape[0]}, "
+                            f'the first camera of the split {raw_hw[1]}x{raw_hw[0]}; with config '
+                            f'data.device_normalize=True all images must share one size')
+        imgs[cam_index] = img
+        if photo is not None:
+            photo[0][cam_index], photo[1][cam_index] = photometric_arrays(photometric_params(rng))
+        l2i[cam_index] = geometry.lidar2img(np.asarray(cam['intrinsic']), np.asarray(cam['sensor2lidar']),
+                                            cfg.image_scale)
+    return imgs, l2i, photo
 
 
 def check_boxes(boxes, sample_token):
@@ -179,13 +221,21 @@ class SampleLoader:
         self.bev = bev
         self.expert_bev = expert_bev
         self.out_hw = output_image_hw(records, cfg)
+        self.raw_hw = raw_image_hw(records)
+        self.device_normalize = bool(cfg.get('device_normalize', False))
 
     def _sample(self, indices, can_bus, exists, valid=True, rng=None):
-        frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw, rng) for i in indices]
+        if self.device_normalize:
+            frames = [load_frame_raw(self.samples[i], self.dataroot, self.cfg, self.raw_hw, rng) for i in indices]
+        else:
+            frames = [load_frame(self.samples[i], self.dataroot, self.cfg, self.out_hw, rng) for i in indices]
         boxes, labels, mask = ground_truth(self.samples[indices[-1]], self.cfg)
         out = dict(img=np.stack([f[0] for f in frames]), lidar2img=np.stack([f[1] for f in frames]),
                    can_bus=can_bus, prev_bev_exists=exists, gt_boxes=boxes, gt_labels=labels,
                    gt_mask=mask & valid, sample_idx=np.int32(indices[-1]), valid=np.bool_(valid))
+        if self.device_normalize and rng is not None:
+            out['photo_params'] = np.stack([f[2][0] for f in frames])
+            out['photo_perm'] = np.stack([f[2][1] for f in frames])
         if self.bev is not None:
             out.update(bev_alignment(can_bus, self.bev))
         if self.expert_bev is not None:
@@ -245,6 +295,82 @@ class SampleLoader:
         return self._sample([index], can_bus[-1:], exists[-1:] & valid, valid)
 
 
+MAX_AUTO_WORKERS = 16  # data.num_workers=-1: each worker holds a copy of the split's records
+
+
+def num_workers(cfg):
+    """Worker processes of ``cfg`` (``data.num_workers``; -1: the cores this process may use but one, at most
+    ``MAX_AUTO_WORKERS``)."""
+    workers = int(cfg.get('num_workers', 0))
+    if workers == -1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        workers = min(MAX_AUTO_WORKERS, cores - 1)
+    return max(0, workers)
+
+
+class Batches:
+    """Batches of a MapDataset of samples: ``iter()`` gives a ``BatchIterator``. The samples are built by
+    ``data.num_workers`` processes with ``data.num_threads`` read threads each (``num_workers`` 0: threads of
+    this process), ``data.prefetch`` batches ahead, and stacked here."""
+
+    def __init__(self, samples, batch_size, cfg, drop_remainder):
+        self.samples, self.batch_size, self.cfg, self.drop_remainder = samples, batch_size, cfg, drop_remainder
+
+    def __iter__(self):
+        return BatchIterator(self)
+
+    def iter_from(self, next_batch):
+        """A grain iterator over the batches from batch ``next_batch`` on."""
+        ds = self.samples[next_batch * self.batch_size:] if next_batch else self.samples
+        workers, threads = num_workers(self.cfg), self.cfg.num_threads
+        ahead = self.cfg.prefetch * self.batch_size   # samples read ahead in all
+        if not workers:
+            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=ahead))
+        else:   # each worker keeps its threads busy and holds its share of the read-ahead
+            if not flags.FLAGS.is_parsed():  # grain reads its absl flags (their defaults) to start workers
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=max(1, -(-ahead // workers))))
+        return iter(ds.batch(self.batch_size, drop_remainder=self.drop_remainder))
+
+
+class BatchIterator:
+    """Iterator of ``Batches`` with grain's ``get_state``/``set_state``/``close``. The state is the number of
+    batches read, ``{'next_index': n}`` (what grain's iterator of batches saved before the samples were built by
+    workers, so checkpoints of either restore in the other), whatever the worker count."""
+
+    def __init__(self, batches):
+        self._batches, self._next, self._it = batches, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._batches.iter_from(self._next)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.close()
+            raise
+        self._next += 1
+        return batch
+
+    def get_state(self):
+        return {'next_index': self._next}
+
+    def set_state(self, state):
+        self.close()
+        self._next = int(state['next_index'])
+
+    def close(self):
+        """Stops the read threads and worker processes (a later ``next`` starts them again)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, 'close'):
+            it.close()
+
+
 def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard_count=1, bev=None,
                   expert_bev=None):
     """Infinite, shuffled (reshuffled every epoch), batched training data of this process's shard.
@@ -253,7 +379,8 @@ def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard
     into global batches of ``batch_size * shard_count``; shard ``p`` gets rows ``[p * batch_size, (p + 1) *
     batch_size)`` of each. So the global batch, and the training run, does not depend on how many processes
     feed it, and every shard's iterator is at the same position (one saved iterator state serves all).
-    Deterministic for a seed; ``iter(...)`` gives an iterator with ``get_state``/``set_state``.
+    Deterministic for a seed, whatever ``data.num_workers`` / ``num_threads``; ``iter(...)`` gives an iterator
+    with ``get_state``/``set_state``/``close`` (``BatchIterator``).
     ``expert_bev``: also the BEV alignment of a distillation expert's grid (``expert_bev_*`` keys).
     """
     loader = SampleLoader(records, dataroot, cfg, bev, expert_bev)
@@ -263,8 +390,7 @@ def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard
         stream, per_batch = ds, batch_size * shard_count
         ds = grain.MapDataset.range(len(stream) // shard_count).map(
             lambda index: stream[(index // batch_size) * per_batch + shard_index * batch_size + index % batch_size])
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    return Batches(ds, batch_size, cfg, drop_remainder=True)
 
 
 def eval_streams(records, num_streams):
@@ -288,5 +414,4 @@ def eval_dataset(records, dataroot, cfg, batch_size, shard_index=0, shard_count=
     mine = streams[shard_index * batch_size:(shard_index + 1) * batch_size]
     items = [(s[t], True) if t < len(s) else (s[-1] if s else 0, False) for t in range(steps) for s in mine]
     ds = grain.MapDataset.source(items).map(lambda item: loader.eval(*item))
-    ds = ds.batch(batch_size, drop_remainder=False)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    return Batches(ds, batch_size, cfg, drop_remainder=False)

@@ -301,3 +301,25 @@ def test_unreadable_samples_are_skipped_only_when_configured(train_records, data
                                                  'to load with config data.skip_bad_samples=True'):
         skipping.train(index, np.random.default_rng(1))
     assert skipping.skipped == skipped + 100
+
+
+def test_batches_do_not_depend_on_the_worker_count(train_records, data_cfg):
+    """The same batches, bit for bit (photometric draws included), from the training process's threads and
+    from 2 worker processes; a state of one restores in the other (~10 s: starting the workers)."""
+    inline = data_config_copy(data_cfg, num_workers=0, num_threads=0, photometric=True)
+    workers = data_config_copy(data_cfg, num_workers=2, num_threads=1, photometric=True)
+    _, want = _batches(train_records, inline, 3)
+    it = iter(pipeline.train_dataset(train_records, workers.dataroot, workers, batch_size=2, seed=0))
+    try:
+        got = [next(it) for _ in range(3)]
+        assert it.get_state() == {'next_index': 3}
+        it.set_state({'next_index': 1})
+        got.append(next(it))
+    finally:
+        it.close()
+    for a, b in zip(want + want[1:2], got):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert pipeline.num_workers(data_config_copy(data_cfg, num_workers=-1)) == min(
+        pipeline.MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1)
