@@ -84,12 +84,13 @@ def detection_loss(outputs, batch, cfg):
     gt = (batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'])
     cls_all, box_all = outputs['cls_scores'], outputs['bbox_preds']
     num_layers = cls_all.shape[0]
-    # matcher 'scipy': one host call matches all layers (``hungarian`` batches over the vmapped axis);
-    # 'jax': matched in the graph (``hungarian_jax``). A config without the key matches with scipy.
+    # matcher 'scipy': one host call (per device shard) matches all layers; 'jax': matched in the graph
+    # (``hungarian_jax``). A config without the key matches with scipy.
     matcher = getattr(cfg, 'matcher', 'scipy')
-    assigned_all = jax.vmap(lambda c, b: matching.match(
+    cost_all = jax.vmap(lambda c, b: matching.match_cost(
         c, b, *gt, cls_weight=cfg.cls_weight, bbox_weight=cfg.bbox_weight, alpha=cfg.focal_alpha,
-        gamma=cfg.focal_gamma, matcher=matcher))(cls_all, box_all)
+        gamma=cfg.focal_gamma))(cls_all, box_all)                            # (L, B, Q, G)
+    assigned_all = matching.assign(cost_all, batch['gt_mask'], matcher)
     parts = {}
     for layer in range(num_layers):
         loss_cls, loss_bbox, num_pos = layer_loss(cls_all[layer], box_all[layer], assigned_all[layer], *gt, cfg)

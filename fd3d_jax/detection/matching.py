@@ -12,11 +12,14 @@ assignment is solved exactly by one of two matchers (``config.loss.matcher``, ``
 
 GT is padded to a static G with a mask.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from fd3d_jax.data_parallel import on_data_shards
 from fd3d_jax.models.box_coder import normalize_bbox
 
 # Replaces NaN/inf costs before scipy (which rejects them): such pairs are matched last.
@@ -73,15 +76,16 @@ def _assign_host(cost, gt_mask):
 def hungarian(cost, gt_mask):
     """Optimal one-to-one assignment per sample, on the host (``linear_sum_assignment``).
 
-    Works under ``jit`` (also sharded: the callback receives the whole batch) and ``vmap``
-    (``vmap_method='broadcast_all'``: one host call for the whole vmapped batch). On TPU, prefer the
-    in-graph ``hungarian_jax`` (``config.loss.matcher='jax'``): host callbacks stall the devices there.
+    Works under ``jit`` and ``vmap`` (``vmap_method='broadcast_all'``: one host call for the whole vmapped
+    batch). Under ``jit`` over several devices the callback receives the whole batch on one device unless it is
+    called through ``assign`` (one call per device). On accelerators prefer the in-graph ``hungarian_jax``
+    (``config.loss.matcher='jax'``, the default there): host callbacks stall the devices.
 
     Args:
-      cost: (B, Q, G) matching cost; non-finite entries are replaced by a large finite cost.
-      gt_mask: (B, G) bool, False for padded GT (those columns are ignored).
+      cost: (..., B, Q, G) matching cost; non-finite entries are replaced by a large finite cost.
+      gt_mask: (..., B, G) bool, False for padded GT (those columns are ignored).
     Returns:
-      (B, Q) int32: index of the GT matched to each query, -1 if unmatched (every valid GT is
+      (..., B, Q) int32: index of the GT matched to each query, -1 if unmatched (every valid GT is
       matched when Q >= number of valid GT). No gradient.
     """
     cost = jax.lax.stop_gradient(cost)
@@ -234,25 +238,35 @@ def hungarian_jax(cost, gt_mask):
     big, to float32 rounding of the costs elsewhere.
 
     Args:
-      cost: (B, Q, G) matching cost (any float dtype; solved in float32).
-      gt_mask: (B, G) bool, False for padded GT (those columns are ignored, wherever they are).
+      cost: (..., B, Q, G) matching cost (any float dtype; solved in float32).
+      gt_mask: (..., B, G) bool, False for padded GT (those columns are ignored, wherever they are).
     Returns:
-      (B, Q) int32: index of the GT matched to each query, -1 if unmatched (every valid GT is matched when
+      (..., B, Q) int32: index of the GT matched to each query, -1 if unmatched (every valid GT is matched when
       Q >= number of valid GT, every query otherwise). No gradient.
     """
     cost = jax.lax.stop_gradient(cost)
     gt_mask = jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:])
-    return jax.lax.stop_gradient(jax.vmap(_lsap_one)(cost, gt_mask))
+    num_q, num_g = cost.shape[-2:]
+    problems = math.prod(cost.shape[:-2])
+    assigned = jax.vmap(_lsap_one)(cost.reshape(problems, num_q, num_g), gt_mask.reshape(problems, num_g))
+    return jax.lax.stop_gradient(assigned.reshape(cost.shape[:-1]))
 
 
 def assign(cost, gt_mask, matcher='scipy'):
     """``hungarian`` (``matcher='scipy'``, host callback) or ``hungarian_jax`` (``'jax'``, in the graph):
-    cost (B, Q, G), gt_mask (B, G) -> (B, Q) int32, -1 unmatched."""
-    if matcher == 'scipy':
-        return hungarian(cost, gt_mask)
-    if matcher == 'jax':
-        return hungarian_jax(cost, gt_mask)
-    raise ValueError(f'matcher must be one of {MATCHERS}, got {matcher!r}')
+    cost (..., B, Q, G), gt_mask (B, G) -> (..., B, Q) int32, -1 unmatched (leading axes, e.g. decoder layers,
+    are matched independently).
+
+    On a mesh with a ``data`` axis each device matches its own samples (``fd3d_jax.data_parallel``): the scipy
+    callback then runs once per device on that device's rows (instead of the whole cost gathered onto one
+    device), and the in-graph matcher's loops stop on their own shard's samples (instead of a flag reduced over
+    every device at each iteration)."""
+    if matcher not in MATCHERS:
+        raise ValueError(f'matcher must be one of {MATCHERS}, got {matcher!r}')
+    solve = hungarian if matcher == 'scipy' else hungarian_jax
+    batch_axis = cost.ndim - 3
+    gt_mask = jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:])
+    return on_data_shards(solve, cost, gt_mask, in_axes=batch_axis, out_axes=batch_axis)
 
 
 def match_cost(cls_logits, bbox_preds, gt_boxes, gt_labels, gt_mask, cls_weight=2.0, bbox_weight=0.25,

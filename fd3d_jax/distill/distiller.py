@@ -249,7 +249,12 @@ class Distiller:
             head_out = head.apply({'params': jax.lax.stop_gradient(head_params)}, context, batch['img'].shape[0])
             return detection_loss(head_out, batch, self.config.loss)[0]
 
-        grads = dict(jax.jacrev(distill_terms)(shared), detection=jax.grad(detection_term)(shared))
+        # One backward pass per term from one forward (``jax.jacrev`` would vmap them over the terms, and that
+        # vmapped axis merged with the sharded batch in the convolutions makes XLA gather the batch).
+        values, backward = jax.vjp(distill_terms, shared)
+        grads = {term: backward({name: jnp.ones_like(value) if name == term else jnp.zeros_like(value)
+                                 for name, value in values.items()})[0] for term in values}
+        grads['detection'] = jax.grad(detection_term)(shared)
         norms = {}
         for term, grad in grads.items():
             norms[f'grad_norm/{term}/fpn'] = optax.tree.norm(grad['img_feats'])

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fd3d_jax.data_parallel import on_data_shards
+
 EPS_DEPTH = 1e-5  # near plane; BEVFormer/DETR3D point_sampling's eps on the homogeneous depth
 SELECT_RULES = ('score', 'topk', 'gt')
 
@@ -47,8 +49,12 @@ def select_queries(cls_logits, rule, score_thresh=0.3, topk=30, matched=None):
         keep = scores >= score_thresh
     elif rule == 'topk':
         count = min(int(topk), scores.shape[-1])
-        _, idx = jax.lax.top_k(scores, count)                               # (B, k)
-        keep = jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
+
+        def top(sample_scores):   # per sample (vmapped scatter, per device shard: no gather of the batch)
+            _, idx = jax.lax.top_k(sample_scores, count)                    # (k,)
+            return jnp.zeros(sample_scores.shape, bool).at[idx].set(True)
+
+        keep = on_data_shards(jax.vmap(top), scores)
     elif rule == 'gt':
         if matched is None:
             raise ValueError("distill.mask.select = 'gt' needs the matched queries (matched=None)")

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fd3d_jax.data_parallel import on_data_shards, shard_index
+
 _MiB = 1 << 20
 xavier_uniform = nn.initializers.xavier_uniform()
 
@@ -372,6 +374,11 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     instead of its own b; the locations and weights then have any batch B' (the sparse spatial
     cross-attention's (query, camera slot) rows reading their camera's features). Not differentiated.
 
+    On a mesh with a ``data`` axis (``fd3d_jax.data_parallel``) each device runs the chunks of its own rows
+    only: value, locations, weights (and ``value_index``) are split along their leading axis, and a row of
+    shard k must read a value element of shard k (``value_index`` stays global; it is made shard-local here).
+    Without this, XLA gathers every device's locations and weights and loops over the global batch on each.
+
     The B*Q (batch, query) rows are flattened (free reshapes, no transpose) and cut into chunks of
     ``query_chunk`` rows (default ``choose_chunk`` with ``chunk_bytes`` of gathered taps, default
     ``default_chunk_bytes()``); the rows are padded (and the output sliced) when the chunk does not
@@ -393,14 +400,21 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     value_index = None if value_index is None else jnp.asarray(value_index)
     _check(value, spatial_shapes, sampling_locations, attention_weights, value_index)
     value_batch, value_len, num_heads, _ = value.shape
-    rows = sampling_locations.shape[0] * sampling_locations.shape[1]
     assert value_batch * value_len * num_heads < 2 ** 31, 'int32 gather indices'
-    if query_chunk is None:
-        chunk = choose_chunk(rows, _row_bytes(value, sampling_locations),
-                             default_chunk_bytes() if chunk_bytes is None else chunk_bytes)
-    else:
-        chunk = max(1, min(int(query_chunk), rows))
-    return _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights, value_index)
+
+    def local(value, sampling_locations, attention_weights, value_index):   # one data shard (or everything)
+        rows = sampling_locations.shape[0] * sampling_locations.shape[1]
+        if query_chunk is None:
+            chunk = choose_chunk(rows, _row_bytes(value, sampling_locations),
+                                 default_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+        else:
+            chunk = max(1, min(int(query_chunk), rows))
+        if value_index is not None:   # global value rows -> this shard's (shard k holds rows k * local batch ...)
+            value_index = value_index - shard_index() * value.shape[0]
+        return _ms_deform_attn_chunked(spatial_shapes, chunk, value, sampling_locations, attention_weights,
+                                       value_index)
+
+    return on_data_shards(local, value, sampling_locations, attention_weights, value_index)
 
 
 # ----------------------------------------------------------------------------------------------

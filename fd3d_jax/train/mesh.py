@@ -8,9 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fd3d_jax.data_parallel import DATA
 from fd3d_jax.errors import ConfigError
-
-DATA = 'data'
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, auto=False):

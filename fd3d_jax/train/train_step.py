@@ -114,12 +114,23 @@ def make_eval_step(model, config, input_fn=None):
     return eval_step
 
 
+def under_mesh(step, mesh):
+    """``step`` traced under ``mesh`` (``jax.sharding.use_abstract_mesh``), so that the per-sample parts
+    (``fd3d_jax.data_parallel.on_data_shards``: deformable attention, matching) run per device shard."""
+    @functools.wraps(step)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+    return traced
+
+
 def compile_train_step(train_step, mesh):
     """jit over ``mesh``: batch sharded on ``data``, state/expert/rng replicated, state donated."""
     rep, dat = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
-    return jax.jit(train_step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+    return jax.jit(under_mesh(train_step, mesh), in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
 
 
 def compile_eval_step(eval_step, mesh):
     rep, dat = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
-    return jax.jit(eval_step, in_shardings=(rep, dat, dat), out_shardings=dat)
+    return jax.jit(under_mesh(eval_step, mesh), in_shardings=(rep, dat, dat), out_shardings=dat)
