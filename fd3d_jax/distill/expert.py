@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from fd3d_jax import params_io, storage
+from fd3d_jax.data.device_input import prepare_images
 from fd3d_jax.errors import CheckpointError, ExpertError
 
 # Do not change the params or outputs: execution choices and training-only switches. ``sca_max_cameras`` (sparse
@@ -39,7 +40,10 @@ def expert_batch(batch, data_cfg, expert_cfg, upsample):
     """The apprentice's batch as the expert sees it: images renormalised (``expert_cfg.image_mean`` /
     ``image_std`` / ``to_rgb`` from the apprentice's ``data_cfg``) and upsampled ``upsample`` x
     (bilinear, half-pixel centres like ``F.interpolate(align_corners=False)``), ``lidar2img`` scaled,
-    and the BEV alignment of the expert's grid (``expert_bev_*`` keys) in place of the apprentice's."""
+    and the BEV alignment of the expert's grid (``expert_bev_*`` keys) in place of the apprentice's. Raw uint8
+    images (``data.device_normalize``) are first prepared as the apprentice's (``prepare_images``, a no-op on
+    prepared ones)."""
+    batch = prepare_images(batch, data_cfg)
     img = batch['img']
     same_norm = (tuple(data_cfg.image_mean) == tuple(expert_cfg.image_mean)
                  and tuple(data_cfg.image_std) == tuple(expert_cfg.image_std)
