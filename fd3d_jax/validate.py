@@ -76,9 +76,9 @@ def _model(config, key):
 
 # Integer keys and their least value.
 COUNTS = {'data.pad_divisor': 1, 'data.queue_length': 1, 'data.max_gt': 1, 'data.num_threads': 0, 'data.prefetch': 0,
-          'data.num_workers': -1, 'train.batch_size': 1, 'train.eval_batch_size': 0, 'train.num_steps': 0,
-          'train.epochs': 0, 'train.log_every': 1, 'train.checkpoint_every': 1, 'train.keep_checkpoints': 1,
-          'train.eval_every': 0, 'optim.warmup_iters': 0}
+          'data.num_workers': -1, 'data.device_prefetch': 0, 'train.batch_size': 1, 'train.eval_batch_size': 0,
+          'train.num_steps': 0, 'train.epochs': 0, 'train.log_every': 1, 'train.checkpoint_every': 1,
+          'train.keep_checkpoints': 1, 'train.eval_every': 0, 'optim.warmup_iters': 0}
 
 
 def _counts(config, section):

@@ -27,6 +27,7 @@ from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.train import optim
 from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
+from fd3d_jax.train.prefetch import DevicePrefetcher, as_global_batch
 from fd3d_jax.train.state import create_state, init_params, step_rng
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
 
@@ -139,11 +140,11 @@ class Trainer:
         return self._state.ema if self._state.ema is not None else self._state.params['model']
 
     def step(self, batch):
-        """One training step on a process-local numpy batch; returns device metrics (dispatched
-        asynchronously: nothing here waits for the previous step)."""
+        """One training step on a process-local numpy batch (or one already sharded, ``DevicePrefetcher``);
+        returns device metrics (dispatched asynchronously: nothing here waits for the previous step)."""
         rng = step_rng(self._state.rng, self.host_step)
         self._state, metrics = self.train_step(self._state, self.expert_params,
-                                               mesh_lib.shard_batch(batch, self.mesh), rng)
+                                               as_global_batch(batch, self.mesh), rng)
         self.host_step += 1
         return metrics
 
@@ -278,7 +279,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     local_batch = mesh_lib.process_batch_size(config.train.batch_size, mesh)
     ds = pipeline.train_dataset(train_recs, data_cfg.dataroot, data_cfg, local_batch, config.seed, jax.process_index(),
                                 jax.process_count(), pipeline.bev_config(config.model), expert_bev)
-    data_iter = iter(ds)
+    data_iter = DevicePrefetcher(iter(ds), mesh, data_cfg.get('device_prefetch', 2))  # batches sent ahead
     start = ckpt.latest_step()
     if start is not None:
         trainer.state, data_state = ckpt.restore(trainer.state, start)
@@ -397,8 +398,8 @@ def predict(trainer, params, recs):
     prev = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(local), np.float32), mesh)
     class_names = tuple(data_cfg.class_names)
     detections = {}
-    for batch in ds:
-        out = trainer.eval_step(params, mesh_lib.shard_batch(batch, mesh), prev)
+    for batch in DevicePrefetcher(iter(ds), mesh, data_cfg.get('device_prefetch', 2)):
+        out = trainer.eval_step(params, batch, prev)
         prev = out.pop('bev')
         host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
         for row in range(host['boxes'].shape[0]):
