@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fd3d_jax.data.device_input import prepare_images
 from fd3d_jax.models.box_coder import decode_topk
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.detection.losses import detection_loss
@@ -65,6 +66,7 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
     ema_decay, ema_ramp = config.train.get('ema_decay', 0.0), config.train.get('ema_ramp_steps', 0)
 
     def train_step(state: TrainState, expert_params, batch, rng):
+        batch = prepare_images(batch, config.data)   # raw uint8 images (data.device_normalize) -> normalised
         expert_out = None if distiller is None else expert_forward(distiller, expert_params, batch)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, expert_params, batch, rng,
                                                                          expert_out)
@@ -102,6 +104,7 @@ def make_eval_step(model, config, input_fn=None):
     ``model.carried_shape``. ``input_fn``: applied to the batch first (e.g. ``Distiller.expert_batch``, the
     apprentice's batch as a distillation expert sees it)."""
     def eval_step(params, batch, prev_bev):
+        batch = prepare_images(batch, config.data)
         if input_fn is not None:
             batch = input_fn(batch)
         out = model.apply({'params': params}, batch, prev_bev=prev_bev, deterministic=True)

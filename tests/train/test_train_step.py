@@ -123,3 +123,18 @@ def test_ema_follows_its_formula_resumes_exactly_and_is_what_is_evaluated(data_c
     np.testing.assert_array_equal(flat(params_io.load_params(str(tmp_path))), flat(fresh.state.ema))
     off = loop.Trainer(small_config(detr3d_r50, data_cfg), len(train_records['samples']))
     assert off.state.ema is None and off.eval_params() is off.state.params['model']
+
+
+def test_raw_uint8_images_prepared_in_the_step_give_the_host_pipelines_loss(data_cfg, train_records):
+    """``data.device_normalize``: the pipeline sends raw uint8 images and their photometric draws, the jitted
+    step distorts, normalises, resizes and pads them; the step's loss is the host-prepared batch's up to float
+    rounding (it differs when the step skips the preparation: float32 0-255 images)."""
+    losses = {}
+    for on_device in (False, True):
+        config = small_config(bevformer_tiny, data_cfg)
+        config.data.device_normalize = on_device
+        batch = batches(config, train_records, 1)[0]
+        assert (batch['img'].dtype == np.uint8) == on_device
+        trainer = loop.Trainer(config, len(train_records['samples']))
+        losses[on_device] = float(jax.device_get(trainer.step(batch))['loss'])
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
