@@ -145,6 +145,7 @@ def add_training(config, toy=False):
     key is overridable (``--config.train.num_steps=2000``)."""
     t = ml_collections.ConfigDict()
     t.batch_size = 8 if not toy else 1  # global batch (8 GPUs x 1 sample in the original)
+    t.per_device_batch_size = 0 if toy else 1  # > 0: global batch = this x the devices (batch_size ignored)
     t.epochs = 24                       # schedule length when num_steps is 0
     t.num_steps = 0                     # 0: epochs x steps per epoch
     t.checkpoint_every = 1000           # steps between checkpoints
@@ -158,10 +159,13 @@ def add_training(config, toy=False):
     t.init_from_original = ''           # what the original recipe starts from (named in the :full configs)
     t.nonfinite = 'stop'                # non-finite loss/gradient: 'stop' (name the step, keep the last good
                                         # checkpoint) or 'skip' (no update; counted in metrics skipped_steps)
-    t.profile = False
+    t.profile = 0                       # > 0: a device trace (jax.profiler) of this many steps, after the first
+                                        # (compiling) step, written to W/profile (TensorBoard's profile plugin)
     config.train = t
     o = ml_collections.ConfigDict()
-    o.lr = 2e-4
+    o.lr = 2e-4                         # at the global batch lr_base_batch
+    o.lr_scaling = 'none' if toy else 'linear'  # 'linear': lr x global batch / lr_base_batch (Goyal et al.)
+    o.lr_base_batch = 8                 # the original's global batch (8 GPUs x 1)
     o.weight_decay = 0.01               # decoupled (AdamW), on all parameters
     o.betas = (0.9, 0.999)
     o.eps = 1e-8
@@ -178,8 +182,9 @@ def add_training(config, toy=False):
     loss.focal_alpha = 0.25
     loss.focal_gamma = 2.0
     loss.code_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
-    loss.matcher = 'scipy'              # Hungarian matching: 'scipy' (host callback) or 'jax' (in the graph,
-                                        # no host round trip; fd3d_jax/detection/matching.py::hungarian_jax)
+    loss.matcher = 'auto'               # Hungarian matching: 'scipy' (host callback), 'jax' (in the graph, no
+                                        # host round trip; fd3d_jax/detection/matching.py::hungarian_jax), 'auto'
+                                        # (jax on GPUs/TPUs, scipy on the CPU); per device shard either way
     config.loss = loss
     return config
 

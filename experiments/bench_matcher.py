@@ -20,6 +20,13 @@ precomputed (L, B, Q, G) costs), where the matchers differ. Inputs (``--inputs``
   of a class rank the queries alike (a near rank-one cost): the augmenting paths are long, the worst case
   of the JAX matcher (O(G^2 Q) instead of ~O(G Q)).
 
+``--devices N`` (N > 1; simulated CPU devices when run as a script) adds the matching step at one sample per
+device on a mesh of N: each matcher per device shard (``matching.assign``, what training runs) and, for
+comparison, called on the global batch as before (``hungarian`` / ``hungarian_jax`` directly: the scipy callback
+then receives the whole batch on one device, the in-graph loops run over every device's samples), with the
+compiled programs' all-gathers and host callbacks (``bench_partition.hlo_stats``). Simulated devices share this
+machine's cores, so those times say what each device does, not what a node of accelerators would take.
+
 Each (inputs, boxes) case times the two compiled steps round-robin (``benchmark.interleaved``) after
 ``--warmup`` calls, ``--iters`` times, and reports the medians with the quartile spread and the ratio
 jax / scipy of the medians (< 1: the JAX matcher is faster). The assignments are compared (continuous
@@ -31,13 +38,26 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from experiments import simulated_devices
 
-from experiments import benchmark
-from fd3d_jax.detection import matching
-from fd3d_jax.models.box_coder import normalize_bbox
+if __name__ == '__main__':
+    simulated_devices.request(1)   # --devices N: before JAX starts
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from experiments import benchmark  # noqa: E402
+from experiments.bench_partition import hlo_stats  # noqa: E402
+from fd3d_jax.detection import matching  # noqa: E402
+from fd3d_jax.models.box_coder import normalize_bbox  # noqa: E402
+from fd3d_jax.train import mesh as mesh_lib  # noqa: E402
+from fd3d_jax.train.train_step import under_mesh  # noqa: E402
+
+# --devices: how the matching step is placed (matcher, per device shard).
+PLACEMENTS = {'jax': ('jax', True), 'scipy': ('scipy', True), 'jax_global': ('jax', False),
+              'scipy_global': ('scipy', False)}
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 INPUTS = ('random', 'trained', 'collapsed')
@@ -115,6 +135,41 @@ def run_case(kind, boxes, args):
                 matched=int(np.sum(assigned['jax'] >= 0)))
 
 
+def sharded_matching_step(matcher, per_shard):
+    """The training step's matching on the global batch: every layer's costs, then ``assign`` (per device shard)
+    or, with ``per_shard`` False, the matcher called on the whole batch (what training did before)."""
+    solve = matching.hungarian if matcher == 'scipy' else matching.hungarian_jax
+
+    def step(cls_all, box_all, gt_boxes, gt_labels, gt_mask):
+        cost = jax.vmap(lambda c, b: matching.match_cost(c, b, gt_boxes, gt_labels, gt_mask))(cls_all, box_all)
+        if per_shard:
+            return matching.assign(cost, gt_mask, matcher)
+        return solve(cost, jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:]))
+    return step
+
+
+def run_devices_case(kind, boxes, args):
+    """The matching step at one sample per device on ``args.devices`` devices, per placement (``PLACEMENTS``)."""
+    mesh = mesh_lib.make_mesh(jax.devices()[:args.devices])
+    inputs = make_inputs(kind, args.layers, args.devices, args.queries, args.classes, args.slots, boxes, args.seed)
+    layer_batch = NamedSharding(mesh, P(None, 'data'))
+    shardings = (layer_batch, layer_batch) + (mesh_lib.data_sharded(mesh),) * 3
+    inputs = [jax.device_put(x, sharding) for x, sharding in zip(inputs, shardings)]
+    compiled, stats, assigned = {}, {}, {}
+    for name, (matcher, per_shard) in PLACEMENTS.items():
+        fn = jax.jit(under_mesh(sharded_matching_step(matcher, per_shard), mesh), in_shardings=shardings)
+        compiled[name] = fn.lower(*inputs).compile()
+        program = hlo_stats(compiled[name])
+        gathers = program['collectives']['all-gather']
+        stats[name] = dict(all_gathers=gathers['count'], all_gather_bytes=gathers['bytes'],
+                           host_callbacks=program['host_callbacks'], dynamic_loops=program['dynamic_loops'])
+        assigned[name] = np.asarray(compiled[name](*inputs))
+    fns = {name: (lambda f=f: jax.block_until_ready(f(*inputs))) for name, f in compiled.items()}
+    times = benchmark.interleaved(fns, warmup=args.warmup, iters=args.iters)
+    return dict(inputs=kind, boxes=boxes, devices=args.devices, times=times, programs=stats,
+                same=all(np.array_equal(a, assigned['scipy']) for a in assigned.values()))
+
+
 def cost_gap(cost, got, want):
     """Largest ``(total(got) - total(want)) / max(1, |total(want)|)`` over layers and samples, totals in
     float64 of the float32 costs (L, B, Q, G); assignments (L, B, Q). Near-ties (the ``collapsed`` inputs)
@@ -155,6 +210,7 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--devices', type=int, default=1, help='> 1: also the matching step on a mesh of N devices')
     parser.add_argument('--out', nargs='?', const=benchmark.RESULTS_DIR, default=None, metavar='DIR',
                         help=f'write DIR/bench_matcher.json (DIR default {benchmark.RESULTS_DIR})')
     args = parser.parse_args(argv)
@@ -171,8 +227,21 @@ def main(argv=None):
             print(f'{kind} {boxes} boxes: step jax {ms("step", "jax"):.2f} ms, scipy {ms("step", "scipy"):.2f} ms; '
                   f'assignment alone jax {ms("assign", "jax"):.2f} ms, scipy {ms("assign", "scipy"):.2f} ms; '
                   f'same {r["same"]}', flush=True)
+    device_rows = []
+    if args.devices > 1:
+        if jax.device_count() < args.devices:
+            parser.error(f'--devices {args.devices}: {jax.device_count()} present')
+        for kind in args.inputs:
+            for boxes in args.boxes:
+                device_rows.append(run_devices_case(kind, boxes, args))
+                r = device_rows[-1]
+                print(f'{args.devices} devices, {kind} {boxes} boxes: ' + '; '.join(
+                    f'{name} {r["times"][name]["median_ms"]:.2f} ms ({r["programs"][name]["all_gathers"]} all-gathers, '
+                    f'{r["programs"][name]["host_callbacks"]} callbacks)' for name in PLACEMENTS) +
+                    f'; same {r["same"]}', flush=True)
     result = dict(backend=jax.default_backend(), layers=args.layers, batch=args.batch, queries=args.queries,
                   slots=args.slots, classes=args.classes, iters=args.iters, warmup=args.warmup, rows=rows,
+                  device_rows=device_rows,
                   load_average=dict(start=load_start, end=[round(x, 2) for x in os.getloadavg()]))
     print_table(result)
     if args.out is not None:

@@ -21,18 +21,12 @@ that (``check``). XLA's SPMD partitioner is the same on every backend, so simula
 Writes ``experiments/results/bench_partition.json`` (``--name``), and prints one line per config and step.
 """
 import argparse
-import os
 import re
-import sys
 
-if __name__ == '__main__' and 'jax' not in sys.modules:   # simulated devices must be set before JAX starts
-    _devices = 8
-    for _i, _arg in enumerate(sys.argv):
-        if _arg == '--devices' and _i + 1 < len(sys.argv):
-            _devices = int(sys.argv[_i + 1])
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={_devices}').strip()
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+from experiments import simulated_devices
+
+if __name__ == '__main__':
+    simulated_devices.request(8)   # before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -133,7 +127,7 @@ def eval_parts(config, distiller, mesh):
         model, input_fn = distiller.expert, distiller.expert_batch
         model_config, params = config.copy_and_resolve_references(), distiller.expert_abstract_params
         model_config.model = distiller.expert_cfg
-    batch = batch_spec(config, size, queue_length=1)
+    batch = batch_spec(config, size, queue_length=1, expert_model=None if distiller is None else distiller.expert_cfg)
     if params is None:
         params = jax.eval_shape(lambda b: model.init({'params': jax.random.PRNGKey(0)}, b), batch)['params']
     prev = jax.ShapeDtypeStruct(model.carried_shape(size), np.float32)

@@ -7,7 +7,8 @@ at ``:toy`` (``bevformer_tiny``, ``detr3d_r50``) and each distillation method of
 (``fd3d_bevformer_base_to_tiny``: none, fitnet, mgd, heatmap, fd3d; ``fd3d_detr3d_r101_to_r50``: none, fitnet,
 mgd, fd3d), a ``Trainer`` from the config's seed (a random expert from a fixed seed, as ``bench_train_step``)
 runs 3 steps on one dummy batch with GT (no data set needed) on a mesh of ``--devices`` devices (default 1) with a
-global batch of that many samples; every metric of every step is written as ``float.hex``. ``--compare`` prints
+global batch of that many samples and ``train.log_every = 1`` (the diagnostics are computed on logged steps only);
+every metric of every step is written as ``float.hex``. ``--compare`` prints
 the keys whose values differ from another fingerprint file (exit 1 if any).
 """
 import argparse
@@ -32,6 +33,7 @@ def fingerprint(spec, method, num_devices):
     """[{metric: float.hex(value)} per step] of ``spec`` (with ``distill.method = method``)."""
     _, config = benchmark.load_config(spec)
     config.train.batch_size = num_devices
+    config.train.log_every = 1   # every step a logged one: the gradient-norm diagnostics computed on each
     mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
     distiller = expert_params = expert_model = None
     if method is not None:

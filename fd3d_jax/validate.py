@@ -10,6 +10,7 @@ from fd3d_jax.distill import METHODS
 from fd3d_jax.distill.masks import SELECT_RULES
 from fd3d_jax.errors import ConfigError
 from fd3d_jax.models import DETECTORS, precision
+from fd3d_jax.train.mesh import LR_SCALING
 
 FEATURE_NORMS = ('none', 'expert', 'both')
 MASK_MODES = ('zero', 'random')
@@ -78,7 +79,8 @@ def _model(config, key):
 COUNTS = {'data.pad_divisor': 1, 'data.queue_length': 1, 'data.max_gt': 1, 'data.num_threads': 0, 'data.prefetch': 0,
           'data.num_workers': -1, 'data.device_prefetch': 0, 'train.batch_size': 1, 'train.eval_batch_size': 0,
           'train.num_steps': 0, 'train.epochs': 0, 'train.log_every': 1, 'train.checkpoint_every': 1,
-          'train.keep_checkpoints': 1, 'train.eval_every': 0, 'optim.warmup_iters': 0}
+          'train.keep_checkpoints': 1, 'train.eval_every': 0, 'train.per_device_batch_size': 0, 'train.profile': 0,
+          'optim.warmup_iters': 0, 'optim.lr_base_batch': 1}
 
 
 def _counts(config, section):
@@ -102,6 +104,8 @@ def _training(config):
         raise ConfigError('config.train.num_steps and config.train.epochs are both 0: set one of them')
     _counts(config, 'optim')
     number(config, 'optim.lr', 0.0, low_open=True)
+    if 'lr_scaling' in config.optim:
+        one_of(config, 'optim.lr_scaling', LR_SCALING)
     number(config, 'optim.weight_decay', 0.0)
     number(config, 'optim.backbone_lr_mult', 0.0)
     number(config, 'optim.grad_clip', 0.0)

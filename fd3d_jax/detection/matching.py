@@ -24,8 +24,17 @@ from fd3d_jax.models.box_coder import normalize_bbox
 
 # Replaces NaN/inf costs before scipy (which rejects them): such pairs are matched last.
 _BIG_COST = 1e10
-# The values of ``config.loss.matcher``.
-MATCHERS = ('scipy', 'jax')
+# The values of ``config.loss.matcher`` ('auto': ``resolve_matcher``).
+MATCHERS = ('auto', 'scipy', 'jax')
+
+
+def resolve_matcher(matcher):
+    """``'auto'`` -> ``'jax'`` on accelerators (no host round trip per step; a step without a host callback can be
+    kept in the persistent compilation cache), ``'scipy'`` on the CPU (there the callback costs no transfer and the
+    earlier CPU results were matched by it); ``'scipy'`` / ``'jax'`` as they are."""
+    if matcher == 'auto':
+        return 'scipy' if jax.default_backend() == 'cpu' else 'jax'
+    return matcher
 
 
 def focal_cost(cls_logits, gt_labels, weight=2.0, alpha=0.25, gamma=2.0, eps=1e-12):
@@ -253,7 +262,8 @@ def hungarian_jax(cost, gt_mask):
 
 
 def assign(cost, gt_mask, matcher='scipy'):
-    """``hungarian`` (``matcher='scipy'``, host callback) or ``hungarian_jax`` (``'jax'``, in the graph):
+    """``hungarian`` (``matcher='scipy'``, host callback) or ``hungarian_jax`` (``'jax'``, in the graph; ``'auto'``:
+    ``resolve_matcher``):
     cost (..., B, Q, G), gt_mask (B, G) -> (..., B, Q) int32, -1 unmatched (leading axes, e.g. decoder layers,
     are matched independently).
 
@@ -263,7 +273,7 @@ def assign(cost, gt_mask, matcher='scipy'):
     every device at each iteration)."""
     if matcher not in MATCHERS:
         raise ValueError(f'matcher must be one of {MATCHERS}, got {matcher!r}')
-    solve = hungarian if matcher == 'scipy' else hungarian_jax
+    solve = hungarian if resolve_matcher(matcher) == 'scipy' else hungarian_jax
     batch_axis = cost.ndim - 3
     gt_mask = jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:])
     return on_data_shards(solve, cost, gt_mask, in_axes=batch_axis, out_axes=batch_axis)

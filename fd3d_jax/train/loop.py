@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from fd3d_jax import nuscenes_metrics, params_io, storage
 from fd3d_jax.convert.init_from import apply_init_from, missing_source_warning
 from fd3d_jax.data import pipeline, records
+from fd3d_jax.detection.matching import resolve_matcher
 from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
@@ -28,6 +29,7 @@ from fd3d_jax.train import optim
 from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
 from fd3d_jax.train.prefetch import DevicePrefetcher, as_global_batch
+from fd3d_jax.train.profile import Profile
 from fd3d_jax.train.state import create_state, init_params, step_rng
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
 
@@ -87,7 +89,12 @@ def training_parts(config, num_train_samples, distiller=None, expert_params=None
         head_copy = head_copy_summary(params['model']['head'], expert_params['head'])
     return types.SimpleNamespace(model=model, steps_per_epoch=per_epoch, num_steps=num_steps, tx=tx,
                                  schedule=schedule, state=state, head_copy=head_copy, init_from=init_reports,
-                                 train_step=make_train_step(model, tx, config, schedule, distiller))
+                                 train_step=make_train_step(model, tx, config, schedule, distiller, num_steps))
+
+
+# Steps the host may dispatch before the oldest of them has finished (plus the batches data.device_prefetch sends
+# ahead): without a bound the host ran up to train.log_every steps ahead, each holding its batch on the device.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def abstract_train_step(config, distiller=None, batch_size=None, mesh=None):
@@ -243,7 +250,19 @@ def stop_training(trainer, data_iter, ckpt):
 
 
 def _window_line(metrics, elapsed, num):
-    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0] if k not in ('lr', 'skipped_steps')}
+    """The logged means of a window of steps' metrics; the diagnostics (``grad_norm/...``, NaN on the steps that
+    do not compute them: ``train_step.diagnostic_step``) are averaged over the steps that do, and left out of a
+    window without one (a run stopped early by SIGTERM)."""
+    mean = {}
+    for key in metrics[0]:
+        if key in ('lr', 'skipped_steps'):
+            continue
+        values = np.asarray([m[key] for m in metrics])
+        if key.startswith('grad_norm/'):
+            values = values[~np.isnan(values)]
+            if not values.size:
+                continue
+        mean[key] = float(np.mean(values))
     mean['lr'] = float(metrics[-1]['lr'])
     mean['skipped_steps'] = float(metrics[-1]['skipped_steps'])
     mean['steps_per_second'] = num / max(elapsed, 1e-9)
@@ -265,6 +284,9 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
 def _train_and_evaluate(config, workdir, trainer, log, preemption):
     if jax.process_index() != 0:
         log = lambda *a, **k: None  # noqa: E731
+    # per-device batch and lr scaling resolved for this launch (W/config.json holds the result)
+    config, launch_line = mesh_lib.launch_config(config, jax.device_count() if trainer is None
+                                                 else trainer.mesh.devices.size)
     data_cfg = config.data
     mode = config.train.nonfinite
     train_recs = load_split(config, data_cfg.train_split)
@@ -304,12 +326,18 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     log(f'training {config.model.name} for {num_steps} steps ({trainer.steps_per_epoch} steps/epoch, '
         f'global batch {config.train.batch_size}, {mesh.devices.size} devices on {jax.process_count()} '
         f'processes) in {workdir}')
+    log(launch_line)
+    profile = Profile(storage.as_path(workdir) / 'profile', step + 1, config.train.get('profile', 0), log)
     t0, t_log, s_log, pending = time.time(), time.time(), step, []
     saved = f'{ckpt.directory}/{start}' if start is not None else None
     try:
         while step < num_steps:
             batch = next(data_iter)
+            profile.before(step)
             pending.append(trainer.step(batch))
+            profile.after(step, pending[-1])
+            if len(pending) > MAX_STEPS_IN_FLIGHT:   # bounded run-ahead: each queued step holds its batch
+                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
             step += 1
             preempted = preemption.reached(step)
             if step % config.train.log_every == 0 or step == num_steps or preempted:
@@ -335,6 +363,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         writer.close()
         raise
     finally:
+        profile.close()
         stop_training(trainer, data_iter, ckpt)   # an error or SIGTERM never loses a started save
     if step < num_steps:   # preempted
         writer.close()
@@ -350,9 +379,10 @@ def compile_cache_warning(config, cache_dir=None):
     this train step: JAX does not write executables that call back into Python, and ``loss.matcher='scipy'``
     is such a callback (``experiments/bench_compile_cache.py``). ``cache_dir``: default JAX's setting."""
     cache_dir = jax.config.jax_compilation_cache_dir if cache_dir is None else cache_dir
-    if cache_dir and config.loss.matcher == 'scipy':
-        return ('warning: the compilation cache cannot hold this train step: loss.matcher=scipy calls back into '
-                'Python in every step (--config.loss.matcher=jax compiles it once per machine)')
+    if cache_dir and resolve_matcher(config.loss.matcher) == 'scipy':
+        return (f'warning: the compilation cache cannot hold this train step: loss.matcher={config.loss.matcher} '
+                'matches with scipy here, a call back into Python in every step (--config.loss.matcher=jax '
+                'compiles it once per machine)')
     return None
 
 

@@ -54,11 +54,21 @@ def make_loss_fn(model, config, distiller=None, with_outputs=False):
     return loss_fn
 
 
-def make_train_step(model, tx, config, lr_fn, distiller=None):
+def diagnostic_step(step, log_every, num_steps=0):
+    """Whether the step that ends at count ``step + 1`` is one the training loop logs (every ``log_every`` steps
+    and the last of ``num_steps``): the steps that compute the diagnostics."""
+    done = step + 1
+    return (done % log_every == 0) | (done == num_steps)
+
+
+def make_train_step(model, tx, config, lr_fn, distiller=None, num_steps=0):
     """Builds ``train_step`` (``lr_fn(step)`` is logged). ``distiller``: a ``fd3d_jax.distill.Distiller``, or
     None. The expert runs outside the differentiated function (it needs no gradient; inside, XLA compiles and
     keeps more: docs/benchmarks.md). With ``config.distill.log_grad_norms`` the metrics hold each term's gradient
-    norm on the apprentice's shared features (``Distiller.feature_grad_norms``)."""
+    norm on the apprentice's shared features (``Distiller.feature_grad_norms``), computed (a ``lax.cond``) only on
+    the steps the loop logs (``diagnostic_step`` with ``train.log_every`` and ``num_steps``) and NaN on the others,
+    which the loop's window means leave out: the diagnostic runs a head forward and backward, a backward pass per
+    term and a second matching, ~a third of an FD3D step when it ran on every step."""
     grad_norms = distiller is not None and config.distill.log_grad_norms
     loss_fn = make_loss_fn(model, config, distiller, with_outputs=grad_norms)
 
@@ -73,9 +83,16 @@ def make_train_step(model, tx, config, lr_fn, distiller=None):
         if grad_norms:
             parts, out = parts
             distill_rng = jax.random.split(rng)[1]   # the masks of the loss
-            parts = dict(parts, **distiller.feature_grad_norms(
-                state.params.get('distill'), state.params['model']['head'], expert_params,
-                jax.lax.stop_gradient(out), expert_out, batch, distill_rng))
+
+            def diagnose(_):
+                return distiller.feature_grad_norms(state.params.get('distill'), state.params['model']['head'],
+                                                    expert_params, jax.lax.stop_gradient(out), expert_out, batch,
+                                                    distill_rng)
+
+            skip_diagnosis = lambda _: jax.tree.map(  # noqa: E731
+                lambda leaf: jnp.full(leaf.shape, jnp.nan, leaf.dtype), jax.eval_shape(diagnose, None))
+            parts = dict(parts, **jax.lax.cond(diagnostic_step(state.step, config.train.log_every, num_steps),
+                                               diagnose, skip_diagnosis, None))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

@@ -188,11 +188,11 @@ def test_bad_matcher_names_the_key():
     with pytest.raises(ValueError, match='matcher'):
         matching.assign(jnp.zeros((1, 2, 2)), jnp.ones((1, 2), bool), 'auction')
     config = importlib.import_module('configs.detr3d_r50').get_config('toy')
-    assert config.loss.matcher == 'scipy'
+    assert config.loss.matcher == 'auto'
     config.loss.matcher = 'jax'
     validate(config)
     config.loss.matcher = 'auction'
-    with pytest.raises(ConfigError, match=r"config.loss.matcher must be 'scipy' or 'jax', got 'auction'"):
+    with pytest.raises(ConfigError, match=r"config.loss.matcher must be 'auto', 'scipy' or 'jax', got 'auction'"):
         validate(config)
 
 

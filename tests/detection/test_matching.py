@@ -105,3 +105,11 @@ def test_match_ignores_padded_rows():
                            np.cos(b[:, 6:7]), b[:, 7:]], 1)
     cost = _np_focal_cost(logits[0], labels[0, :2]) + 0.25 * np.abs(preds[0, :, None, :8] - code[None, :, :8]).sum(-1)
     _check_assignment(assigned[0], np.pad(cost, ((0, 0), (0, 1))), mask[0])
+
+
+def test_auto_matcher_is_the_graph_one_on_accelerators_and_scipy_on_the_cpu(monkeypatch):
+    assert matching.resolve_matcher('scipy') == 'scipy' and matching.resolve_matcher('jax') == 'jax'
+    assert matching.resolve_matcher('auto') == 'scipy'                  # this CPU
+    for backend in ('gpu', 'tpu'):
+        monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+        assert matching.resolve_matcher('auto') == 'jax'

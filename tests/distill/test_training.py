@@ -51,27 +51,33 @@ def experts(data_cfg, tmp_path_factory):
     return Experts()
 
 
-def _distill(kind, method, data_cfg, experts, workdir):
+def _distill(kind, method, data_cfg, experts, workdir, **train):
     config = _with_data(PAIRS[kind][0].get_config('toy'), data_cfg)
+    config.train.update(train)
     config.distill.method = method
     config.distill.expert_checkpoint = experts[kind]
     summary = loop.train_and_evaluate(config, workdir, log=lambda *a: None)
     assert 0.0 <= summary['nd_score'] <= 1.0
     metrics = [m for m in read_metrics(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in m]
-    assert [m['step'] for m in metrics] == [1, 2]
+    logged = list(range(config.train.log_every, config.train.num_steps + 1, config.train.log_every))
+    assert [m['step'] for m in metrics] == sorted(set(logged) | {config.train.num_steps})
+    if method != 'none':   # the diagnostics of the logged steps (computed on those steps only)
+        for m in metrics:
+            norms = {k: v for k, v in m.items() if k.startswith('grad_norm/')}
+            assert norms and all(np.isfinite(v) and v >= 0 for v in norms.values()), m
     terms = [k for k in metrics[0] if k.startswith('distill/')]
     assert terms, sorted(metrics[0])
     for m in metrics:
         for k in terms:
             assert np.isfinite(m[k]), (k, m)
         assert m['loss_distill'] > 0 and np.isclose(m['loss'], m['loss_det'] + m['loss_distill'], rtol=1e-4)
-    assert sorted(Checkpointer(workdir).all_steps())[-1] == 2
+    assert sorted(Checkpointer(workdir).all_steps())[-1] == config.train.num_steps
     assert os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json'))
     return config
 
 
 def test_fd3d_distillation_trains_checkpoints_and_evaluates(data_cfg, experts, tmp_path):
-    config = _distill('bevformer', 'fd3d', data_cfg, experts, str(tmp_path))
+    config = _distill('bevformer', 'fd3d', data_cfg, experts, str(tmp_path), num_steps=3, log_every=2)
     # the exported apprentice is params['model']: fd3d_jax.eval restores it without the generators
     summary = loop.evaluate_checkpoint(config, str(tmp_path), step=1, log=lambda *a: None)
     assert os.path.exists(tmp_path / 'eval' / 'step_1' / 'metrics_summary.json') and 'nd_score' in summary

@@ -228,6 +228,8 @@ def test_compile_cache_warning_only_when_a_cache_cannot_hold_the_step(tmp_path):
     config.loss.matcher = 'scipy'
     assert 'matcher=jax' in loop.compile_cache_warning(config, str(tmp_path))
     assert loop.compile_cache_warning(config, '') is None
+    config.loss.matcher = 'auto'                            # scipy on the CPU
+    assert 'matcher=auto' in loop.compile_cache_warning(config, str(tmp_path))
     config.loss.matcher = 'jax'
     assert loop.compile_cache_warning(config, str(tmp_path)) is None
 
