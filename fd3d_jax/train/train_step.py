@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fd3d_jax.data.device_input import prepare_images
+from fd3d_jax.data_parallel import on_data_shards
 from fd3d_jax.models.box_coder import decode_topk
 from fd3d_jax.train import mesh as mesh_lib
 from fd3d_jax.detection.losses import detection_loss
@@ -125,8 +126,9 @@ def make_eval_step(model, config, input_fn=None):
         if input_fn is not None:
             batch = input_fn(batch)
         out = model.apply({'params': params}, batch, prev_bev=prev_bev, deterministic=True)
-        decode = functools.partial(decode_topk, max_num=config.model.max_num)
-        boxes, scores, labels, valid = jax.vmap(decode)(out['cls_scores'][-1], out['bbox_preds'][-1])
+        decode = jax.vmap(functools.partial(decode_topk, max_num=config.model.max_num))
+        # per device shard: XLA would gather the top-k candidates of every sample onto each device
+        boxes, scores, labels, valid = on_data_shards(decode, out['cls_scores'][-1], out['bbox_preds'][-1])
         valid = valid & batch['valid'][:, None]
         bev = out['bev'] if model.has_bev else jnp.zeros(model.carried_shape(batch['img'].shape[0]), jnp.float32)
         return dict(boxes=boxes, scores=scores, labels=labels, valid=valid, sample_idx=batch['sample_idx'], bev=bev)
