@@ -21,11 +21,11 @@ precomputed (L, B, Q, G) costs), where the matchers differ. Inputs (``--inputs``
   of the JAX matcher (O(G^2 Q) instead of ~O(G Q)).
 
 ``--devices N`` (N > 1; simulated CPU devices when run as a script) adds the matching step at one sample per
-device on a mesh of N: each matcher per device shard (``matching.assign``, what training runs) and, for
-comparison, called on the global batch as before (``hungarian`` / ``hungarian_jax`` directly: the scipy callback
-then receives the whole batch on one device, the in-graph loops run over every device's samples), with the
-compiled programs' all-gathers and host callbacks (``bench_partition.hlo_stats``). Simulated devices share this
-machine's cores, so those times say what each device does, not what a node of accelerators would take.
+device on a mesh of N, through ``matching.assign`` as training runs it: ``jax`` per device shard, ``scipy`` (on a
+CPU mesh one callback on the whole batch: per-device callbacks hang there, ``assign``), and for comparison the
+in-graph matcher on the global batch as before (``jax_global``: its loops run over every device's samples), with
+the compiled programs' all-gathers and host callbacks (``bench_partition.hlo_stats``). Simulated devices share
+this machine's cores, so those times say what each device does, not what a node of accelerators would take.
 
 Each (inputs, boxes) case times the two compiled steps round-robin (``benchmark.interleaved``) after
 ``--warmup`` calls, ``--iters`` times, and reports the medians with the quartile spread and the ratio
@@ -55,9 +55,8 @@ from fd3d_jax.models.box_coder import normalize_bbox  # noqa: E402
 from fd3d_jax.train import mesh as mesh_lib  # noqa: E402
 from fd3d_jax.train.train_step import under_mesh  # noqa: E402
 
-# --devices: how the matching step is placed (matcher, per device shard).
-PLACEMENTS = {'jax': ('jax', True), 'scipy': ('scipy', True), 'jax_global': ('jax', False),
-              'scipy_global': ('scipy', False)}
+# --devices: how the matching step is placed (matcher, through ``assign``).
+PLACEMENTS = {'jax': ('jax', True), 'scipy': ('scipy', True), 'jax_global': ('jax', False)}
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
 INPUTS = ('random', 'trained', 'collapsed')
@@ -135,14 +134,14 @@ def run_case(kind, boxes, args):
                 matched=int(np.sum(assigned['jax'] >= 0)))
 
 
-def sharded_matching_step(matcher, per_shard):
-    """The training step's matching on the global batch: every layer's costs, then ``assign`` (per device shard)
-    or, with ``per_shard`` False, the matcher called on the whole batch (what training did before)."""
+def sharded_matching_step(matcher, through_assign):
+    """The training step's matching on the global batch: every layer's costs, then ``assign`` or, with
+    ``through_assign`` False, the matcher called on the whole batch (what training did before)."""
     solve = matching.hungarian if matcher == 'scipy' else matching.hungarian_jax
 
     def step(cls_all, box_all, gt_boxes, gt_labels, gt_mask):
         cost = jax.vmap(lambda c, b: matching.match_cost(c, b, gt_boxes, gt_labels, gt_mask))(cls_all, box_all)
-        if per_shard:
+        if through_assign:
             return matching.assign(cost, gt_mask, matcher)
         return solve(cost, jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:]))
     return step
@@ -156,8 +155,8 @@ def run_devices_case(kind, boxes, args):
     shardings = (layer_batch, layer_batch) + (mesh_lib.data_sharded(mesh),) * 3
     inputs = [jax.device_put(x, sharding) for x, sharding in zip(inputs, shardings)]
     compiled, stats, assigned = {}, {}, {}
-    for name, (matcher, per_shard) in PLACEMENTS.items():
-        fn = jax.jit(under_mesh(sharded_matching_step(matcher, per_shard), mesh), in_shardings=shardings)
+    for name, (matcher, through_assign) in PLACEMENTS.items():
+        fn = jax.jit(under_mesh(sharded_matching_step(matcher, through_assign), mesh), in_shardings=shardings)
         compiled[name] = fn.lower(*inputs).compile()
         program = hlo_stats(compiled[name])
         gathers = program['collectives']['all-gather']

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from fd3d_jax.data_parallel import on_data_shards
+from fd3d_jax.data_parallel import data_axis_size, on_data_shards
 from fd3d_jax.models.box_coder import normalize_bbox
 
 # Replaces NaN/inf costs before scipy (which rejects them): such pairs are matched last.
@@ -28,12 +28,18 @@ _BIG_COST = 1e10
 MATCHERS = ('auto', 'scipy', 'jax')
 
 
+def _cpu_mesh():
+    """Whether this traces for several CPU devices (a ``data`` axis of more than one)."""
+    return jax.default_backend() == 'cpu' and data_axis_size() > 1
+
+
 def resolve_matcher(matcher):
     """``'auto'`` -> ``'jax'`` on accelerators (no host round trip per step; a step without a host callback can be
-    kept in the persistent compilation cache), ``'scipy'`` on the CPU (there the callback costs no transfer and the
-    earlier CPU results were matched by it); ``'scipy'`` / ``'jax'`` as they are."""
+    kept in the persistent compilation cache) and on a mesh of several CPU devices (see ``assign``), ``'scipy'``
+    on one CPU device (there the callback costs no transfer, and every earlier CPU result was matched by it);
+    ``'scipy'`` / ``'jax'`` as they are."""
     if matcher == 'auto':
-        return 'scipy' if jax.default_backend() == 'cpu' else 'jax'
+        return 'scipy' if jax.default_backend() == 'cpu' and not _cpu_mesh() else 'jax'
     return matcher
 
 
@@ -270,13 +276,19 @@ def assign(cost, gt_mask, matcher='scipy'):
     On a mesh with a ``data`` axis each device matches its own samples (``fd3d_jax.data_parallel``): the scipy
     callback then runs once per device on that device's rows (instead of the whole cost gathered onto one
     device), and the in-graph matcher's loops stop on their own shard's samples (instead of a flag reduced over
-    every device at each iteration)."""
+    every device at each iteration). Exception: scipy on a mesh of several CPU devices runs once on the whole
+    batch, as per-device callbacks deadlock there (below); ``'auto'`` takes the in-graph matcher on such a mesh."""
     if matcher not in MATCHERS:
         raise ValueError(f'matcher must be one of {MATCHERS}, got {matcher!r}')
-    solve = hungarian if resolve_matcher(matcher) == 'scipy' else hungarian_jax
-    batch_axis = cost.ndim - 3
     gt_mask = jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:])
-    return on_data_shards(solve, cost, gt_mask, in_axes=batch_axis, out_axes=batch_axis)
+    if resolve_matcher(matcher) == 'jax':
+        return on_data_shards(hungarian_jax, cost, gt_mask, in_axes=cost.ndim - 3, out_axes=cost.ndim - 3)
+    if _cpu_mesh():
+        # One callback on the whole batch: JAX places a callback's inputs on CPU device 0, which on a CPU mesh is
+        # itself one of the devices running the step; with one callback per device, device 0 busy in its own
+        # call never serves the others' and the step hangs (seen with 8 simulated devices at 900 x 256).
+        return hungarian(cost, gt_mask)
+    return on_data_shards(hungarian, cost, gt_mask, in_axes=cost.ndim - 3, out_axes=cost.ndim - 3)
 
 
 def match_cost(cls_logits, bbox_preds, gt_boxes, gt_labels, gt_mask, cls_weight=2.0, bbox_weight=0.25,
