@@ -1,7 +1,7 @@
 """The pure training and evaluation steps (jit-compiled over a ``data`` mesh by ``compile_*``).
 
 ``train_step(state, expert_params, batch, rng) -> (state, metrics)``:
-  apprentice forward (dropout on) -> detection loss (Hungarian on the host, focal + L1 on every
+  apprentice forward (dropout on) -> detection loss (Hungarian matching, ``loss.matcher``; focal + L1 on every
   decoder layer) [+ distillation loss against the frozen expert] -> grads -> optax update.
 ``expert_params`` is None for plain detector training; otherwise the expert runs in inference mode
 under ``stop_gradient`` and has no optimiser state (it is an argument, not part of the state).
@@ -69,7 +69,7 @@ def make_train_step(model, tx, config, lr_fn, distiller=None, num_steps=0):
     norm on the apprentice's shared features (``Distiller.feature_grad_norms``), computed (a ``lax.cond``) only on
     the steps the loop logs (``diagnostic_step`` with ``train.log_every`` and ``num_steps``) and NaN on the others,
     which the loop's window means leave out: the diagnostic runs a head forward and backward, a backward pass per
-    term and a second matching, ~a third of an FD3D step when it ran on every step."""
+    term and a second matching (its share of a step is not measured)."""
     grad_norms = distiller is not None and config.distill.log_grad_norms
     loss_fn = make_loss_fn(model, config, distiller, with_outputs=grad_norms)
 
