@@ -84,8 +84,8 @@ def detection_loss(outputs, batch, cfg):
     gt = (batch['gt_boxes'], batch['gt_labels'], batch['gt_mask'])
     cls_all, box_all = outputs['cls_scores'], outputs['bbox_preds']
     num_layers = cls_all.shape[0]
-    # matcher 'scipy': one host call (per device shard) matches all layers; 'jax': matched in the graph
-    # (``hungarian_jax``). A config without the key matches with scipy.
+    # every layer matched in one ``assign`` call (per device shard: ``matching.assign``); a config without the
+    # key matches with scipy.
     matcher = getattr(cfg, 'matcher', 'scipy')
     cost_all = jax.vmap(lambda c, b: matching.match_cost(
         c, b, *gt, cls_weight=cfg.cls_weight, bbox_weight=cfg.bbox_weight, alpha=cfg.focal_alpha,

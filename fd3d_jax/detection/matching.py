@@ -39,7 +39,7 @@ def resolve_matcher(matcher):
     on one CPU device (there the callback costs no transfer, and every earlier CPU result was matched by it);
     ``'scipy'`` / ``'jax'`` as they are."""
     if matcher == 'auto':
-        return 'scipy' if jax.default_backend() == 'cpu' and not _cpu_mesh() else 'jax'
+        return 'scipy' if jax.default_backend() == 'cpu' and data_axis_size() == 1 else 'jax'
     return matcher
 
 
@@ -281,14 +281,14 @@ def assign(cost, gt_mask, matcher='scipy'):
     if matcher not in MATCHERS:
         raise ValueError(f'matcher must be one of {MATCHERS}, got {matcher!r}')
     gt_mask = jnp.broadcast_to(gt_mask, cost.shape[:-2] + cost.shape[-1:])
-    if resolve_matcher(matcher) == 'jax':
-        return on_data_shards(hungarian_jax, cost, gt_mask, in_axes=cost.ndim - 3, out_axes=cost.ndim - 3)
-    if _cpu_mesh():
+    solve = hungarian if resolve_matcher(matcher) == 'scipy' else hungarian_jax
+    if solve is hungarian and _cpu_mesh():
         # One callback on the whole batch: JAX places a callback's inputs on CPU device 0, which on a CPU mesh is
         # itself one of the devices running the step; with one callback per device, device 0 busy in its own
         # call never serves the others' and the step hangs (seen with 8 simulated devices at 900 x 256).
         return hungarian(cost, gt_mask)
-    return on_data_shards(hungarian, cost, gt_mask, in_axes=cost.ndim - 3, out_axes=cost.ndim - 3)
+    batch_axis = cost.ndim - 3
+    return on_data_shards(solve, cost, gt_mask, in_axes=batch_axis, out_axes=batch_axis)
 
 
 def match_cost(cls_logits, bbox_preds, gt_boxes, gt_labels, gt_mask, cls_weight=2.0, bbox_weight=0.25,
