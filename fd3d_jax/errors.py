@@ -34,6 +34,12 @@ class TrainingError(RuntimeError):
     good checkpoint."""
 
 
+class DistributedError(RuntimeError):
+    """A multi-host run that cannot start or go on: missing or incomplete ``jax.distributed`` settings, a
+    coordinator or peer not reached within the timeout, a peer that stopped mid-run; names the address, this
+    process's id and what is missing."""
+
+
 class ConvertError(ValueError):
     """A checkpoint or params tree that does not fit the config; the message lists every problem, the
     attributes hold one line each: ``unexpected`` (keys/params with no place in the model),
@@ -48,4 +54,5 @@ class ConvertError(ValueError):
 
 
 # What a command-line tool reports as one line (exit status 1) rather than a traceback.
-USER_ERRORS = (ConfigError, DataError, RecordsError, CheckpointError, ExpertError, TrainingError, ConvertError)
+USER_ERRORS = (ConfigError, DataError, RecordsError, CheckpointError, ExpertError, TrainingError, ConvertError,
+               DistributedError)
