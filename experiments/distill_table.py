@@ -29,6 +29,7 @@ import matplotlib
 import numpy as np
 
 from experiments.benchmark import REPO, git_commit, load_config, machine_info
+from fd3d_jax.train import loop
 from fd3d_jax.train.metrics_writer import read_metrics
 
 matplotlib.use('Agg')
@@ -253,7 +254,8 @@ def run_cell(cmd, workdir, identity=None, log=print):
     """Runs (or reuses) one training run; returns its devkit summary, timing and ``identity`` (the code, expert
     and commit that made it: ``cell_identity``, kept in the folder's run.json)."""
     os.makedirs(workdir, exist_ok=True)
-    spec_path, summary_path = os.path.join(workdir, 'run.json'), os.path.join(workdir, 'eval', 'metrics_summary.json')
+    evaluated = loop.EXPERT_EVAL if '--expert' in cmd else 'eval'   # the expert's own folder
+    spec_path, summary_path = os.path.join(workdir, 'run.json'), os.path.join(workdir, evaluated, 'metrics_summary.json')
     argv = cmd[1:]
     if os.path.exists(spec_path):
         with open(spec_path) as f:

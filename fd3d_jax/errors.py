@@ -53,6 +53,12 @@ class ConvertError(ValueError):
         super().__init__(message)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what was saved (the step's checkpoint, or the last one) and how to
+    go on. A ``KeyboardInterrupt``, so that code calling the loop sees the usual interruption; the command line
+    prints the message and exits with status 130, the shell's status for Ctrl-C."""
+
+
 # What a command-line tool reports as one line (exit status 1) rather than a traceback.
 USER_ERRORS = (ConfigError, DataError, RecordsError, CheckpointError, ExpertError, TrainingError, ConvertError,
                DistributedError)

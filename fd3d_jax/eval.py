@@ -1,11 +1,12 @@
 """Evaluates with the devkit's DetectionEval, either a training run's checkpoint or a results file.
 
-    python -m fd3d_jax.eval --config configs/NAME.py[:ARG] --workdir W [--step N] [--config.k=v]
-        evaluates the latest (or step N) checkpoint of W on ``config.data.val_split`` and writes
-        ``W/eval/metrics_summary.json`` (``W/eval/step_N/`` with --step);
-    python -m fd3d_jax.eval --config PAIR.py[:ARG] --expert --workdir W [--config.k=v]
+    python -m fd3d_jax.eval --workdir W [--step N] [--config.k=v]
+        evaluates the latest (or step N) checkpoint of W with W's own config (``W/config.json``, the overrides on
+        top) on ``config.data.val_split`` and writes ``W/eval/metrics_summary.json`` (``W/eval/step_N/`` with
+        --step); ``--config configs/NAME.py[:ARG]`` instead of W's config must name the same model and data;
+    python -m fd3d_jax.eval [--config PAIR.py[:ARG]] --expert --workdir W [--config.k=v]
         evaluates the pair's expert on the apprentice's val images as the distiller feeds them (upsampled,
-        renormalised) and writes ``W/eval/metrics_summary.json``;
+        renormalised) and writes ``W/eval/expert/metrics_summary.json`` (the apprentice's results stay);
     python -m fd3d_jax.eval --results R.json --dataroot D --version V --split S --out O
         evaluates a nuScenes results JSON and writes ``O/metrics_summary.json``.
 
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 from fd3d_jax import nuscenes_metrics, storage
 from fd3d_jax.cli import exit_on, parse_flags
 from fd3d_jax.train.loop import evaluate_checkpoint, evaluate_expert
+from fd3d_jax.train.workdir import default_config_argv
 from fd3d_jax.validate import validate
 
 config_flags.DEFINE_config_file('config', None, 'config file (checkpoint mode)')
@@ -41,8 +43,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     if FLAGS.workdir or FLAGS.config:
-        if not (FLAGS.workdir and FLAGS.config):
-            sys.exit('error: checkpoint mode needs both --config and --workdir')
+        if not FLAGS.workdir:
+            sys.exit('error: checkpoint mode needs --workdir (and --config unless the workdir has its config.json)')
         logging.set_verbosity(logging.WARNING)
         exit_on(validate, FLAGS.config)
         if FLAGS.expert:
@@ -50,6 +52,8 @@ def main(argv):
             return
         exit_on(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
         return
+    if FLAGS.expert:
+        sys.exit('error: --expert needs --workdir (and --config unless the workdir has its config.json)')
     missing = [n for n in ('results', 'dataroot', 'version', 'split', 'out') if not getattr(FLAGS, n)]
     if missing:
         sys.exit('error: missing flags: ' + ', '.join('--' + n for n in missing))
@@ -67,4 +71,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, argv=default_config_argv(sys.argv), flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        print('Ctrl-C: evaluation stopped', file=sys.stderr)
+        sys.exit(130)

@@ -38,6 +38,7 @@ images, GT boxes with a non-finite centre/size/yaw or a non-positive size, more 
 ``data.skip_bad_samples`` turns a sample that fails to load into a logged warning and another draw.
 """
 import os
+import signal
 
 import cv2
 import grain
@@ -298,6 +299,13 @@ class SampleLoader:
 MAX_AUTO_WORKERS = 16  # data.num_workers=-1: each worker holds a copy of the split's records
 
 
+def ignore_interrupts(worker_index, worker_count):
+    """grain's ``worker_init_fn``: a worker ignores Ctrl-C (the terminal sends SIGINT to the whole process
+    group), so that only the training process decides: it finishes its step, saves and stops its workers."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def num_workers(cfg):
     """Worker processes of ``cfg`` (``data.num_workers``; -1: the cores this process may use but one, at most
     ``MAX_AUTO_WORKERS``)."""
@@ -331,7 +339,8 @@ class Batches:
                 flags.FLAGS.mark_as_parsed()
             ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=workers, per_worker_buffer_size=max(1, -(-ahead // workers))))
+                num_workers=workers, per_worker_buffer_size=max(1, -(-ahead // workers))),
+                worker_init_fn=ignore_interrupts)
         return iter(ds.batch(self.batch_size, drop_remainder=self.drop_remainder))
 
 

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import multiprocessing
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from fd3d_jax import nuscenes_metrics, params_io, storage
 from fd3d_jax.convert.init_from import apply_init_from, missing_source_warning
 from fd3d_jax.data import pipeline, records
 from fd3d_jax.detection.matching import resolve_matcher
-from fd3d_jax.errors import CheckpointError, ConfigError, TrainingError
+from fd3d_jax.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import batch_spec, dummy_batch
 from fd3d_jax.distill import build_distillation
@@ -31,6 +32,7 @@ from fd3d_jax.train.metrics_writer import MetricsWriter, read_metrics
 from fd3d_jax.train.prefetch import DevicePrefetcher, as_global_batch
 from fd3d_jax.train.profile import Profile
 from fd3d_jax.train.state import create_state, init_params, step_rng
+from fd3d_jax.train.workdir import check_identity
 from fd3d_jax.train.train_step import compile_eval_step, compile_train_step, make_eval_step, make_train_step
 
 
@@ -131,6 +133,7 @@ class Trainer:
         self.expert_params = None if distiller is None else mesh_lib.replicate(expert_params, self.mesh)
         self.train_step = compile_train_step(parts.train_step, self.mesh)
         self.eval_step = compile_eval_step(make_eval_step(self.model, config), self.mesh)
+        self.eval_compiled = False   # the first eval step compiles (``predict`` says so)
 
     @property
     def state(self):
@@ -168,6 +171,19 @@ def _progress(step, num_steps, loss, rate, elapsed):
             f'elapsed {elapsed / 60:5.1f} min  ETA {eta / 60:5.1f} min')
 
 
+def _compile_first_step(trainer, batch, pending, log):
+    """Dispatches the run's first step with a line before and after its compilation: ``jax.jit`` compiles on the
+    first call and returns once the step is compiled and queued (the device runs it after), so the call's time is
+    the compilation's (tracing included). Returns the time after it: the steps/s and ETA of the first logged
+    window count from there, so that they leave compilation out."""
+    log('compiling the train step ...')
+    start = time.time()
+    pending.append(trainer.step(batch))
+    now = time.time()
+    log(f'compiled the train step in {now - start:.1f} s')
+    return now
+
+
 def _truncate_metrics(path, last_step):
     """Drops metric lines written after the checkpoint a run resumes from (they are redone). ``path``: local or
     a URL."""
@@ -192,17 +208,62 @@ def write_config(config, workdir):
 
 
 class Preemption:
-    """SIGTERM -> save a checkpoint at the next step boundary and stop. One process: a Python signal handler;
-    several: JAX's preemption notifier (``jax.distributed`` installs it), so that all processes agree on the
-    step (``multihost_utils.reached_preemption_sync_point``)."""
+    """SIGTERM or Ctrl-C (SIGINT) -> save a checkpoint at the next step boundary and stop. Outside the training
+    loop (``training`` False: before it, or in the final evaluation once the last checkpoint is saved) Ctrl-C
+    raises ``KeyboardInterrupt``, which the command line turns into one line.
+
+    A second Ctrl-C stops at once without saving (the line names the last checkpoint). Python runs signal
+    handlers only between bytecodes of the main thread, so a handler would wait for a compilation or a blocking
+    device call (minutes at full size); instead the interpreter's C-level handler writes each signal number to a
+    pipe (``signal.set_wakeup_fd``) that a thread reads, and that thread ends the process with ``os._exit``:
+    nothing waits for the step, compilation or save in flight (a half-written save is never taken for a
+    checkpoint: orbax finalises a step's folder only once complete).
+
+    One process: Python signal handlers. Several: JAX's preemption notifier (``jax.distributed`` installs it for
+    SIGTERM), so that all processes agree on the step (``multihost_utils.reached_preemption_sync_point``); Ctrl-C
+    is passed on to it as a SIGTERM of this process."""
 
     def __init__(self):
-        self.requested, self._old = False, None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.requested, self.reason, self.training, self.saved = False, None, False, None
+        self._old, self._wakeup = {}, None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if jax.process_count() == 1:
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
+        threading.Thread(target=self._count_interrupts, args=(read_fd,), daemon=True,
+                         name='second-ctrl-c').start()
+
+    def _count_interrupts(self, read_fd):
+        count = 0
+        with open(read_fd, 'rb', buffering=0) as pipe:   # closed when ``close`` closes the writing end
+            while received := pipe.read(64):
+                count += received.count(int(signal.SIGINT))
+                if count < 2:
+                    continue
+                kept = f'the last checkpoint is {self.saved}' if self.saved else 'no checkpoint was saved'
+                os.write(2, f'error: second Ctrl-C: stopped at once without saving; {kept}\n'.encode())
+                for worker in multiprocessing.active_children():   # input workers ignore Ctrl-C
+                    worker.kill()
+                os._exit(130)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.reason = True, self.reason or signal.Signals(signum).name
+
+    def _interrupt(self, signum, frame):
+        if not self.training:
+            raise KeyboardInterrupt
+        if self.requested:
+            return   # the second Ctrl-C: the wakeup thread ends the process
+        self.reason = 'Ctrl-C'
+        if jax.process_count() > 1:
+            signal.raise_signal(signal.SIGTERM)   # JAX's notifier: every process stops at the same step
+            self.requested = True
+        else:
+            self._handle(signum, frame)
 
     def reached(self, step):
         if jax.process_count() > 1:
@@ -210,9 +271,14 @@ class Preemption:
         return self.requested
 
     def close(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        self._old = {}
+        if self._wakeup is not None:
+            read_fd, write_fd, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)   # the thread reads end-of-file and returns
+            self._wakeup = None
 
 
 def check_finite(metrics, first_step, mode, last_checkpoint):
@@ -277,6 +343,11 @@ def train_and_evaluate(config, workdir, trainer=None, log=functools.partial(prin
     preemption = Preemption()   # from the start: a SIGTERM while compiling still ends with a checkpoint
     try:
         return _train_and_evaluate(config, workdir, trainer, log, preemption)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop: nothing in flight to save
+        kept = f'the last checkpoint is {preemption.saved}' if preemption.saved else 'no checkpoint was saved'
+        raise Interrupted(f'Ctrl-C: stopped; {kept}') from None
     finally:
         preemption.close()
 
@@ -287,6 +358,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     # per-device batch and lr scaling resolved for this launch (W/config.json holds the result)
     config, launch_line = mesh_lib.launch_config(config, jax.device_count() if trainer is None
                                                  else trainer.mesh.devices.size)
+    check_identity(config, workdir)   # before anything is read or written
     data_cfg = config.data
     mode = config.train.nonfinite
     train_recs = load_split(config, data_cfg.train_split)
@@ -308,6 +380,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         if data_state is not None:
             data_iter.set_state(data_state)
         log(f'resumed from {ckpt.directory}/{start}')
+        preemption.saved = f'{ckpt.directory}/{start}'
     if jax.process_index() == 0:   # a run killed before its first checkpoint finished starts over: its lines go too
         _truncate_metrics(writer.path, start or 0)
     step = trainer.host_step
@@ -329,12 +402,18 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     log(launch_line)
     profile = Profile(storage.as_path(workdir) / 'profile', step + 1, config.train.get('profile', 0), log)
     t0, t_log, s_log, pending = time.time(), time.time(), step, []
-    saved = f'{ckpt.directory}/{start}' if start is not None else None
+    saved = preemption.saved
+    compiled = False
+    preemption.training = True
     try:
         while step < num_steps:
             batch = next(data_iter)
             profile.before(step)
-            pending.append(trainer.step(batch))
+            if not compiled:
+                t_log = _compile_first_step(trainer, batch, pending, log)
+                compiled = True
+            else:
+                pending.append(trainer.step(batch))
             profile.after(step, pending[-1])
             if len(pending) > MAX_STEPS_IN_FLIGHT:   # bounded run-ahead: each queued step holds its batch
                 jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
@@ -352,21 +431,26 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 pending = jax.device_get(pending)  # no checkpoint holds a non-finite update ('stop')
                 check_finite(pending, s_log + 1, mode, saved)
                 ckpt.save(step, trainer.state, data_iter.get_state())
-                saved = f'{ckpt.directory}/{step}'
+                saved = preemption.saved = f'{ckpt.directory}/{step}'
             if preempted:
-                log(f'SIGTERM: saved {saved} and stopped; run the same command again to resume')
+                stopped = f'{preemption.reason or "SIGTERM"}: saved {saved} and stopped; run the same command again to resume'
                 break
             if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-                summary = evaluate_params(trainer, trainer.eval_params(), storage.as_path(workdir) / 'eval' / str(step))
+                summary = evaluate_params(trainer, trainer.eval_params(), storage.as_path(workdir) / 'eval' / str(step),
+                                          log=log)
                 writer.write(step, _eval_scalars(summary))
     except BaseException:
         writer.close()
         raise
     finally:
+        preemption.training = False
         profile.close()
         stop_training(trainer, data_iter, ckpt)   # an error or SIGTERM never loses a started save
     if step < num_steps:   # preempted
         writer.close()
+        if preemption.reason == 'Ctrl-C':
+            raise Interrupted(stopped)
+        log(stopped)
         return None
     summary = evaluate_params(trainer, trainer.eval_params(), storage.as_path(workdir) / 'eval', log=log)
     writer.write(step, _eval_scalars(summary))
@@ -416,9 +500,10 @@ def eval_batch_size(config, num_devices):
     return batch_size
 
 
-def predict(trainer, params, recs):
+def predict(trainer, params, recs, log=None):
     """Runs ``eval_step`` over ``recs`` (scene streams carrying the previous BEV); returns
-    {sample token: list of nuScenes result dicts} (gathered on every process)."""
+    {sample token: list of nuScenes result dicts} (gathered on every process). ``log``: a line before and after
+    the eval step's compilation (its first call)."""
     config, mesh = trainer.config, trainer.mesh
     data_cfg = config.data
     batch_size = eval_batch_size(config, mesh.devices.size)
@@ -429,7 +514,14 @@ def predict(trainer, params, recs):
     class_names = tuple(data_cfg.class_names)
     detections = {}
     for batch in DevicePrefetcher(iter(ds), mesh, data_cfg.get('device_prefetch', 2)):
+        first = not trainer.eval_compiled
+        if first and log:
+            log('compiling the eval step ...')
+            start = time.time()
         out = trainer.eval_step(params, batch, prev)
+        trainer.eval_compiled = True
+        if first and log:
+            log(f'compiled the eval step in {time.time() - start:.1f} s')
         prev = out.pop('bev')
         host = jax.device_get(out) if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
         for row in range(host['boxes'].shape[0]):
@@ -451,7 +543,7 @@ def evaluate_params(trainer, params, out_dir, log=print):
     data_cfg = config.data
     val = load_split(config, data_cfg.val_split)
     start = time.time()
-    detections = predict(trainer, params, val)
+    detections = predict(trainer, params, val, log)
     if jax.process_index() != 0:
         return None
     with storage.local_folder(out_dir) as local_out:   # the devkit writes local files; copied to a URL after
@@ -485,11 +577,16 @@ def restore_model_params(trainer, path, step=None):
     return mesh_lib.replicate(params, trainer.mesh)
 
 
+EXPERT_EVAL = 'eval/expert'   # where ``evaluate_expert`` writes in a workdir
+
+
 def evaluate_expert(config, workdir, log=print):
     """The expert of a distillation ``config`` (``config.distill.expert_checkpoint``) evaluated on the
     apprentice's validation images as the distiller feeds them (``Distiller.expert_batch``: renormalised to the
     expert's normalisation and upsampled ``distill.expert_upsample`` times, ``lidar2img`` scaled): what the
-    expert knows on the input it distils from. Writes ``workdir/eval/metrics_summary.json``; returns it."""
+    expert knows on the input it distils from. Writes ``workdir/eval/expert/metrics_summary.json`` and
+    ``results.json`` (beside, never over, the apprentice's ``workdir/eval/``); returns the summary."""
+    check_identity(config, workdir, 'evaluate the expert of')
     distiller, expert_params = build_distillation(config)
     if distiller is None:
         raise ConfigError('config.distill.method is none: there is no expert to evaluate')
@@ -500,11 +597,13 @@ def evaluate_expert(config, workdir, log=print):
                                           trainer.mesh)
     log(f'evaluating the expert {config.distill.expert_checkpoint} on the distillation input')
     return evaluate_params(trainer, mesh_lib.replicate(expert_params, trainer.mesh),
-                           storage.as_path(workdir) / 'eval', log=log)
+                           storage.as_path(workdir) / EXPERT_EVAL, log=log)
 
 
 def evaluate_checkpoint(config, workdir, step=None, log=print):
-    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary."""
+    """Restores a checkpoint of ``workdir`` and evaluates its detector; returns the summary. ``config`` must be
+    the workdir's model and data (``workdir.check_identity``)."""
+    check_identity(config, workdir, 'evaluate')
     trainer = Trainer(config, num_train_samples=1)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     named = step is not None

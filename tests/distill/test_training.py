@@ -99,8 +99,8 @@ def test_the_expert_is_evaluated_on_the_distillation_input(data_cfg, experts, tm
     monkeypatch.setattr(distiller_lib, 'expert_batch', spy)
     summary = loop.evaluate_expert(config, str(tmp_path), log=lambda *a: None)
     assert 0.0 <= summary['nd_score'] <= 1.0
-    assert os.path.exists(tmp_path / 'eval' / 'metrics_summary.json')
-    with open(tmp_path / 'eval' / 'results.json') as f:
+    assert os.path.exists(tmp_path / 'eval' / 'expert' / 'metrics_summary.json')
+    with open(tmp_path / 'eval' / 'expert' / 'results.json') as f:
         results = json.load(f)['results']
     val = records.get_records(config.data.dataroot, config.data.version, config.data.val_split, config.data.records_dir)
     assert set(results) == {s['token'] for s in val['samples']}
