@@ -23,6 +23,8 @@ CONFIG_NAME = 'config.json'
 IDENTITY = ('model', 'expert.model', 'distill.method', 'data')
 DATA_FREE_KEYS = ('dataroot', 'records_dir', 'val_split', 'num_threads', 'num_workers', 'prefetch',
                   'device_prefetch', 'skip_bad_samples', 'device_normalize')
+# What an evaluation may change besides: the table version and training split (the test set is another version).
+EVAL_FREE_KEYS = ('version', 'train_split')
 MAX_LINES = 10
 NAMES = ('model.name', 'expert.model.name', 'distill.method')   # listed first when they differ
 
@@ -67,18 +69,18 @@ def _flatten(tree, prefix=''):
     return flat
 
 
-def _identity(config_json):
+def _identity(config_json, free_data_keys):
     flat = _flatten(config_json)
-    free = {f'data.{key}' for key in DATA_FREE_KEYS}
+    free = {f'data.{key}' for key in free_data_keys}
     return {key: value for key, value in flat.items()
             if key not in free and any(key == root or key.startswith(root + '.') for root in IDENTITY)}
 
 
-def identity_differences(saved, config):
-    """Lines ``key: saved value -> this value`` for each identity key (``IDENTITY`` less ``DATA_FREE_KEYS``) where
-    ``config`` differs from ``saved`` (a workdir's config); both ``ConfigDict``s or JSON dicts."""
+def identity_differences(saved, config, free_data_keys=DATA_FREE_KEYS):
+    """Lines ``key: saved value -> this value`` for each identity key (``IDENTITY`` less ``free_data_keys``)
+    where ``config`` differs from ``saved`` (a workdir's config); both ``ConfigDict``s or JSON dicts."""
     as_json = lambda c: json.loads(c.to_json_best_effort()) if hasattr(c, 'to_json_best_effort') else c  # noqa: E731
-    before, now = _identity(as_json(saved)), _identity(as_json(config))
+    before, now = _identity(as_json(saved), free_data_keys), _identity(as_json(config), free_data_keys)
     missing = object()
     return [f'{key}: {before.get(key, missing)!r} -> {now.get(key, missing)!r}'.replace(repr(missing), '(absent)')
             for key in sorted(before.keys() | now.keys(), key=lambda k: (k not in NAMES, k))
@@ -87,13 +89,15 @@ def identity_differences(saved, config):
 
 def check_identity(config, workdir, action='resume'):
     """Raises ``ConfigError`` when ``config`` is not the config of ``workdir``'s checkpoints: at most
-    ``MAX_LINES`` differing keys, then a count. Nothing is read but ``W/config.json`` and nothing is written, so a
+    ``MAX_LINES`` differing keys, then a count. An ``action`` other than 'resume' (an evaluation) may also change
+    the data version and training split (``EVAL_FREE_KEYS``). Nothing is read but ``W/config.json`` and nothing is written, so a
     refused run leaves the workdir as it was. A workdir without ``config.json`` (written by hand, or by a run that
     ended before it) is not checked."""
     path = storage.as_path(workdir) / CONFIG_NAME
     if not path.exists():
         return
-    lines = identity_differences(read_config(workdir), config)
+    free = DATA_FREE_KEYS + (() if action == 'resume' else EVAL_FREE_KEYS)
+    lines = identity_differences(read_config(workdir), config, free)
     if not lines:
         return
     shown = lines[:MAX_LINES] + ([f'... and {len(lines) - MAX_LINES} more'] if len(lines) > MAX_LINES else [])

@@ -153,3 +153,14 @@ def test_ctrl_c_saves_the_step_and_a_second_stops_at_once(data_cfg, tmp_path):
                                            'was saved', out[-3000:]
             assert not os.path.exists(os.path.join(workdir, 'checkpoints')) or not os.listdir(
                 os.path.join(workdir, 'checkpoints'))
+
+
+def test_an_evaluation_may_change_the_version_and_training_split(tmp_path):
+    """The test set is another table version: ``eval --config.data.version=v1.0-test`` on a trained workdir is
+    allowed; resuming training on another version is not."""
+    write_config(detr3d_r50.get_config('toy'), tmp_path)
+    test_set = detr3d_r50.get_config('toy')
+    test_set.data.version, test_set.data.val_split = 'v1.0-test', 'test'
+    workdir_lib.check_identity(test_set, tmp_path, 'evaluate')
+    with pytest.raises(ConfigError, match="data.version: 'v1.0-mini' -> 'v1.0-test'"):
+        workdir_lib.check_identity(test_set, tmp_path)
