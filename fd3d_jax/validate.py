@@ -1,10 +1,15 @@
-"""``validate(config)``: every enum, switch and range check of a config, in one place, run once when a command
-line tool starts (before any data is read or anything is compiled). Each failure raises ``ConfigError`` naming
-the config key, its value and what it may be. The code below it trusts the config: no check hides in traced
+"""``validate(config)``: every enum, switch, range and meaning check of a config, in one place, run once when a
+command line tool starts (before any data is read or anything is compiled). Each failure raises ``ConfigError``
+naming the config key, its value and what it may be. The code below it trusts the config: no check hides in traced
 code. Checks that need the data or the devices (GT slots, batch size vs mesh) stay where those are known.
+
+``check_against_default(default, config)`` runs before it on a config with command-line overrides: the type and
+shape of every value must be those of the config file's own value (``default``), so the type checks are read off
+the config's structure, not listed here.
 """
 import numbers
 
+from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
 from fd3d_jax.detection.matching import MATCHERS
 from fd3d_jax.distill import METHODS
 from fd3d_jax.distill.masks import SELECT_RULES
@@ -52,6 +57,147 @@ def number(config, key, low=None, high=None, integer=False, low_open=False):
         raise ConfigError(f"config.{key} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
 
 
+# Tuples whose length is free (their last key): one entry per backbone stage that feeds the neck. The length of
+# every other tuple of numbers or switches is its default's; a tuple of strings (class names) may have any length.
+ANY_LENGTH = ('out_indices', 'in_channels')
+# One word per element kind of a default tuple, and the plural.
+_KIND_WORDS = {bool: ('True or False', 'True/False values'), int: ('an integer', 'integers'),
+               float: ('a number', 'numbers'), str: ('a string', 'strings')}
+
+
+def _kind(value):
+    """``bool``, ``int``, ``float``, ``str`` or None (no type to derive: None, or an unusual default)."""
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, numbers.Integral):
+        return int
+    if isinstance(value, numbers.Real):
+        return float
+    return str if isinstance(value, str) else None
+
+
+def _fits(kind, value):
+    """``value`` may stand where the default is of ``kind`` (an int where a float is: it is a number)."""
+    if kind is float:
+        return _kind(value) in (int, float)
+    return kind is None or _kind(value) is kind
+
+
+def _element_kind(default):
+    """The kind of a default tuple's elements: ``float`` when any is a float (``(1.0, 0.2)`` and ``(1, 0.2)``
+    alike), else the first one's; None for an empty or mixed tuple."""
+    kinds = {_kind(item) for item in default}
+    if kinds <= {int, float} and float in kinds:
+        return float
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _tuple_against_default(name, default, value):
+    """``value`` in place of the default tuple ``default`` at ``config.<name>``; returns it with ints made floats
+    where the default has floats (as config_flags does for a single float)."""
+    kind = _element_kind(default)
+    words = _KIND_WORDS.get(kind, ('a value', 'values'))
+    free_length = kind is str or not default or name.rsplit('.', 1)[-1] in ANY_LENGTH
+    shape = f'a tuple of {words[1]}' if free_length else f'a tuple of {len(default)} {words[1]}'
+    if not isinstance(value, (tuple, list)):
+        raise ConfigError(f'config.{name} must be {shape} like its default {default!r}, got {value!r}')
+    if kind is not str and len(value) == 1 and isinstance(value[0], str) and value[0][:1] in '([':
+        raise ConfigError(f'config.{name} must be {shape} like its default {default!r}, got the text '
+                          f'{value[0]!r}: not a Python tuple (each element a literal: numbers, True/False, '
+                          f'quoted strings)')
+    if not free_length and len(value) != len(default):
+        raise ConfigError(f'config.{name} must be {shape} like its default {default!r}, got {len(value)}: '
+                          f'{tuple(value)!r}')
+    for index, item in enumerate(value):
+        if not _fits(kind, item):
+            raise ConfigError(f'config.{name}[{index}] must be {words[0]} (config.{name} is {shape} like its '
+                              f'default {default!r}), got {item!r}')
+    return tuple(float(item) for item in value) if kind is float else tuple(value)
+
+
+def check_against_default(default, config, prefix=''):
+    """Raises ``ConfigError`` naming the key for the first value of ``config`` whose type or shape is not that of
+    the same key of ``default`` (the config file's own config, before command-line overrides): a section must
+    stay a section with the same keys; a number, a switch or a string its kind (an int is a number); a tuple a
+    tuple of the same element kind and, unless it holds strings or its key is in ``ANY_LENGTH``, of the same
+    length. A key whose default is None takes any value. Ints given in a tuple of floats become floats, in
+    ``config``. ``prefix``: the key of ``default`` within the whole config. Returns ``config``."""
+    for key, default_value in default.items():
+        name = prefix + key
+        if key not in config:
+            raise ConfigError(f'config.{name} is missing: a command-line override replaced config.{prefix[:-1]} '
+                              f'with a section without it')
+        value = config[key]
+        if hasattr(default_value, 'items'):
+            if not hasattr(value, 'items'):
+                raise ConfigError(f'config.{name} must be a section like its default (keys '
+                                  f"{', '.join(default_value)}), got {value!r}")
+            check_against_default(default_value, value, name + '.')
+        elif isinstance(default_value, (tuple, list)):
+            config[key] = _tuple_against_default(name, default_value, value)
+        elif not _fits(_kind(default_value), value):
+            words = _KIND_WORDS[_kind(default_value)]
+            raise ConfigError(f'config.{name} must be {words[0]} like its default {default_value!r}, got {value!r}')
+    extra = [key for key in config if key not in default]
+    if extra:
+        raise ConfigError(f'config.{prefix}{extra[0]} is not a key of the config file: a command-line override '
+                          f'replaced config.{prefix[:-1]} with a section that has it')
+    return config
+
+
+def _class_names(config):
+    """``data.class_names``: known nuScenes detection classes, each once; the detectors have one output per class."""
+    names = config.data.class_names
+    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
+        raise ConfigError(f'config.data.class_names must be a non-empty tuple of class names, got {names!r}')
+    if len(names) == 1 and isinstance(names[0], str) and names[0][:1] in '([' and ',' in names[0]:
+        raise ConfigError(f'config.data.class_names is the one string {names[0]!r}: in a shell, quote the names '
+                          f"and the tuple, e.g. --config.data.class_names=\"('car','pedestrian')\"")
+    for name in names:
+        if name not in CLASS_NAMES:
+            raise ConfigError(f'config.data.class_names: {name!r} is not a nuScenes detection class; choose from '
+                              f"{', '.join(CLASS_NAMES)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"config.data.class_names names {', '.join(repeated)} more than once")
+
+
+def _num_classes(config, key):
+    """``config.<key>.num_classes`` is the number of ``config.data.class_names`` (labels index those names)."""
+    if 'data' in config and 'class_names' in config.data:
+        count = len(config.data.class_names)
+        if _get(config, key).num_classes != count:
+            fix = (f'set --config.{key}.num_classes={count}' if key == 'model'
+                   else 'an expert of other classes cannot teach these')
+            raise ConfigError(f'config.{key}.num_classes={_get(config, key).num_classes} must be the number of '
+                              f'config.data.class_names ({count}): {fix}')
+
+
+def point_range(config, key):
+    """``config.<key>`` is 6 numbers (x, y, z min, then x, y, z max) with min < max on each axis."""
+    value = _get(config, key)
+    if (not isinstance(value, (tuple, list)) or len(value) != 6
+            or any(_kind(item) not in (int, float) for item in value)):
+        raise ConfigError(f'config.{key} must be 6 numbers (x_min, y_min, z_min, x_max, y_max, z_max), '
+                          f'got {value!r}')
+    for axis, low, high in zip('xyz', value[:3], value[3:]):
+        if not low < high:
+            raise ConfigError(f'config.{key}: {axis}_min={low} must be < {axis}_max={high}, got {tuple(value)!r}')
+
+
+def _stages(config, key):
+    """``backbone.out_indices``: distinct ResNet stages 0..3, one ``neck.in_channels`` entry each."""
+    model = _get(config, key)
+    if 'backbone' not in model or 'out_indices' not in model.backbone:
+        return
+    stages = model.backbone.out_indices
+    if not stages or any(_kind(s) is not int or not 0 <= s <= 3 for s in stages) or len(set(stages)) < len(stages):
+        raise ConfigError(f'config.{key}.backbone.out_indices must be distinct ResNet stages 0..3, got {stages!r}')
+    if 'neck' in model and 'in_channels' in model.neck and len(model.neck.in_channels) != len(stages):
+        raise ConfigError(f'config.{key}.neck.in_channels={tuple(model.neck.in_channels)!r} must have one entry '
+                          f'per config.{key}.backbone.out_indices={tuple(stages)!r}')
+
+
 def _model(config, key):
     model = _get(config, key)
     one_of(config, f'{key}.name', tuple(DETECTORS))
@@ -62,6 +208,10 @@ def _model(config, key):
         raise ConfigError(f'config.{key}.embed_dims={model.embed_dims} must be a multiple of '
                           f'config.{key}.num_heads={model.num_heads}')
     number(config, f'{key}.dropout', 0.0, 1.0)
+    if 'pc_range' in model:
+        point_range(config, f'{key}.pc_range')
+    _stages(config, key)
+    _num_classes(config, key)
     if 'dtype' in model:
         one_of(config, f'{key}.dtype', tuple(precision.DTYPES))
     if DETECTORS[model.name].has_bev:
@@ -91,6 +241,10 @@ def _counts(config, section):
 
 def _data(config):
     number(config, 'data.image_scale', 0.0, low_open=True)
+    if 'class_names' in config.data:
+        _class_names(config)
+    if 'point_cloud_range' in config.data:
+        point_range(config, 'data.point_cloud_range')
     _counts(config, 'data')
 
 
@@ -157,10 +311,10 @@ def _distill(config):
 def validate(config):
     """Raises ``ConfigError`` (naming the key) for the first unusable value of ``config``; returns it
     otherwise. Works on detector, distillation-pair and data-only configs (sections it lacks are skipped)."""
+    if 'data' in config:     # first: the model checks count its class names
+        _data(config)
     if 'model' in config:
         _model(config, 'model')
-    if 'data' in config:
-        _data(config)
     if 'train' in config:
         _training(config)
     if 'distill' in config:
