@@ -5,17 +5,22 @@ no distillation loss), each a ``Distiller`` subclass in a module of its own, and
 - ``mgd``: MGD with random spatial masks (``mgd.py``);
 - ``heatmap``: the released FocalDistiller baseline, CWD + GT-heatmap-masked BEV L2 (``heatmap.py``);
 - ``fd3d``: FD3D, query-guided masked generative + focal distillation (``fd3d.py``).
+
+The pure, unweighted loss functions (``losses.py``, argument order apprentice, expert, masks, options) are
+exported here too: ``cwd_loss``, ``fitnet_loss``, ``focal_loss``, ``generative_loss``, ``masked_l2_loss``.
 """
 from fd3d_jax.distill.distiller import Distiller
 from fd3d_jax.distill.expert import load_expert_params
 from fd3d_jax.distill.fd3d import FD3D
 from fd3d_jax.distill.fitnet import FitNet
 from fd3d_jax.distill.heatmap import HeatmapDistiller
+from fd3d_jax.distill.losses import cwd_loss, fitnet_loss, focal_loss, generative_loss, masked_l2_loss
 from fd3d_jax.distill.mgd import MGD
 
 METHODS = {'fitnet': FitNet, 'mgd': MGD, 'heatmap': HeatmapDistiller, 'fd3d': FD3D}
 
-__all__ = ['METHODS', 'Distiller', 'build_distillation', 'make_distiller', 'uses_expert']
+__all__ = ['METHODS', 'Distiller', 'build_distillation', 'make_distiller', 'uses_expert',
+           'cwd_loss', 'fitnet_loss', 'focal_loss', 'generative_loss', 'masked_l2_loss']
 
 
 def uses_expert(config):

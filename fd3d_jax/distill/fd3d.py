@@ -77,7 +77,7 @@ class FD3D(Distiller):
         region, 'random' a random ``mask.random_ratio`` of it (MGD's mask restricted to the instances)."""
         drop = region[..., None]
         if self.distill_cfg.mask.mode == 'random':
-            drop = drop * (1.0 - losses.random_mask(rng, drop.shape, self.distill_cfg.mask.random_ratio))
+            drop = drop * (1.0 - masks.random_mask(rng, drop.shape, self.distill_cfg.mask.random_ratio))
         return feats * (1.0 - drop)
 
     def terms(self, params, expert_params, feats, expert_out, batch, rng):
@@ -127,13 +127,13 @@ class FD3D(Distiller):
             apprentice = generated_bev if generated else feats.apprentice_bev
             if self.distill_cfg.feature_norm != 'none':   # back to the scale the expert's decoder reads
                 apprentice = destandardize(apprentice, feats.expert_bev_raw)
-            focal_expert, focal_apprentice = bev_focal_features(head_params, head_out['sampling'], feats.expert_bev_raw,
-                                                                apprentice, self.expert_cfg.num_heads)
+            focal_apprentice, focal_expert = bev_focal_features(head_params, head_out['sampling'], apprentice,
+                                                                feats.expert_bev_raw, self.expert_cfg.num_heads)
         else:
             expert_levels = list(expert_out['img_feats'])
             apprentice_levels = [None] * self.num_expert_levels
             for pair, (_, level) in enumerate(self.pairs):
                 expert_levels[level] = feats.expert_pv[pair]
                 apprentice_levels[level] = generated_pv[pair] if generated else feats.apprentice_pv[pair]
-            focal_expert, focal_apprentice = pv_focal_features(head_out['sampling'], expert_levels, apprentice_levels)
-        return losses.focal_loss(focal_expert, focal_apprentice, query_weights)
+            focal_apprentice, focal_expert = pv_focal_features(head_out['sampling'], apprentice_levels, expert_levels)
+        return losses.focal_loss(focal_apprentice, focal_expert, query_weights)

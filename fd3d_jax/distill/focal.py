@@ -28,16 +28,16 @@ def _value_proj(head_params, layer):
     return jax.lax.stop_gradient(proj['kernel']), jax.lax.stop_gradient(proj['bias'])
 
 
-def bev_focal_features(head_params, sampling, expert_bev, apprentice_bev, num_heads):
-    """Per-layer aggregated features of the expert and apprentice BEVs.
+def bev_focal_features(head_params, sampling, apprentice_bev, expert_bev, num_heads):
+    """Per-layer aggregated features of the apprentice and expert BEVs, in ``losses.focal_loss``'s order.
 
     Args:
       head_params: the distillation head's params (``params['head']`` layout, ``layers_{l}``).
       sampling: per layer dict(sampling_locations (B, Q, M, 1, P, 2), attention_weights (B, Q, M, 1, P)).
-      expert_bev, apprentice_bev: (B, H, W, C) expert and apprentice BEV on the same grid (row = y, column = x).
+      apprentice_bev, expert_bev: (B, H, W, C) apprentice and expert BEV on the same grid (row = y, column = x).
       num_heads: M.
     Returns:
-      (expert_feats, apprentice_feats), each (L, B, Q, C).
+      (apprentice_feats, expert_feats), each (L, B, Q, C).
     """
     batch, height, width, channels = expert_bev.shape
     assert apprentice_bev.shape == expert_bev.shape, (apprentice_bev.shape, expert_bev.shape)
@@ -51,20 +51,21 @@ def bev_focal_features(head_params, sampling, expert_bev, apprentice_bev, num_he
             out = ms_deform_attn(value.reshape(batch, height * width, num_heads, channels // num_heads),
                                  ((height, width),), locations, weights)
             acc.append(jnp.nan_to_num(out))
-    return jnp.stack(expert_feats), jnp.stack(apprentice_feats)
+    return jnp.stack(apprentice_feats), jnp.stack(expert_feats)
 
 
-def pv_focal_features(sampling, expert_levels, apprentice_levels):
-    """DETR3D's per-layer sums of projected-reference samples on expert and apprentice FPN levels.
+def pv_focal_features(sampling, apprentice_levels, expert_levels):
+    """DETR3D's per-layer sums of projected-reference samples on apprentice and expert FPN levels, in
+    ``losses.focal_loss``'s order.
 
     Args:
       sampling: per layer dict(points (B, N, Q, 2) in [0, 1], weights (B, Q, N, 1, L_e)) of the
         distillation head (the expert's DETR3D head).
-      expert_levels: the expert's levels, list of (B, N, H_l, W_l, C).
       apprentice_levels: list like ``expert_levels`` with the (aligned) apprentice level of the same size, or
         None where the apprentice has none (that level is left out of both sums).
+      expert_levels: the expert's levels, list of (B, N, H_l, W_l, C).
     Returns:
-      (expert_feats, apprentice_feats), each (L, B, Q, C).
+      (apprentice_feats, expert_feats), each (L, B, Q, C).
     """
     levels = [index for index, feat in enumerate(apprentice_levels) if feat is not None]
     if not levels:
@@ -89,4 +90,4 @@ def pv_focal_features(sampling, expert_levels, apprentice_levels):
         for value, acc in ((expert_value, expert_feats), (apprentice_value, apprentice_feats)):
             out = ms_deform_attn(value, shapes, locations, weights)   # locations and weights stay float32
             acc.append(jnp.nan_to_num(out.reshape(batch, cams, num_queries, -1).sum(1)))
-    return jnp.stack(expert_feats), jnp.stack(apprentice_feats)
+    return jnp.stack(apprentice_feats), jnp.stack(expert_feats)

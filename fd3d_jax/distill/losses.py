@@ -1,8 +1,20 @@
-"""Feature-distillation losses: pure, jit-able functions of channels-last arrays.
+"""Feature-distillation losses: pure, jit-able functions of channels-last arrays, the public face of
+``fd3d_jax.distill`` for anyone who tests or reuses a loss on its own (also exported by the package).
 
-Conventions: features are ``(..., H, W, C)``; "spatial" means the two axes before ``C``. Every
-function computes in float32 and returns a float32 scalar. Loss weights are applied by the caller
-(``fd3d_jax.distill.Distiller.loss``), and so is ``jax.lax.stop_gradient`` on the expert's features.
+One argument order for all of them: the apprentice's features (or the generator's output that stands for
+them), the expert's features (the target), then masks / regions, then per-query weights and options:
+
+    fitnet_loss(apprentice, expert)
+    generative_loss(apprentice, expert, region=None, area='full')
+    masked_l2_loss(apprentice, expert, mask)
+    cwd_loss(apprentice, expert, tau=2.0)
+    focal_loss(apprentice, expert, query_weights=None, eps=1e-6)
+
+Conventions: features are ``(..., H, W, C)`` (``focal_loss``: ``(L, B, Q, C)``); "spatial" means the two axes
+before ``C``. Every function computes in float32 and returns an unweighted float32 scalar: the loss weights are
+applied in one place, by the caller (``fd3d_jax.distill.distiller.Distiller.loss``), and so is
+``jax.lax.stop_gradient`` on the expert's features. docs/distillation.md has the table of shapes, reductions
+and the published formula each one follows.
 
 One scale: every squared-error term is a mean per feature value (per element), so that a weight of 1
 means the same for every term, feature map and model size: the squared error of one feature value counts
@@ -17,10 +29,13 @@ Sources (read, not paraphrased from papers):
 - Released FocalDistiller baseline: ``OpenDriveLab/Birds-eye-view-Perception``
   ``nuScenes_playground/FocalDistiller/projects/mmdet3d_plugin/kd/losses/{cwd,l2loss}.py`` and
   ``.../kd/distillers/heatmap_detection_distiller.py`` (``forward_train``), commit 705b01f.
-- FD3D's own focal loss was never released: ``focal_loss`` is a reconstruction (docs/fd3d_reconstruction.md).
+- FD3D's own focal and generative losses were never released: ``focal_loss`` and ``generative_loss``'s
+  ``area='instance'`` are reconstructions (docs/fd3d_reconstruction.md).
 """
 import jax
 import jax.numpy as jnp
+
+__all__ = ['cwd_loss', 'fitnet_loss', 'focal_loss', 'generative_loss', 'masked_l2_loss']
 
 
 def _f32(*xs):
@@ -37,89 +52,47 @@ def _spatial_region(region, ndim):
     return region
 
 
-def random_mask(rng, shape, ratio):
-    """MGD's random spatial mask, shared over channels.
-
-    ``mat = rand(N, 1, H, W); mat = where(mat > 1 - lambda_mgd, 0, 1)`` (mgd.py ``get_dis_loss``):
-    a fraction ``ratio`` of the positions is dropped (0), the rest kept (1).
+def fitnet_loss(apprentice, expert):
+    """FitNet hint loss (Romero et al. 2015): mean squared error (``F.mse_loss``, mean reduction).
 
     Args:
-      rng: a ``jax.random`` key.
-      shape: the features' shape ``(..., H, W, C)`` (the last axis is replaced by 1, so passing
-        ``(..., H, W, 1)`` works too).
-      ratio: λ, the expected fraction of dropped positions.
+      apprentice: the aligned apprentice features, any shape.
+      expert: the expert's features, the same shape.
     Returns:
-      float32 mask ``(..., H, W, 1)``.
+      float32 scalar: ``mean((apprentice - expert)²)`` over every element.
     """
-    mask_shape = tuple(shape[:-1]) + (1,)
-    uniform = jax.random.uniform(rng, mask_shape, jnp.float32)
-    return jnp.where(uniform > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
+    apprentice, expert = _f32(apprentice, expert)
+    return jnp.mean(jnp.square(apprentice - expert))
 
 
-def generative_loss(generated, target, region=None, area='full'):
-    """Masked-generation loss between the generator's output and the expert's features.
+def generative_loss(apprentice, expert, region=None, area='full'):
+    """Masked-generation loss (MGD, Yang et al. 2022) between the generator's output and the expert's features.
 
     Args:
-      generated: ``G(align(S) * M)``, ``(..., H, W, C)``.
-      target: expert features, same shape.
-      region: ``(..., H, W)`` or ``(..., H, W, 1)`` (broadcast over C); used by ``area='instance'``.
+      apprentice: the generator's output ``G(align(S) * M)``, ``(..., H, W, C)``; it stands for the apprentice.
+      expert: the expert's features, the same shape.
+      region: ``(..., H, W)`` or ``(..., H, W, 1)`` (broadcast over C); used by ``area='instance'`` only.
       area:
         - ``'full'``: the mean over every element of the map, as MGD counts the whole map. MGD's released
           ``MSELoss(reduction='sum')(new_fea, preds_T) / N`` (mgd.py ``get_dis_loss``, N images) is this
           times the number of elements per image ``H * W * C``: MGD's ``alpha_mgd`` is a per-element
           weight of ``alpha_mgd * H * W * C``.
-        - ``'instance'``: ``Σ region * (generated - target)² / max(Σ region * C, 1)``, the mean over
-          the region's elements (a reconstruction); ``region=None`` gives the plain mean.
+        - ``'instance'``: ``Σ region * (apprentice - expert)² / max(Σ region * C, 1)``, the mean over
+          the region's elements (FD3D's instance regions: a reconstruction); ``region=None`` gives the
+          plain mean.
     Returns:
       float32 scalar.
+    Raises:
+      ValueError: ``area`` is neither 'full' nor 'instance', or ``region`` does not fit the features' rank.
     """
-    generated, target = _f32(generated, target)
-    sq = jnp.square(generated - target)
+    apprentice, expert = _f32(apprentice, expert)
+    sq = jnp.square(apprentice - expert)
     if area not in ('full', 'instance'):
         raise ValueError(f"area must be 'full' or 'instance', got {area!r}")
     if area == 'full' or region is None:
         return jnp.mean(sq)
     region = jnp.broadcast_to(_spatial_region(region, sq.ndim), sq.shape)
     return jnp.sum(region * sq) / jnp.maximum(jnp.sum(region), 1.0)
-
-
-def cwd_loss(apprentice, expert, tau=2.0):
-    """Channel-wise distillation as the released baseline computes it (``kd/losses/cwd.py``).
-
-    Per image and channel, softmax over the H*W positions at temperature τ, then
-    ``Σ -softmax(T/τ) * log_softmax(S/τ) * τ² / (N * C)`` with N the number of images, T the expert's and S
-    the apprentice's features. This is the cross-entropy: the released code keeps the KL line commented out
-    and drops the expert-entropy term ``Σ p_T log p_T``, so the loss of identical features is the (positive)
-    expert entropy, not 0; its gradient w.r.t. the apprentice equals that of the KL (0 at S = T).
-    The loss weight (0.25 in the released config, τ = 2) is not applied here.
-
-    Args:
-      apprentice, expert: ``(..., H, W, C)``; every leading axis counts as images (e.g. FPN levels
-        ``(B, N_cam, H, W, C)`` give ``N = B * N_cam``, as mmdet3d's ``B*N_cam`` image batch).
-      tau: temperature τ.
-    Returns:
-      float32 scalar.
-    """
-    apprentice, expert = _f32(apprentice, expert)
-    channels = apprentice.shape[-1]
-    # (N, H*W, C)
-    apprentice_logits = apprentice.reshape(-1, apprentice.shape[-3] * apprentice.shape[-2], channels) / tau
-    expert_logits = expert.reshape(-1, expert.shape[-3] * expert.shape[-2], channels) / tau
-    expert_prob = jax.nn.softmax(expert_logits, axis=1)
-    loss = jnp.sum(-expert_prob * jax.nn.log_softmax(apprentice_logits, axis=1)) * tau ** 2
-    return loss / (apprentice_logits.shape[0] * channels)
-
-
-def fitnet_loss(apprentice, expert):
-    """FitNet hint loss: mean squared error over all elements (``F.mse_loss``, mean reduction).
-
-    Args:
-      apprentice, expert: same shape, any.
-    Returns:
-      float32 scalar.
-    """
-    apprentice, expert = _f32(apprentice, expert)
-    return jnp.mean(jnp.square(apprentice - expert))
 
 
 def masked_l2_loss(apprentice, expert, mask):
@@ -134,10 +107,13 @@ def masked_l2_loss(apprentice, expert, mask):
     over the global batch (the original: per GPU with 1 sample, then averaged).
 
     Args:
-      apprentice, expert: ``(B, H, W, C)`` (any leading dims).
+      apprentice: the aligned apprentice BEV, ``(B, H, W, C)`` (any leading dims).
+      expert: the expert's BEV, the same shape.
       mask: ``(B, H, W)`` or ``(B, H, W, 1)``, broadcast over C.
     Returns:
-      float32 scalar.
+      float32 scalar: ``Σ (M S - M T)² / (C ΣM)`` (0 for an all-zero mask).
+    Raises:
+      ValueError: ``mask`` does not fit the features' rank.
     """
     apprentice, expert = _f32(apprentice, expert)
     mask = _spatial_region(mask, apprentice.ndim)
@@ -146,28 +122,58 @@ def masked_l2_loss(apprentice, expert, mask):
     return num / jnp.where(den > 0, den, 1.0)
 
 
-def focal_loss(expert_feats, apprentice_feats, weights=None, eps=1e-6):
-    """FD3D focal distillation: L2 between expert and apprentice features aggregated at the
-    distillation queries' deformable sampling points. A reconstruction (docs/fd3d_reconstruction.md):
-    the loss itself was never released; only the feature pairs are (``distill_branch/
-    decoderDistiller.py`` appends ``(nan_to_num(output_T), nan_to_num(output_S))`` per layer).
+def cwd_loss(apprentice, expert, tau=2.0):
+    """Channel-wise distillation (Shu et al. 2021) as the released baseline computes it (``kd/losses/cwd.py``).
+
+    Per image and channel, softmax over the H*W positions at temperature τ, then
+    ``Σ -softmax(T/τ) * log_softmax(S/τ) * τ² / (N * C)`` with N the number of images, T the expert's and S
+    the apprentice's features. This is the cross-entropy: the released code keeps the KL line commented out
+    and drops the expert-entropy term ``Σ p_T log p_T``, so the loss of identical features is the (positive)
+    expert entropy, not 0; its gradient w.r.t. the apprentice equals that of the KL (0 at S = T).
+    The loss weight (0.25 in the released config, τ = 2) is not applied here.
+
+    Args:
+      apprentice: the aligned apprentice features, ``(..., H, W, C)``; every leading axis counts as images
+        (e.g. FPN levels ``(B, N_cam, H, W, C)`` give ``N = B * N_cam``, as mmdet3d's ``B*N_cam`` image batch).
+      expert: the expert's features, the same shape.
+      tau: temperature τ.
+    Returns:
+      float32 scalar: the sum over images, channels and positions divided by ``N * C`` (a mean per
+      (image, channel) distribution).
+    """
+    apprentice, expert = _f32(apprentice, expert)
+    channels = apprentice.shape[-1]
+    # (N, H*W, C)
+    apprentice_logits = apprentice.reshape(-1, apprentice.shape[-3] * apprentice.shape[-2], channels) / tau
+    expert_logits = expert.reshape(-1, expert.shape[-3] * expert.shape[-2], channels) / tau
+    expert_prob = jax.nn.softmax(expert_logits, axis=1)
+    loss = jnp.sum(-expert_prob * jax.nn.log_softmax(apprentice_logits, axis=1)) * tau ** 2
+    return loss / (apprentice_logits.shape[0] * channels)
+
+
+def focal_loss(apprentice, expert, query_weights=None, eps=1e-6):
+    """FD3D focal distillation: L2 between the apprentice's and the expert's features aggregated at the
+    distillation queries' deformable sampling points (``fd3d_jax.distill.focal``). A reconstruction
+    (docs/fd3d_reconstruction.md): the loss itself was never released; only the feature pairs are
+    (``distill_branch/decoderDistiller.py`` appends ``(nan_to_num(output_T), nan_to_num(output_S))`` per layer).
 
     ``Σ_{l,b,q} w[b,q] ‖T[l,b,q] - S[l,b,q]‖² / max(L C Σ_{b,q} w[b,q], eps)``: the weighted mean over
     layers, queries and channels (one scale; a per-vector sum would be C times larger).
 
     Args:
-      expert_feats, apprentice_feats: ``(L, B, Q, C)`` per-layer aggregated features (NaN/inf cleaned with
+      apprentice: ``(L, B, Q, C)`` the apprentice's per-layer aggregated features S (NaN/inf cleaned with
         ``nan_to_num`` as in the released branch).
-      weights: ``(B, Q)`` query weights (e.g. 0/1 selection or scores); None = all ones.
+      expert: ``(L, B, Q, C)`` the expert's, T, cleaned the same way.
+      query_weights: ``(B, Q)`` per-query weights w (e.g. 0/1 selection or scores); None = all ones.
       eps: floor of the normaliser (all-zero weights give 0).
     Returns:
       float32 scalar.
     """
-    expert_feats, apprentice_feats = (jnp.nan_to_num(x) for x in _f32(expert_feats, apprentice_feats))
-    num_layers = expert_feats.shape[0]
-    dist = jnp.sum(jnp.square(expert_feats - apprentice_feats), axis=-1)  # (L, B, Q)
-    if weights is None:
-        weights = jnp.ones(dist.shape[1:], jnp.float32)
-    weights = jnp.asarray(weights, jnp.float32)
-    channels = expert_feats.shape[-1]
-    return jnp.sum(weights[None] * dist) / jnp.maximum(num_layers * channels * jnp.sum(weights), eps)
+    expert, apprentice = (jnp.nan_to_num(x) for x in _f32(expert, apprentice))
+    num_layers = expert.shape[0]
+    dist = jnp.sum(jnp.square(expert - apprentice), axis=-1)  # (L, B, Q)
+    if query_weights is None:
+        query_weights = jnp.ones(dist.shape[1:], jnp.float32)
+    query_weights = jnp.asarray(query_weights, jnp.float32)
+    channels = expert.shape[-1]
+    return jnp.sum(query_weights[None] * dist) / jnp.maximum(num_layers * channels * jnp.sum(query_weights), eps)

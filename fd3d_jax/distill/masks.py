@@ -1,5 +1,5 @@
 """Query-guided instance masks: which queries, and their boxes rasterised on the BEV grid and on
-the perspective-view (PV) feature maps.
+the perspective-view (PV) feature maps; and MGD's random spatial mask (``random_mask``).
 
 **Reconstruction.** FD3D's mask rule was never released (docs/fd3d_reconstruction.md). The method figure
 only shows the distillation head's 3D boxes "proj."-ected to BEV and PV as rectangles. Chosen here:
@@ -32,6 +32,25 @@ _SZ = np.array([-1, -1, -1, -1, 1, 1, 1, 1], np.float32) * 0.5
 # The 12 edges of a box as corner-index pairs: bottom ring, top ring, verticals.
 BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
                       [0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+def random_mask(rng, shape, ratio):
+    """MGD's random spatial mask, shared over channels.
+
+    ``mat = rand(N, 1, H, W); mat = where(mat > 1 - lambda_mgd, 0, 1)`` (yzd-v/MGD mgd.py ``get_dis_loss``):
+    a fraction ``ratio`` of the positions is dropped (0), the rest kept (1).
+
+    Args:
+      rng: a ``jax.random`` key.
+      shape: the features' shape ``(..., H, W, C)`` (the last axis is replaced by 1, so passing
+        ``(..., H, W, 1)`` works too).
+      ratio: λ, the expected fraction of dropped positions.
+    Returns:
+      float32 mask ``(..., H, W, 1)``.
+    """
+    mask_shape = tuple(shape[:-1]) + (1,)
+    uniform = jax.random.uniform(rng, mask_shape, jnp.float32)
+    return jnp.where(uniform > 1.0 - ratio, 0.0, 1.0).astype(jnp.float32)
 
 
 def select_queries(cls_logits, rule, score_thresh=0.3, topk=30, matched=None):

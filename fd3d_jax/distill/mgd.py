@@ -8,7 +8,7 @@ image, i.e. a per-element weight of ``alpha_mgd * H * W * C`` (about 1.3 for the
 """
 import jax
 
-from fd3d_jax.distill import losses
+from fd3d_jax.distill import losses, masks
 from fd3d_jax.distill.distiller import Distiller
 
 
@@ -28,7 +28,7 @@ class MGD(Distiller):
             # images (B or B*N_cams, H, W, C): one random mask per image
             apprentice = apprentice.reshape((-1,) + apprentice.shape[-3:])
             expert = expert.reshape((-1,) + expert.shape[-3:])
-            keep = losses.random_mask(next(keys), apprentice.shape[:-1] + (1,), ratio)
+            keep = masks.random_mask(next(keys), apprentice.shape[:-1] + (1,), ratio)
             return losses.generative_loss(generate(apprentice * keep), expert, area='full')
 
         if self.has_bev and self.active('mgd_bev'):

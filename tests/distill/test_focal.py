@@ -24,7 +24,7 @@ def _bev_case(seed=0, b=2, h=5, w=7, c=8, m=2, q=3, p=4, layers=2):
 
 def test_bev_focal_features_match_the_distill_branch():
     head, sampling, bev_t, bev_s, m = _bev_case()
-    ft, fs = bev_focal_features(head, sampling, bev_t, bev_s, m)
+    fs, ft = bev_focal_features(head, sampling, bev_s, bev_t, m)
     b, h, w, c = bev_t.shape
     for l, smp in enumerate(sampling):
         vp = head[f'layers_{l}']['cross_attn']['attn']['value_proj']
@@ -38,14 +38,14 @@ def test_bev_focal_features_match_the_distill_branch():
 
 def test_focal_features_equal_for_identical_bevs_and_no_gradient_to_the_head():
     head, sampling, bev_t, _, m = _bev_case(1)
-    ft, fs = bev_focal_features(head, sampling, bev_t, bev_t, m)
+    fs, ft = bev_focal_features(head, sampling, bev_t, bev_t, m)
     np.testing.assert_array_equal(np.asarray(ft), np.asarray(fs))
-    assert float(focal_loss(ft, fs)) == 0.0
+    assert float(focal_loss(fs, ft)) == 0.0
 
     bev_s = bev_t + 0.1
 
     def loss(head, sampling, bev_s):
-        return focal_loss(*bev_focal_features(head, sampling, bev_t, bev_s, m))
+        return focal_loss(*bev_focal_features(head, sampling, bev_s, bev_t, m))
 
     g_head, g_smp, g_bev = jax.grad(loss, argnums=(0, 1, 2))(head, sampling, bev_s)
     # value_proj, locations and weights must get no gradient (else the loss could be zeroed by shrinking them)
@@ -64,7 +64,7 @@ def test_pv_focal_features_sum_projected_samples_over_shared_levels():
     points = rng.uniform(0, 1, size=(b, n, q, 2)).astype(np.float32)
     weights = rng.uniform(0, 1, size=(b, q, n, 1, 3)).astype(np.float32)
     sampling = [dict(points=points, weights=weights, mask=np.ones((b, n, q), bool))]
-    ft, fs = pv_focal_features(sampling, feats_t, feats_s)
+    fs, ft = pv_focal_features(sampling, feats_s, feats_t)
     for feat, feats in ((ft, feats_t), (fs, feats_s)):
         want = np.zeros((q, c))
         for cam in range(n):
@@ -75,5 +75,5 @@ def test_pv_focal_features_sum_projected_samples_over_shared_levels():
                     want[qi] += weights[0, qi, cam, 0, lvl] * ref.bilinear_sample(
                         feats[lvl][0, cam].astype(np.float64), y * hh - 0.5, x * ww - 0.5)
         np.testing.assert_allclose(np.asarray(feat[0, 0]), want, rtol=1e-5, atol=1e-5)
-    same_t, same_s = pv_focal_features(sampling, feats_t, [feats_t[0], feats_t[1], None])
+    same_s, same_t = pv_focal_features(sampling, [feats_t[0], feats_t[1], None], feats_t)
     np.testing.assert_array_equal(np.asarray(same_t), np.asarray(same_s))

@@ -1,10 +1,16 @@
-"""Distillation losses vs float64 numpy restatements of the original formulas (channels-last)."""
+"""Distillation losses vs float64 numpy restatements of the original formulas (channels-last); the public
+face of ``losses.py`` (one argument order, exported by the package) and the example of docs/distillation.md."""
+import inspect
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fd3d_jax.distill import losses
+import fd3d_jax.distill
+from fd3d_jax.distill import losses, masks
 from tests.models.numpy_reference import conv2d
 
 
@@ -29,26 +35,11 @@ def to_nchw(x):
     return np.asarray(x, np.float64).transpose(0, 3, 1, 2)
 
 
-def test_random_mask_ratio_and_shared_over_channels():
-    mask = losses.random_mask(jax.random.PRNGKey(0), (4, 64, 64, 8), 0.65)
-    assert mask.shape == (4, 64, 64, 1) and mask.dtype == jnp.float32
-    mask = np.asarray(mask)
-    assert set(np.unique(mask)) <= {0.0, 1.0}
-    assert abs((1 - mask).mean() - 0.65) < 0.02
-    x = np.ones((4, 64, 64, 8), np.float32) * mask  # broadcast over C: every channel equal
-    assert np.all(x == x[..., :1])
-    # Leading camera axis; ratio 0 keeps everything, ratio 1 drops everything.
-    shape = (2, 6, 8, 8, 4)
-    assert losses.random_mask(jax.random.PRNGKey(1), shape, 0.5).shape == (2, 6, 8, 8, 1)
-    assert np.all(losses.random_mask(jax.random.PRNGKey(2), shape, 0.0) == 1)
-    assert np.all(losses.random_mask(jax.random.PRNGKey(2), shape, 1.0) == 0)
-
-
 def test_generative_mgd_matches_mgd_formula_with_fixed_mask():
     rng = np.random.default_rng(0)
     s, t = _rand(rng, 3, 5, 6, 4), _rand(rng, 3, 5, 6, 4)
     kernel1, kernel2 = _rand(rng, 3, 3, 4, 4) * 0.3, _rand(rng, 3, 3, 4, 4) * 0.3
-    mask = np.asarray(losses.random_mask(jax.random.PRNGKey(3), s.shape, 0.65))
+    mask = np.asarray(masks.random_mask(jax.random.PRNGKey(3), s.shape, 0.65))
     # MGD get_dis_loss in NCHW: new = generation(S * mat); MSELoss(sum)(new, T) / N.
     gen_np = conv2d(np.maximum(conv2d(s * mask, kernel1, pad=1), 0), kernel2, pad=1)
     want = np.sum((to_nchw(gen_np) - to_nchw(t)) ** 2) / s.shape[0]
@@ -136,8 +127,8 @@ def test_focal_loss_matches_formula():
     ft, fs = _rand(rng, 3, 2, 7, 4), _rand(rng, 3, 2, 7, 4)
     w = rng.uniform(size=(2, 7)).astype(np.float32)
     d = ((ft.astype(np.float64) - fs) ** 2).sum(-1)
-    np.testing.assert_allclose(losses.focal_loss(ft, fs, w), (w * d).sum() / (3 * 4 * w.sum()), rtol=1e-5)
-    np.testing.assert_allclose(losses.focal_loss(ft, fs), d.sum() / (3 * 2 * 7 * 4), rtol=1e-5)
+    np.testing.assert_allclose(losses.focal_loss(fs, ft, w), (w * d).sum() / (3 * 4 * w.sum()), rtol=1e-5)
+    np.testing.assert_allclose(losses.focal_loss(fs, ft), d.sum() / (3 * 2 * 7 * 4), rtol=1e-5)
 
 
 def test_focal_loss_nan_inputs_finite():
@@ -145,11 +136,11 @@ def test_focal_loss_nan_inputs_finite():
     ft, fs = _rand(rng, 2, 1, 5, 4), _rand(rng, 2, 1, 5, 4)
     ft[0, 0, 1, 2] = np.nan
     fs[1, 0, 3, :] = np.nan
-    got = losses.focal_loss(ft, fs)
+    got = losses.focal_loss(fs, ft)
     assert np.isfinite(got)
     want = ((np.nan_to_num(ft).astype(np.float64) - np.nan_to_num(fs)) ** 2).sum() / (2 * 5 * 4)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    grad = jax.grad(losses.focal_loss, argnums=1)(jnp.asarray(ft), jnp.asarray(fs))
+    grad = jax.grad(losses.focal_loss)(jnp.asarray(fs), jnp.asarray(ft))
     assert np.all(np.isfinite(grad))
 
 
@@ -170,7 +161,7 @@ def test_zero_where_it_should_be():
         val, grad = jax.value_and_grad(fn)(jnp.asarray(x))
         assert float(val) == 0.0 and np.all(np.isfinite(grad))
     g = _rand(rng, 2, 2, 6, 3)
-    val, grad = jax.value_and_grad(losses.focal_loss, argnums=1)(jnp.asarray(f), jnp.asarray(g), jnp.zeros((2, 6)))
+    val, grad = jax.value_and_grad(losses.focal_loss)(jnp.asarray(g), jnp.asarray(f), jnp.zeros((2, 6)))
     assert float(val) == 0.0 and np.all(np.isfinite(grad))
 
 
@@ -183,3 +174,20 @@ def test_jit_and_bfloat16_inputs_give_float32_scalars():
                                  losses.focal_loss(a, b)))(s, t)
     for o in outs:
         assert o.shape == () and o.dtype == jnp.float32 and np.isfinite(o)
+
+
+def test_the_losses_are_the_public_face_with_one_argument_order():
+    """``__all__`` lists the five losses, the package exports them, and each takes (apprentice, expert, ...)."""
+    assert sorted(losses.__all__) == ['cwd_loss', 'fitnet_loss', 'focal_loss', 'generative_loss', 'masked_l2_loss']
+    for name in losses.__all__:
+        assert getattr(fd3d_jax.distill, name) is getattr(losses, name)
+        assert name in fd3d_jax.distill.__all__
+        assert list(inspect.signature(getattr(losses, name)).parameters)[:2] == ['apprentice', 'expert'], name
+
+
+def test_docs_example():
+    """The unit-testing example of docs/distillation.md runs as written (its one ``python`` block)."""
+    doc = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'distillation.md'
+    blocks = re.findall(r'```python\n(.*?)```', doc.read_text(), re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(doc), 'exec'), {})

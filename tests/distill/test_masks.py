@@ -223,3 +223,18 @@ def test_select_queries():
         masks.select_queries(jnp.asarray(logits), 'nearest')
     with pytest.raises(ValueError, match='distill.mask.select'):
         masks.select_queries(jnp.asarray(logits), 'gt')
+
+
+def test_random_mask_ratio_and_shared_over_channels():
+    mask = masks.random_mask(jax.random.PRNGKey(0), (4, 64, 64, 8), 0.65)
+    assert mask.shape == (4, 64, 64, 1) and mask.dtype == jnp.float32
+    mask = np.asarray(mask)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert abs((1 - mask).mean() - 0.65) < 0.02
+    x = np.ones((4, 64, 64, 8), np.float32) * mask  # broadcast over C: every channel equal
+    assert np.all(x == x[..., :1])
+    # Leading camera axis; ratio 0 keeps everything, ratio 1 drops everything.
+    shape = (2, 6, 8, 8, 4)
+    assert masks.random_mask(jax.random.PRNGKey(1), shape, 0.5).shape == (2, 6, 8, 8, 1)
+    assert np.all(masks.random_mask(jax.random.PRNGKey(2), shape, 0.0) == 1)
+    assert np.all(masks.random_mask(jax.random.PRNGKey(2), shape, 1.0) == 0)
