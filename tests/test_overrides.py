@@ -52,16 +52,15 @@ def test_an_override_of_another_type_or_length_than_the_default_names_the_key(ke
     (dict(remat=0), r'config.model.backbone.remat must be True or False like its default False, got 0'),
     (dict(dcn_stages=False), r'config.model.backbone.dcn_stages must be a tuple of 4 True/False values like its '
                              r'default \(False, False, False, False\), got False'),
-    (dict(depth=None), None),
+    (dict(depth=None), r'config.model.backbone.depth is missing: a command-line override replaced '
+                       r'config.model.backbone'),
     (dict(strides=(1, 2)), r'config.model.backbone.strides is not a key of the config file'),
 ])
 def test_a_section_given_whole_keeps_the_keys_and_types_of_the_default(change, message):
-    """``--config.model.backbone="{...}"`` replaces the section: ml_collections checks none of its values."""
+    """``--config.model.backbone="{...}"`` replaces the section: ml_collections checks none of its values.
+    ``None`` in ``change``: that key left out."""
     default = load_config_file(f'{TINY}:toy')
-    section = {**default.model.backbone.to_dict(), **change}
-    if change == dict(depth=None):
-        del section['depth']
-        message = r'config.model.backbone.depth is missing: a command-line override replaced config.model.backbone'
+    section = {key: value for key, value in {**default.model.backbone.to_dict(), **change}.items() if value is not None}
     config = _set(load_config_file(f'{TINY}:toy'), 'model.backbone', ml_collections.ConfigDict(section))
     with pytest.raises(ConfigError, match=message):
         check_against_default(default, config)
