@@ -65,3 +65,25 @@ VISIBILITY_LEVELS = (('1', 'v0-40', 0.0), ('2', 'v40-60', 0.4),
 
 # BEVFormer's point-cloud range [x_min, y_min, z_min, x_max, y_max, z_max] (metres, LiDAR frame).
 POINT_CLOUD_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+
+# The devkit's tables (``<dataroot>/<version>/<table>.json``, each a list of records), in the order
+# ``nuscenes.NuScenes`` loads them, and the fields of every record that the devkit's reverse index,
+# ``fd3d_jax.data.records`` and the devkit's detection evaluation read: a record without one of them is
+# reported naming the table file (``records.load_tables``), not as a KeyError deep in the devkit.
+TABLE_FIELDS = {
+    'category': ('token', 'name'),
+    'attribute': ('token', 'name'),
+    'visibility': ('token',),
+    'instance': ('token', 'category_token'),
+    'sensor': ('token', 'channel', 'modality'),
+    'calibrated_sensor': ('token', 'sensor_token', 'translation', 'rotation', 'camera_intrinsic'),
+    'ego_pose': ('token', 'translation', 'rotation'),
+    'log': ('token',),
+    'scene': ('token', 'name', 'first_sample_token'),
+    'sample': ('token', 'timestamp', 'scene_token', 'prev', 'next'),
+    'sample_data': ('token', 'sample_token', 'ego_pose_token', 'calibrated_sensor_token', 'filename',
+                    'timestamp', 'is_key_frame', 'width', 'height'),
+    'sample_annotation': ('token', 'sample_token', 'instance_token', 'attribute_tokens', 'translation', 'size',
+                          'rotation', 'num_lidar_pts', 'num_radar_pts', 'prev', 'next'),
+    'map': ('token', 'log_tokens', 'filename'),
+}

@@ -44,7 +44,7 @@ import cv2
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fd3d_jax.data import geometry
 from fd3d_jax.data.augment import photometric_arrays, photometric_distortion, photometric_params
@@ -60,14 +60,36 @@ def output_image_hw(records, cfg):
     return -(-height // divisor) * divisor, -(-width // divisor) * divisor
 
 
+def _decode_failure(path, error):
+    """Why PIL could not decode the file ``path``, in a few words."""
+    try:
+        if os.path.getsize(path) == 0:
+            return 'the file is empty (0 bytes)'
+    except OSError:
+        pass
+    if isinstance(error, UnidentifiedImageError):   # its message repeats the path
+        return 'not an image format PIL knows (overwritten or not an image)'
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def load_image(path, sample_token):
+    """The image file ``path`` as (H, W, 3) uint8 RGB. A DataError naming the file and the sample: ``image not
+    found: <path> (sample <token>)``, ``cannot read image <path> (sample <token>): <why>`` (no permission, a
+    folder, an I/O error) or ``cannot decode image <path> (sample <token>): <why>`` (empty, truncated or
+    overwritten: whatever PIL raises while decoding it, which depends on the format and where the bytes stop).
+    In grain worker processes the DataError reaches the training process as it is."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert('RGB'))
     except FileNotFoundError:
         raise DataError(f'image not found: {path} (sample {sample_token})') from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f'cannot decode image {path} (sample {sample_token}): {error}') from None
+    except MemoryError:
+        raise
+    except Exception as error:   # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError, ...
+        if isinstance(error, OSError) and error.errno is not None and not isinstance(error, UnidentifiedImageError):
+            raise DataError(f'cannot read image {path} (sample {sample_token}): {error.strerror}') from None
+        raise DataError(f'cannot decode image {path} (sample {sample_token}): {_decode_failure(path, error)}') \
+            from None
 
 
 def load_frame(record, dataroot, cfg, out_hw, rng=None):

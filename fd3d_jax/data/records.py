@@ -11,7 +11,9 @@ Bad input fails with a ``RecordsError``: a non-finite number in a calibrated_sen
 calibration, pose or can_bus array of a sample (named with the file and sample token), when loading.
 Scenes without annotations are kept (their records have no GT); scenes without samples are skipped
 with a warning on stderr, and a split left without samples is an error. Invalid GT boxes are the
-pipeline's to reject (``pipeline.ground_truth``).
+pipeline's to reject (``pipeline.ground_truth``). A devkit table that is missing, unreadable, not valid JSON
+(a truncated file), not a list of records, or has a record without a field the devkit or this module reads
+(``nuscenes_meta.TABLE_FIELDS``) is a ``RecordsError`` that starts with the table's path (``load_tables``).
 
     python -m fd3d_jax.data.records --dataroot D --version V --split S [--out F.json]
 
@@ -27,7 +29,7 @@ import sys
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES, LIDAR_NAME
+from fd3d_jax.data.nuscenes_meta import CAMERA_NAMES, LIDAR_NAME, TABLE_FIELDS
 from fd3d_jax.errors import RecordsError
 
 FORMAT = 'fd3d_jax.records/1'
@@ -51,13 +53,92 @@ def split_scene_names(nusc, split):
     custom = os.path.join(nusc.dataroot, version, 'splits.json')
     available = sorted(official)
     if os.path.exists(custom):
-        with open(custom) as splits_file:
-            splits = json.load(splits_file)
+        try:
+            with open(custom) as splits_file:
+                splits = json.load(splits_file)
+        except (OSError, ValueError) as error:   # ValueError: not JSON (JSONDecodeError), not UTF-8
+            raise RecordsError(f'{custom}: cannot be read as JSON ({_one_line(error)})') from None
+        if not isinstance(splits, dict):
+            raise RecordsError(f'{custom}: a {type(splits).__name__}, not an object of split names to scene names')
         if split in splits:
             return splits[split]
         available += sorted(splits)
     raise RecordsError(f"unknown split '{split}' for {nusc.dataroot} ({version}); "
                        f"available: {', '.join(available)}")
+
+
+def _one_line(error):
+    """An exception's message on one line (the devkit's assertions and JSON errors may span several)."""
+    return ' '.join(str(error).split())
+
+
+def table_path(dataroot, version, table):
+    """``<dataroot>/<version>/<table>.json``."""
+    return os.path.join(dataroot, version, f'{table}.json')
+
+
+def _missing_table(path, version):
+    return RecordsError(f'{path}: no such file (a table of nuScenes {version}: the dataroot is incomplete)')
+
+
+def _field_problem(path, rows, fields):
+    """``'<path>: ...'`` naming the first record of ``rows`` (a table's list) that is not an object or lacks one
+    of ``fields``, or None."""
+    wanted = set(fields)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f'{path}: record {index} is a {type(row).__name__}, not an object'
+        if not wanted <= row.keys():
+            missing = ', '.join(repr(name) for name in fields if name not in row)
+            return f"{path}: record {index} (token {row.get('token')!r}) has no field {missing}"
+    return None
+
+
+def check_table(dataroot, version, table):
+    """The rows of ``<dataroot>/<version>/<table>.json``; a RecordsError starting with its path when the file is
+    missing, unreadable, not valid JSON (a truncated or overwritten file), not a list of records, or has a record
+    without one of the fields ``TABLE_FIELDS[table]``."""
+    path = table_path(dataroot, version, table)
+    try:
+        with open(path) as table_file:
+            rows = json.load(table_file)
+    except FileNotFoundError:
+        raise _missing_table(path, version) from None
+    except json.JSONDecodeError as error:
+        raise RecordsError(f'{path}: not valid JSON, the file is truncated or corrupt ({error})') from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecordsError(f'{path}: cannot be read ({_one_line(getattr(error, "strerror", None) or error)})') \
+            from None
+    if not isinstance(rows, list):
+        raise RecordsError(f'{path}: a JSON {type(rows).__name__}, not a list of records')
+    problem = _field_problem(path, rows, TABLE_FIELDS.get(table, ('token',)))
+    if problem:
+        raise RecordsError(problem)
+    return rows
+
+
+def load_tables(dataroot, version, verbose=False):
+    """The devkit's ``NuScenes`` of ``dataroot`` / ``version``. When the devkit cannot load it, every table is
+    checked on its own (``check_table``) and the first bad one is a RecordsError starting with its path; a
+    failure no single table explains (a token that no row of the table it points into has) is a RecordsError
+    naming the version folder and the devkit's error. The loaded tables are checked for the fields of
+    ``TABLE_FIELDS`` too: the devkit reads only some of them while loading."""
+    from nuscenes import NuScenes
+    try:
+        nusc = NuScenes(version=version, dataroot=dataroot, verbose=verbose)
+    except MemoryError:
+        raise
+    except Exception as error:   # the devkit's FileNotFoundError, JSONDecodeError, KeyError, AssertionError, ...
+        cause = f'{type(error).__name__}: {_one_line(error)}'
+    else:
+        for table, fields in TABLE_FIELDS.items():
+            problem = _field_problem(table_path(dataroot, version, table), getattr(nusc, table), fields)
+            if problem:
+                raise RecordsError(problem)
+        return nusc
+    for table in TABLE_FIELDS:
+        check_table(dataroot, version, table)
+    raise RecordsError(f'{os.path.join(dataroot, version)}: the nuScenes devkit cannot load these tables ({cause})')
 
 
 def _transform(record):
@@ -260,8 +341,11 @@ def tables_fingerprint(dataroot, version):
     """Cheap identity of a dataroot's tables (sizes and mtimes), to detect stale records."""
     hasher = hashlib.sha1()
     for table in ('scene', 'sample', 'sample_data', 'sample_annotation', 'ego_pose', 'calibrated_sensor'):
-        path = os.path.join(dataroot, version, f'{table}.json')
-        st = os.stat(path)
+        path = table_path(dataroot, version, table)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise _missing_table(path, version) from None
         hasher.update(f'{table}:{st.st_size}:{st.st_mtime_ns}'.encode())
     return hasher.hexdigest()
 
@@ -310,7 +394,8 @@ def default_records_path(dataroot, version, split, records_dir=''):
 
 def get_records(dataroot, version, split, records_dir='', verbose=False):
     """Loads cached records for (dataroot, version, split), (re)building them with the devkit when
-    missing or stale."""
+    missing or stale (a table that changed size or time since). A missing or broken table is a RecordsError
+    starting with its path (``load_tables``)."""
     path = default_records_path(dataroot, version, split, records_dir)
     if not os.path.isdir(os.path.join(dataroot, version)):
         raise RecordsError(f"no nuScenes tables for version '{version}' in {dataroot}")
@@ -318,9 +403,7 @@ def get_records(dataroot, version, split, records_dir='', verbose=False):
         records = load_records(path, version, split)
         if records.get('fingerprint') == tables_fingerprint(dataroot, version):
             return records
-    from nuscenes import NuScenes
-    nusc = NuScenes(version=version, dataroot=dataroot, verbose=verbose)
-    records = build_records(nusc, split)
+    records = build_records(load_tables(dataroot, version, verbose), split)
     save_records(records, path)
     return records
 
@@ -333,9 +416,7 @@ def main(argv=None):
     parser.add_argument('--out', default='', help='records file (default: <dataroot>/fd3d_records/<version>_<split>.json)')
     args = parser.parse_args(argv)
     try:
-        from nuscenes import NuScenes
-        nusc = NuScenes(version=args.version, dataroot=args.dataroot, verbose=False)
-        records = build_records(nusc, args.split)
+        records = build_records(load_tables(args.dataroot, args.version), args.split)
     except (RecordsError, AssertionError) as error:
         sys.exit(f'error: {error}')
     out = args.out or default_records_path(args.dataroot, args.version, args.split)
