@@ -1,7 +1,8 @@
 """FD3D's wiring, each test written to fail on a plausible broken variant: the mask polarity, the expert's
-``lidar2img`` of the PV masks, the generative region, the BEV mask against BEVFormer's own reference points, the
-x2 upsampling, the distiller's own stop-gradient on the expert, the head copy, and that distillation steps lower
-the distillation loss."""
+``lidar2img`` of the PV masks, the generative region, the focal target on the BEV (the expert's raw BEV against the
+de-standardised apprentice), the BEV mask against BEVFormer's own reference points, the x2 upsampling, the
+distiller's own stop-gradient on the expert, the expert in inference mode in a training step, the head copy, and
+that distillation steps lower the distillation loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 from configs import common
 from fd3d_jax.distill import expert as expert_lib
 from fd3d_jax.distill import losses, make_distiller, masks
+from fd3d_jax.distill.focal import bev_focal_features
 from fd3d_jax.models.box_coder import denormalize_bbox
 from fd3d_jax.models.spatial_cross_attention import reference_points_2d
 from fd3d_jax.train.loop import Trainer
-from tests.distill.conftest import toy_config
+from tests.distill.conftest import toy_batch, toy_config
 
 
 def _boxes_and_keep(distiller, expert_out):
@@ -72,6 +74,33 @@ def test_generative_bev_term_counts_the_expert_grid_region_of_the_kept_boxes(fak
     assert abs(float(outside) - float(want)) > 1e-3 * abs(float(want))   # the complement would be told apart
 
 
+def test_focal_target_is_the_raw_expert_bev_against_the_destandardised_apprentice(fake):
+    """With ``distill.feature_norm`` the focal term reads, through the expert's own ``value_proj``, the expert's raw
+    BEV (what its decoder reads) and the apprentice's BEV mapped back to that scale (x std + mean of the raw BEV,
+    per channel). The standardised expert BEV against the apprentice as it is (an earlier target) gives another
+    value on an expert BEV far from zero mean and unit variance."""
+    kind, batch, out, expert_out, expert_params = fake
+    if kind != 'bevformer':
+        pytest.skip('BEV focal term')
+    distiller = make_distiller(toy_config(kind, feature_norm='expert', focal__queries='all'))
+    expert_out = dict(expert_out, bev=expert_out['bev'] * 4.0 + 2.0)
+    params = distiller.init(jax.random.PRNGKey(0), expert_params)
+    _, parts = jax.jit(distiller.loss)(params, expert_params, out, expert_out, batch, jax.random.PRNGKey(1))
+    apprentice = np.asarray(distiller.features(params, out, expert_out).apprentice_bev, np.float64)
+    raw = np.asarray(expert_out['bev'], np.float64).reshape(apprentice.shape)
+    mean, std = raw.mean((0, 1, 2)), np.sqrt(raw.var((0, 1, 2)) + 1e-5)
+
+    def focal(apprentice_bev, expert_bev):
+        pair = bev_focal_features(expert_params['head'], expert_out['sampling'], jnp.asarray(apprentice_bev, jnp.float32),
+                                  jnp.asarray(expert_bev, jnp.float32), distiller.expert_cfg.num_heads)
+        return float(losses.focal_loss(*pair))
+
+    want = focal(apprentice * std + mean, raw)
+    earlier = focal(apprentice, (raw - mean) / std)
+    assert abs(earlier - want) > 0.1 * want, (earlier, want)   # the test tells the two targets apart
+    np.testing.assert_allclose(float(parts['distill_unweighted/focal']), want, rtol=1e-4)
+
+
 def test_bev_mask_cells_are_bevformers_query_cells():
     """A small box at the metric position of BEVFormer's reference point of query q marks exactly q
     (flat index row * W + col) on a non-square grid: a transposed or flipped grid marks another cell."""
@@ -114,6 +143,35 @@ def test_the_distiller_itself_gives_the_expert_no_gradient(fake, method):
                             if jnp.issubdtype(x.dtype, jnp.floating))
     assert norm(grads[0]['img_feats']) > 0
     assert norm(grads[1]) == 0 and norm(grads[2]) == 0
+
+
+def test_the_expert_runs_in_inference_mode_in_a_training_step():
+    """The expert's outputs inside a training step are those of a deterministic apply, the same at two steps (two
+    step rngs): the toy expert has dropout and GridMask, so an expert run in training mode (``deterministic=False``)
+    would give other targets at every step. The distiller's ``loss`` is wrapped to report the expert outputs it
+    receives. (The DETR3D pair with FitNet: the cheapest step that runs the expert.)"""
+    config = toy_config('detr3d', 'fitnet', log_grad_norms=False)
+    assert config.expert.model.dropout > 0 and config.expert.model.grid_mask
+    config.train.update(batch_size=1, num_steps=2)
+    distiller = make_distiller(config)
+    batch = toy_batch(config)
+    # a random expert and its outputs in inference mode, from one compiled function
+    want, expert_variables = jax.jit(lambda b: distiller.expert.init_with_output(
+        {'params': jax.random.PRNGKey(4)}, distiller.expert_batch(b), deterministic=True))(batch)
+    expert_params = expert_variables['params']
+    loss = distiller.loss
+
+    def reporting_loss(params, expert_params, out, expert_out, batch, rng):
+        total, metrics = loss(params, expert_params, out, expert_out, batch, rng)
+        return total, dict(metrics, **{'probe/fpn': jnp.sum(jnp.abs(expert_out['img_feats'][0])),
+                                       'probe/cls': jnp.sum(jnp.abs(expert_out['cls_scores'][-1]))})
+
+    distiller.loss = reporting_loss
+    trainer = Trainer(config, num_train_samples=2, distiller=distiller, expert_params=expert_params)
+    steps = [jax.device_get(trainer.step(batch)) for _ in range(2)]
+    for step in steps:
+        np.testing.assert_allclose(step['probe/fpn'], float(jnp.sum(jnp.abs(want['img_feats'][0]))), rtol=1e-5)
+        np.testing.assert_allclose(step['probe/cls'], float(jnp.sum(jnp.abs(want['cls_scores'][-1]))), rtol=1e-5)
 
 
 def test_trainer_starts_the_apprentice_head_from_the_expert(fake):
