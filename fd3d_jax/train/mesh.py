@@ -263,24 +263,31 @@ def _connect_timer(connected, stderr, timeout, address, num_processes, process_i
 
 
 class Peers:
-    """The other processes of a connected multi-host run, watched by a thread (``start``) until this process
-    exits. A process missing from the coordinator's live processes (no heartbeat for ``heartbeat_timeout``
+    """The other processes of a connected multi-host run, watched by a thread (``start``) until all of them are at
+    their exit. A process missing from the coordinator's live processes (no heartbeat for ``heartbeat_timeout``
     seconds), or back under a new incarnation (restarted), ends this one with a line naming it (``_fail``).
+
+    A collective whose peer is gone may also fail in the main thread (Gloo on CPU: ``Connection reset by peer``):
+    such a ``JaxRuntimeError`` left uncaught waits (``sys.excepthook``) up to the heartbeat timeout for the watch
+    to name the lost process, and is printed as usual if none is lost.
+
     At exit (``atexit``, before JAX's own shutdown) each process marks its exit in the coordinator's key-value
-    store and waits up to ``timeout`` seconds at a barrier for the others; process 0, which hosts the
-    coordinator, then waits for the others to disconnect, so that none loses its coordinator while it still
-    talks to it."""
+    store (``exit``) and waits up to ``timeout`` seconds at a barrier for the others, still watched: a process lost
+    meanwhile ends the wait with its line. Past the barrier it marks ``done`` (a process gone after that is not
+    lost); process 0, which hosts the coordinator, then waits for the others to disconnect, so that none loses
+    its coordinator while it still talks to it."""
 
     def __init__(self, client, address, process_id, num_processes, timeout, heartbeat_timeout):
         self.client, self.address = client, address
         self.process_id, self.num_processes = process_id, num_processes
         self.timeout, self.heartbeat_timeout = timeout, heartbeat_timeout
         self.ids = list(range(num_processes))
-        self._stop = threading.Event()
+        self._stop, self._leaving = threading.Event(), False
 
     def start(self):
         self.incarnations = self.client.get_live_nodes(self.ids)
         atexit.register(self.leave)
+        self._previous_excepthook, sys.excepthook = sys.excepthook, self._uncaught
         threading.Thread(target=self._watch, daemon=True, name='distributed-peers').start()
 
     def _watch(self):
@@ -292,10 +299,21 @@ class Peers:
                     _fail(self.lost_message(None))
                 return
             lost = [p for p in self.ids if p != self.process_id and live.get(p) != self.incarnations.get(p)]
+            lost = [p for p in lost if self._mark(p) != 'done']
             if lost and not self._stop.is_set():
                 self._lost(lost)
 
-    def _exited(self, process):
+    def _uncaught(self, kind, value, traceback):
+        if issubclass(kind, jax.errors.JaxRuntimeError) and not self._stop.is_set():
+            time.sleep(self.heartbeat_timeout + 5 * WATCH_INTERVAL)   # a lost process: the watch ends this one
+        self._previous_excepthook(kind, value, traceback)
+
+    def _set_mark(self, mark):
+        self.client.key_value_set(f'{_EXIT_KEY}{self.process_id}', mark, allow_overwrite=True)
+
+    def _mark(self, process):
+        """What ``process`` marked on its way out: None, ``exit`` (at its exit barrier), ``done`` (past it) or
+        ``lost`` (it lost a process)."""
         try:
             return self.client.key_value_try_get(f'{_EXIT_KEY}{process}')
         except jax.errors.JaxRuntimeError:
@@ -320,39 +338,41 @@ class Peers:
         return f"{who}: {'; '.join(parts)}; {kept}"
 
     def _lost(self, lost):
-        exited = [p for p in lost if self._exited(p) == 'exit']
-        line = self.lost_message(lost, exited)
+        line = self.lost_message(lost, [p for p in lost if self._mark(p) == 'exit'])
         try:
-            self.client.key_value_set(f'{_EXIT_KEY}{self.process_id}', 'lost', allow_overwrite=True)
+            self._set_mark('lost')
         except jax.errors.JaxRuntimeError:
             pass
         if self.process_id == 0:   # hosts the coordinator: the others see the same loss, let them go first
-            self._wait_for_exits(5 * WATCH_INTERVAL)
+            self._wait_for_marks(5 * WATCH_INTERVAL)
         _fail(line)
 
-    def _wait_for_exits(self, seconds):
-        """Waits up to ``seconds`` until every other live process has marked its exit or disconnected."""
+    def _wait_for_marks(self, seconds):
+        """Waits up to ``seconds`` until every other live process has marked its way out."""
         deadline = time.time() + seconds
         while time.time() < deadline:
             try:
                 live = self.client.get_live_nodes(self.ids)
             except jax.errors.JaxRuntimeError:
                 return
-            if all(p == self.process_id or self._exited(p) for p in live):
+            if all(p == self.process_id or self._mark(p) for p in live):
                 return
             time.sleep(0.1)
 
     def leave(self):
-        """The exit hook: stop watching, mark this exit, wait at the exit barrier, and (process 0) for the others
-        to disconnect."""
-        if self._stop.is_set():
+        """The exit hook: mark this exit, wait at the exit barrier (still watching), stop watching, and (process 0)
+        wait for the others to disconnect."""
+        if self._leaving:
+            return
+        self._leaving = True
+        try:
+            self._set_mark('exit')
+            self.client.wait_at_barrier('fd3d_jax/exit', int(self.timeout * 1000))
+            self._set_mark('done')
+        except jax.errors.JaxRuntimeError:   # a process did not come in time: this one exits anyway
+            self._stop.set()
             return
         self._stop.set()
-        try:
-            self.client.key_value_set(f'{_EXIT_KEY}{self.process_id}', 'exit', allow_overwrite=True)
-            self.client.wait_at_barrier('fd3d_jax/exit', int(self.timeout * 1000))
-        except jax.errors.JaxRuntimeError:
-            return   # a process is gone or did not come: this process exits anyway
         if self.process_id == 0:
             deadline = time.time() + 10 * WATCH_INTERVAL
             while time.time() < deadline:

@@ -86,6 +86,54 @@ def test_the_lines_name_the_address_the_process_and_who_is_missing():
         'process 1 of 2: lost the coordinator h:1 (process 0)')
 
 
+# A process of a 2-process run whose peer is lost while its main thread fails in a collective (as Gloo does on a
+# reset connection): a stand-in for JAX's runtime client reports process 1 live for the first 3 looks only.
+LOST_IN_A_COLLECTIVE = """
+import jax
+from fd3d_jax.train import mesh
+
+class Client:
+    looks, marks = 0, {}
+    def get_live_nodes(self, ids):
+        self.looks += 1
+        return {0: 7, 1: 8} if self.looks <= 3 else {0: 7}
+    def key_value_try_get(self, key):
+        if key not in self.marks:
+            raise jax.errors.JaxRuntimeError('NOT_FOUND')
+        return self.marks[key]
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self.marks[key] = value
+    def wait_at_barrier(self, barrier, timeout_ms):
+        pass
+
+mesh.Peers(Client(), 'h:1', 0, 2, 300, 2).start()
+"""
+FAILING_COLLECTIVE = "raise jax.errors.JaxRuntimeError('UNKNOWN: Gloo all-reduce failed: Connection reset by peer')"
+# ... or while it waits at its exit barrier (which would last the --distributed_timeout, here 300 s)
+AT_THE_EXIT_BARRIER = """
+import time
+Client.wait_at_barrier = lambda self, barrier, timeout_ms: time.sleep(timeout_ms / 1000)
+"""
+LOST_LINE = ('error: process 0 of 2: lost process 1 (no heartbeat for 2 s: killed, crashed or its host unreachable); '
+             'stopped; the checkpoints saved so far are kept: start the same command on every host to resume')
+
+
+@pytest.mark.parametrize('then', ['collective', 'exit'])
+def test_a_peer_lost_during_a_failing_collective_or_the_exit_barrier_ends_with_the_watch_line(then):
+    """The main thread's error from the collective waits for the watch, and the exit barrier goes on being watched:
+    the lost process is named in one line, status 1, no traceback, no wait of the exit barrier's 300 s."""
+    if then == 'collective':
+        script = LOST_IN_A_COLLECTIVE + FAILING_COLLECTIVE
+    else:
+        script = LOST_IN_A_COLLECTIVE.replace('mesh.Peers(', AT_THE_EXIT_BARRIER + 'mesh.Peers(')
+    start = time.time()
+    proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert _one_error_line(proc.stdout + proc.stderr) == LOST_LINE
+    assert time.time() - start < 60
+
+
 def _run(args, devices=2, env=None):
     """The CLI started (its process and start time): ``_result`` waits for it."""
     env = dict(env or os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
