@@ -88,10 +88,11 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     fatal error to the others), ends the wait for the connection with its own timer (JAX's own timeout is set
     later), and a thread reads the coordinator's live processes (``get_live_nodes``, JAX's heartbeats) every
     ``WATCH_INTERVAL`` seconds. The line is written by that thread and the process ends with ``os._exit(1)``: the
-    main thread may be waiting in a collective that never returns. Recoverable mode also drops JAX's barrier at
-    shutdown, so an exit hook waits (``timeout``) for every process to reach its exit before process 0, which
-    hosts the coordinator, goes. Not covered: a lost coordinator (process 0): the others' runtime aborts at once
-    from C++ (its error polling, not reachable from Python), after its ``F...`` line."""
+    main thread may be waiting in a collective that never returns, or fail in it first (``Peers``). Recoverable
+    mode also drops JAX's barrier at shutdown, so an exit hook waits (``timeout``) for every process to reach its
+    exit before process 0, which hosts the coordinator, goes. Not covered: a lost coordinator (process 0): the
+    others' runtime aborts at once from C++ (its error polling, not reachable from Python), after its ``F...``
+    line. Returns the ``Peers`` watch (None on one process)."""
     if not check_distributed_flags(coordinator_address, num_processes, process_id, auto, timeout, heartbeat_timeout):
         return None
     if process_id == 0 and coordinator_address is not None:
