@@ -1,7 +1,8 @@
 """Multi-host faults of ``python -m fd3d_jax.train``: settings that cannot work, peers that never connect, a peer
 killed mid-run. Each ends with one ``error:`` line and status 1 (``fd3d_jax/train/mesh.py``), never a hang, a
 traceback or an abort. Two CPU processes on loopback, as in ``tests/train/test_loop.py``; the killed-peer run is
-marked ``scaleout`` (it trains)."""
+marked ``scaleout`` (it trains). The peer watch's two other paths (a collective failing in the main thread, the
+exit barrier) run against a stand-in for JAX's runtime client."""
 import os
 import re
 import signal
