@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from fd3d_jax.cli import exit_on, parse_flags
 from fd3d_jax.errors import Interrupted
-from fd3d_jax.train import loop, mesh
+from fd3d_jax.train import distributed, loop
 from fd3d_jax.train.workdir import default_config_argv
 from fd3d_jax.validate import validate
 
@@ -30,9 +30,9 @@ flags.DEFINE_integer('num_processes', None, 'jax.distributed process count (mult
 flags.DEFINE_integer('process_id', None, 'jax.distributed process id (multi-host)')
 flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() from the cluster environment '
                   '(TPU pod slice, SLURM, Open MPI)')
-flags.DEFINE_integer('distributed_timeout', mesh.DISTRIBUTED_TIMEOUT, 'seconds a process waits for its peers '
+flags.DEFINE_integer('distributed_timeout', distributed.DISTRIBUTED_TIMEOUT, 'seconds a process waits for its peers '
                      '(multi-host): for all to connect at the start, for all to finish at the end')
-flags.DEFINE_integer('distributed_heartbeat_timeout', mesh.HEARTBEAT_TIMEOUT, 'seconds without a heartbeat after '
+flags.DEFINE_integer('distributed_heartbeat_timeout', distributed.HEARTBEAT_TIMEOUT, 'seconds without a heartbeat after '
                      'which a process counts as lost and the others stop (multi-host)')
 FLAGS = flags.FLAGS
 
@@ -44,13 +44,15 @@ def main(argv):
         sys.exit('error: --workdir is required, and --config unless the workdir has its config.json')
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     exit_on(validate, FLAGS.config)
-    exit_on(mesh.initialize_distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+    exit_on(distributed.initialize_distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
             FLAGS.distributed, FLAGS.distributed_timeout, FLAGS.distributed_heartbeat_timeout)
     try:
         exit_on(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
     except Interrupted as e:   # Ctrl-C: the line says what was saved
+        distributed.finished()
         print(e, file=sys.stderr)
         sys.exit(130)
+    distributed.finished()   # the others may leave while process 0 evaluates
 
 
 if __name__ == '__main__':

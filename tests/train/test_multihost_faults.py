@@ -1,5 +1,5 @@
 """Multi-host faults of ``python -m fd3d_jax.train``: settings that cannot work, peers that never connect, a peer
-killed mid-run. Each ends with one ``error:`` line and status 1 (``fd3d_jax/train/mesh.py``), never a hang, a
+killed mid-run. Each ends with one ``error:`` line and status 1 (``fd3d_jax/train/distributed.py``), never a hang, a
 traceback or an abort. Two CPU processes on loopback, as in ``tests/train/test_loop.py``; the killed-peer run is
 marked ``scaleout`` (it trains). The peer watch's two other paths (a collective failing in the main thread, the
 exit barrier) run against a stand-in for JAX's runtime client."""
@@ -15,7 +15,7 @@ import jax.distributed as jax_distributed
 import pytest
 
 from fd3d_jax.errors import DistributedError
-from fd3d_jax.train import mesh
+from fd3d_jax.train import distributed
 from fd3d_jax.train.checkpoint import Checkpointer
 from fd3d_jax.train.metrics_writer import read_metrics
 from tests.train.test_loop import ROOT, _cli, _common, _free_port
@@ -43,16 +43,16 @@ ABORTS = re.compile(r'Traceback|Check failure|Terminating process|^F\d{4} ', re.
 ])
 def test_settings_that_cannot_work_name_the_flags(flags, message):
     with pytest.raises(DistributedError) as error:
-        mesh.check_distributed_flags(**flags)
+        distributed.check_distributed_flags(**flags)
     assert message in str(error.value)
 
 
 def test_complete_settings_pass_and_say_whether_to_join():
-    assert not mesh.check_distributed_flags()   # one process
-    assert mesh.check_distributed_flags('host0:1234', 4, 3)
-    assert mesh.check_distributed_flags('[::1]:1234', 1, 0)
-    assert mesh.check_distributed_flags(auto=True)
-    assert mesh.check_distributed_flags(num_processes=4, auto=True)   # the rest from the cluster environment
+    assert not distributed.check_distributed_flags()   # one process
+    assert distributed.check_distributed_flags('host0:1234', 4, 3)
+    assert distributed.check_distributed_flags('[::1]:1234', 1, 0)
+    assert distributed.check_distributed_flags(auto=True)
+    assert distributed.check_distributed_flags(num_processes=4, auto=True)   # the rest from the cluster environment
 
 
 def test_a_taken_coordinator_port_is_named_before_jax_starts():
@@ -63,27 +63,27 @@ def test_a_taken_coordinator_port_is_named_before_jax_starts():
         port = taken.getsockname()[1]
         with pytest.raises(DistributedError, match=f'process 0 of 2: could not start the coordinator localhost:{port} '
                                                    f'.*port {port} of this host is taken; choose another'):
-            mesh.initialize_distributed(f'localhost:{port}', 2, 0)
+            distributed.initialize_distributed(f'localhost:{port}', 2, 0)
     assert not jax_distributed.is_initialized()
 
 
 def test_the_lines_name_the_address_the_process_and_who_is_missing():
-    line = mesh.connect_timeout_message('h:1', 0, 2, 10, coordinator_up=True)
+    line = distributed.connect_timeout_message('h:1', 0, 2, 10, coordinator_up=True)
     assert line.startswith('process 0 of 2: peers did not connect to the coordinator h:1 within 10 s '
                            '(missing: process 1)') and '--distributed_timeout' in line
-    assert '(missing: one or more of processes 1-3)' in mesh.connect_timeout_message('h:1', 0, 4, 10, True)
-    assert mesh.connect_timeout_message('h:1', 0, 2, 10, coordinator_up=False).startswith(
+    assert '(missing: one or more of processes 1-3)' in distributed.connect_timeout_message('h:1', 0, 4, 10, True)
+    assert distributed.connect_timeout_message('h:1', 0, 2, 10, coordinator_up=False).startswith(
         'process 0 of 2: the coordinator runs on this host but h:1 does not reach it')
-    line = mesh.connect_timeout_message('h:1', 2, 4, 10, coordinator_up=False)
+    line = distributed.connect_timeout_message('h:1', 2, 4, 10, coordinator_up=False)
     assert line.startswith('process 2 of 4: could not reach the coordinator h:1 within 10 s (missing: process 0')
-    line = mesh.connect_timeout_message('h:1', 2, 4, 10, coordinator_up=True)
+    line = distributed.connect_timeout_message('h:1', 2, 4, 10, coordinator_up=True)
     assert '(missing: one or more of processes 1, 3)' in line
-    peers = mesh.Peers(None, 'h:1', 0, 3, 300, 100)
+    peers = distributed.Peers(None, 'h:1', 0, 3, 300, 100)
     line = peers.lost_message([1, 2], exited=[2])
     assert line.startswith('process 0 of 3: lost process 1 (no heartbeat for 100 s: killed, crashed or its host '
                            'unreachable); process 2 exited while this one still ran')
     assert 'checkpoints saved so far are kept' in line
-    assert mesh.Peers(None, 'h:1', 1, 2, 300, 100).lost_message(None).startswith(
+    assert distributed.Peers(None, 'h:1', 1, 2, 300, 100).lost_message(None).startswith(
         'process 1 of 2: lost the coordinator h:1 (process 0)')
 
 
@@ -91,7 +91,7 @@ def test_the_lines_name_the_address_the_process_and_who_is_missing():
 # reset connection): a stand-in for JAX's runtime client reports process 1 live for the first 3 looks only.
 LOST_IN_A_COLLECTIVE = """
 import jax
-from fd3d_jax.train import mesh
+from fd3d_jax.train import distributed
 
 class Client:
     looks, marks = 0, {}
@@ -107,7 +107,7 @@ class Client:
     def wait_at_barrier(self, barrier, timeout_ms):
         pass
 
-mesh.Peers(Client(), 'h:1', 0, 2, 300, 2).start()
+distributed.Peers(Client(), 'h:1', 0, 2, 300, 2).start()
 """
 FAILING_COLLECTIVE = "raise jax.errors.JaxRuntimeError('UNKNOWN: Gloo all-reduce failed: Connection reset by peer')"
 # ... or while it waits at its exit barrier (which would last the --distributed_timeout, here 300 s)
@@ -126,7 +126,7 @@ def test_a_peer_lost_during_a_failing_collective_or_the_exit_barrier_ends_with_t
     if then == 'collective':
         script = LOST_IN_A_COLLECTIVE + FAILING_COLLECTIVE
     else:
-        script = LOST_IN_A_COLLECTIVE.replace('mesh.Peers(', AT_THE_EXIT_BARRIER + 'mesh.Peers(')
+        script = LOST_IN_A_COLLECTIVE.replace('distributed.Peers(', AT_THE_EXIT_BARRIER + 'distributed.Peers(')
     start = time.time()
     proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -230,3 +230,28 @@ def test_a_peer_killed_mid_run_stops_the_other_with_one_line(data_cfg, tmp_path)
     assert seconds < heartbeat + 30, seconds
     assert Checkpointer(workdir).latest_step() >= saved
     assert any(m['step'] >= saved for m in read_metrics(os.path.join(workdir, 'metrics.jsonl')))
+
+
+# Process 1 ended its run well (``distributed.finished``: its mark is ``done``) and left while process 0 still
+# evaluates; process 0 finishes too, and its mark stays ``done`` while it waits at its exit barrier.
+FINISHED = """
+Client.marks['fd3d_jax/exit/1'] = 'done'
+Client.wait_at_barrier = lambda self, barrier, timeout_ms: print('at the barrier:', self.marks['fd3d_jax/exit/0'])
+distributed.finished()
+import time
+time.sleep(4)   # the watch looks every second; process 1 is gone after 3 looks
+print('evaluated')
+"""
+
+
+def test_a_peer_that_finished_may_leave_while_process_0_evaluates():
+    """A run that ended well on process 1 while process 0 runs its final devkit evaluation (longer than the exit
+    barrier's wait): process 1's leaving is not a lost peer, and process 0's own exit keeps its ``done`` mark.
+    Fails if ``finished`` marks nothing, or if the exit hook overwrites ``done`` with ``exit``."""
+    start = "distributed.Peers(Client(), 'h:1', 0, 2, 300, 2).start()"
+    script = LOST_IN_A_COLLECTIVE.replace(start, 'distributed._PEERS = ' + start.replace('.start()', '') +
+                                          '\ndistributed._PEERS.start()') + FINISHED
+    proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert proc.returncode == 0 and 'error:' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ['evaluated', 'at the barrier: done']
