@@ -24,7 +24,6 @@ stop with an error. The state and data are read with orbax's handlers, without `
 closing barrier: a process whose reading failed must not leave the others waiting at it. Only process 0 renames
 a corrupt step, and all processes wait for it.
 """
-import re
 import sys
 
 import jax
@@ -33,53 +32,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from fd3d_jax import storage
+from fd3d_jax.params_io import brief_error, quiet_abandoned_reads
 from fd3d_jax.errors import CheckpointError
 
 CORRUPT_SUFFIX = '.corrupt'   # a corrupt step folder set aside by ``restore_latest``: <step>.corrupt[-<n>]
 
 # A step's verdict, ordered so that the largest over the processes is the one all act on.
 INTACT, CORRUPT, MISMATCH = 0, 1, 2
-
-
-def _brief(error, most=300):
-    """An exception in a few words, on one line: its type and message; of a TensorStore error (orbax reads arrays
-    with TensorStore) its status and the innermost causes from the last file it names, without its spec."""
-    text = re.sub(r'\s*\[tensorstore_spec=.*$', '', ' '.join(str(error).split()))
-    parts = text.split(': ')
-    if len(parts) > 2 and re.fullmatch(r'[A-Z_]+', parts[0]):   # 'DATA_LOSS: Error opening ...: ...'
-        naming = [index for index, part in enumerate(parts) if 'file "' in part]
-        if naming:
-            text = ': '.join([parts[0]] + parts[naming[-1]:])
-    if len(text) > most:
-        text = text[:most].rstrip() + ' ...'
-    return f'{type(error).__name__}: {text}' if text else type(error).__name__
-
-
-def _abandoned_read(unraisable):
-    """Whether an exception Python could not raise comes from orbax's reads of a step abandoned when another read
-    failed: their tensorstore callbacks find the event loop closed, their coroutines are collected unfinished."""
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed':
-        return True
-    code = getattr(unraisable.object, 'cr_code', None)
-    return code is not None and '/orbax/' in code.co_filename.replace('\\', '/')
-
-
-def _quiet_abandoned_reads():
-    """Installs a ``sys.unraisablehook`` that drops the exceptions of abandoned reads (``_abandoned_read``), which
-    Python would print in other threads, during and after the failed read, as 'Exception ignored ...' with a
-    traceback, after the step's error was reported or a run resumed from another step; every other exception goes
-    to the hook before. Returns that hook, or None when it is installed already."""
-    previous = sys.unraisablehook
-    if getattr(previous, 'drops_abandoned_reads', False):
-        return None
-
-    def hook(unraisable):
-        if not _abandoned_read(unraisable):
-            previous(unraisable)
-
-    hook.drops_abandoned_reads = True
-    sys.unraisablehook = hook
-    return previous
 
 
 def _shapes(tree):
@@ -148,7 +107,7 @@ class Checkpointer:
             try:
                 on_disk = handler.metadata(path / 'state').tree
             except Exception as error:   # whatever orbax raises on a missing, truncated or overwritten file
-                return CORRUPT, f'its state metadata cannot be read: {_brief(error)}'
+                return CORRUPT, f'its state metadata cannot be read: {brief_error(error)}'
         finally:
             handler.close()
         mismatches = tree_mismatches(on_disk, abstract_state)
@@ -161,7 +120,7 @@ class Checkpointer:
             try:
                 data_state = handler.restore(path / 'data')
             except Exception as error:
-                return CORRUPT, f'its data iterator state cannot be read: {_brief(error)}'
+                return CORRUPT, f'its data iterator state cannot be read: {brief_error(error)}'
             finally:
                 handler.close()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
@@ -169,7 +128,7 @@ class Checkpointer:
         try:
             state = handler.restore(path / 'state', args=ocp.args.StandardRestore(abstract))
         except Exception as error:   # the tree fits: the arrays' files are damaged
-            return CORRUPT, f'its arrays cannot be read: {_brief(error)}'
+            return CORRUPT, f'its arrays cannot be read: {brief_error(error)}'
         finally:
             handler.close()
         return INTACT, (state, data_state)
@@ -177,7 +136,7 @@ class Checkpointer:
     def _attempt(self, abstract_state, step, with_data):
         """``_read`` with the verdict all processes agree on (a process that read the step well gives way to one
         that could not)."""
-        before = _quiet_abandoned_reads()
+        before = quiet_abandoned_reads()
         verdict, payload = self._read(abstract_state, step, with_data)
         if verdict != CORRUPT and before is not None and getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
             sys.unraisablehook = before   # nothing was abandoned; a corrupt step keeps the hook for what comes later
@@ -259,7 +218,7 @@ class Checkpointer:
                     (self.directory / str(step)).rename(target)
                 except Exception as error:
                     failure = f'cannot rename the corrupt checkpoint {self.directory / str(step)} to {target} ' \
-                              f'({_brief(error)})'
+                              f'({brief_error(error)})'
                     break
         failed = _agreed(int(failure is not None))
         self.manager.reload()

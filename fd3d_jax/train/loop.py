@@ -374,9 +374,10 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
     ds = pipeline.train_dataset(train_recs, data_cfg.dataroot, data_cfg, local_batch, config.seed, jax.process_index(),
                                 jax.process_count(), pipeline.bev_config(config.model), expert_bev)
     data_iter = DevicePrefetcher(iter(ds), mesh, data_cfg.get('device_prefetch', 2))  # batches sent ahead
-    start = ckpt.latest_step()
+    trainer.state, data_state, start, note = ckpt.restore_latest(trainer.state)   # the newest intact step
+    if note:
+        log(note)
     if start is not None:
-        trainer.state, data_state = ckpt.restore(trainer.state, start)
         if data_state is not None:
             data_iter.set_state(data_state)
         log(f'resumed from {ckpt.directory}/{start}')

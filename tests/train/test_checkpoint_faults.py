@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import detr3d_r50
+from fd3d_jax import params_io
 from fd3d_jax.errors import CheckpointError
 from fd3d_jax.train import loop
 from fd3d_jax.train.checkpoint import Checkpointer
@@ -224,7 +225,6 @@ def test_two_processes_resume_from_the_same_step(mode, tmp_path):
     assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['3', '6.corrupt', '7']
 
 
-@pytest.mark.xfail(strict=True, reason='needs fd3d_jax/train/loop.py to resume with Checkpointer.restore_latest')
 def test_training_resumes_from_the_newest_intact_checkpoint(data_cfg, train_records, tmp_path):
     """Steps 3 and 6 of the toy detector's state, every file of step 6 overwritten: training says so, resumes from
     step 3, trains to step 6 again and saves it; the corrupt one stays, set aside as checkpoints/6.corrupt."""
@@ -247,3 +247,18 @@ def test_training_resumes_from_the_newest_intact_checkpoint(data_cfg, train_reco
     assert f'resumed from {checkpoints / "3"}, the newest intact checkpoint' in output, output[-3000:]
     assert sorted(os.listdir(checkpoints)) == ['3', '6', '6.corrupt']
     assert {open(path, 'rb').read() for path in _files(checkpoints / '6.corrupt')} == {b'garbage'}
+
+
+@pytest.mark.parametrize('fault', ['every file overwritten', 'array files emptied'])
+def test_evaluation_names_a_corrupt_step(fault, tmp_path):
+    """``fd3d_jax.eval --step N`` reads the detector's params alone (``params_io.load_params``): a corrupt step is
+    one ``CheckpointError`` naming it, the intact one still loads."""
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    for step in (3, 6):
+        ckpt.save(step, {'params': {'model': {'w': jnp.full((6,), step, jnp.float32)}}, 'step': jnp.int32(step)}, None)
+    ckpt.close()
+    FAULTS[fault][0](tmp_path / 'checkpoints' / '6')
+    with pytest.raises(CheckpointError, match=f'checkpoint {re.escape(str(tmp_path / "checkpoints" / "6"))} is '
+                                              f'corrupt or unreadable \\(its (state metadata|arrays) cannot be read: '):
+        params_io.load_params(str(tmp_path), 6)
+    np.testing.assert_array_equal(params_io.load_params(str(tmp_path), 3)['w'], np.full(6, 3.0))
