@@ -169,11 +169,20 @@ CLI_CASES = [
      "got ':toyy'"),
     (('--config', 'configs/bevformer_tinny.py'),
      'error: configs/bevformer_tinny.py: no such config file (did you mean configs/bevformer_tiny.py?)'),
+    (('--config=configs/bevformer_tiny.py:toy', '--config.loss.code_weights=(1,1,1)'),
+     'error: config.loss.code_weights must be a tuple of 10 numbers like its default (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, '
+     '1.0, 1.0, 0.2, 0.2), got 3: (1, 1, 1)'),
+    (('--config=configs/bevformer_tiny.py:toy', '--config.data.point_cloud_range=(1,2,3,4,5)'),
+     'error: config.data.point_cloud_range must be a tuple of 6 numbers like its default (-51.2, -51.2, -5.0, 51.2, '
+     '51.2, 3.0), got 5: (1, 2, 3, 4, 5)'),
+    (('--config=configs/bevformer_tiny.py:toy', "--config.data.class_names=('car','pedestrain')"),
+     "error: config.data.class_names: 'pedestrain' is not a nuScenes detection class; choose from car, truck, "
+     'construction_vehicle, bus, trailer, barrier, motorcycle, bicycle, pedestrian, traffic_cone'),
 ]
 
 
 @pytest.mark.parametrize('module, args, line', [('fd3d_jax.train', *case) for case in CLI_CASES]
-                         + [('fd3d_jax.eval', *case) for case in CLI_CASES[::3]])
+                         + [('fd3d_jax.eval', *case) for case in CLI_CASES[:4:3]])
 def test_bad_config_files_and_overrides_end_the_cli_with_one_line_before_anything_is_loaded(module, args, line,
                                                                                           tmp_path):
     workdir = tmp_path / 'run'

@@ -118,14 +118,25 @@ def test_empty_truncated_or_unreadable_images_name_the_file_and_sample(train_rec
         pipeline.load_image(path, rec['token'])
 
 
-def test_training_on_a_set_without_a_table_ends_with_its_path(data_cfg, tmp_path):
+def _truncate(path):
+    with open(path, 'rb') as f:
+        content = f.read()
+    with open(path, 'wb') as f:
+        f.write(content[:len(content) // 2])
+
+
+@pytest.mark.parametrize('table, damage, message', [
+    ('calibrated_sensor.json', os.remove, 'no such file (a table of nuScenes v1.0-mini'),
+    ('sample_data.json', _truncate, 'not valid JSON, the file is truncated or corrupt ('),
+])
+def test_training_on_a_set_without_a_table_ends_with_its_path(table, damage, message, data_cfg, tmp_path):
     root = copy_set(data_cfg.dataroot, tmp_path / 'set')
-    path = os.path.join(root, VERSION, 'calibrated_sensor.json')
-    os.remove(path)
+    path = os.path.join(root, VERSION, table)
+    damage(path)
     res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={root}',
                f'--config.data.records_dir={tmp_path / "records"}')
     line = _assert_ended_cleanly(res)
-    assert line.startswith(f'error: {path}: no such file (a table of nuScenes v1.0-mini'), line
+    assert line.startswith(f'error: {path}: {message}'), line
 
 
 def test_training_on_an_empty_image_ends_with_its_file_and_sample_from_a_worker(data_cfg, train_records, tmp_path):
