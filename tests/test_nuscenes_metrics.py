@@ -83,7 +83,7 @@ def test_a_split_without_annotations_gets_the_submission_file_only(val_records, 
     calls = []
     monkeypatch.setattr(nuscenes_metrics, 'run_detection_eval', lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(nuscenes_metrics, 'format_metrics', lambda summary: '')
-    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs: {recs['samples'][0]['token']: []})
+    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs, log=None: {recs['samples'][0]['token']: []})
     trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
     for recs, out in ((bare, tmp_path / 'test'), (val_records, tmp_path / 'val')):
         monkeypatch.setattr(loop, 'load_split', lambda config, split, recs=recs: recs)
@@ -102,7 +102,7 @@ def test_evaluation_into_a_bucket_runs_the_devkit_locally_and_copies_its_files(v
     (``results.json``, ``metrics_summary.json``, ...) then appear under the URL; a split without annotations gets
     its submission file there too."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs: (
+    monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs, log=None: (
         nuscenes_metrics.gt_as_detections(recs, CLASS_NAMES) if nuscenes_metrics.has_annotations(recs) else {}))
     bare = dict(val_records, samples=[dict(r, gt_names=[], gt_boxes=[]) for r in val_records['samples']])
     trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
