@@ -139,6 +139,8 @@ def test_training_on_a_set_without_a_table_ends_with_its_path(table, damage, mes
     assert line.startswith(f'error: {path}: {message}'), line
 
 
+@pytest.mark.slow
+@pytest.mark.scaleout   # a reliability test of the CLI: `make test` runs it after the default suite
 def test_training_on_an_empty_image_ends_with_its_file_and_sample_from_a_worker(data_cfg, train_records, tmp_path):
     """Every CAM_FRONT image empty, read by a grain worker process (``data.num_workers=1``): the worker's
     DataError reaches the training process, which ends with one line and exit status 1, saving nothing."""

@@ -225,6 +225,8 @@ def test_two_processes_resume_from_the_same_step(mode, tmp_path):
     assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['3', '6.corrupt', '7']
 
 
+@pytest.mark.slow
+@pytest.mark.scaleout   # a reliability test of the CLI: `make test` runs it after the default suite
 def test_training_resumes_from_the_newest_intact_checkpoint(data_cfg, train_records, tmp_path):
     """Steps 3 and 6 of the toy detector's state, every file of step 6 overwritten: training says so, resumes from
     step 3, trains to step 6 again and saves it; the corrupt one stays, set aside as checkpoints/6.corrupt."""

@@ -174,6 +174,8 @@ def test_distributed_without_a_cluster_and_incomplete_flags_end_with_one_line(tm
     assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.slow
+@pytest.mark.scaleout   # a reliability test of the CLI: `make test` runs it after the default suite
 def test_a_process_whose_peers_never_start_ends_within_the_timeout(tmp_path):
     """Process 0 alone (its peer never started) and process 1 alone (no coordinator): each prints one line naming
     the address, its id and who is missing after ``--distributed_timeout`` (10 s), status 1."""
@@ -255,3 +257,36 @@ def test_a_peer_that_finished_may_leave_while_process_0_evaluates():
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
     assert proc.returncode == 0 and 'error:' not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == ['evaluated', 'at the barrier: done']
+
+
+@pytest.mark.slow
+@pytest.mark.scaleout
+def test_ctrl_c_on_one_process_stops_both_at_the_same_saved_step(data_cfg, tmp_path):
+    """Ctrl-C (SIGINT) to process 1 of 2: passed on as its SIGTERM to JAX's preemption notifier, both processes
+    stop at the same step, which is saved once; process 1 exits with Ctrl-C's status 130, process 0 with 0, no
+    error line, no lost peer."""
+    workdir, address = str(tmp_path / 'w'), f'localhost:{_free_port()}'
+    common = _common(data_cfg, 100000, batch_size=4, checkpoint_every=100000)
+    procs = [_cli([*common, f'--workdir={workdir}', f'--coordinator_address={address}', '--num_processes=2',
+                   f'--process_id={p}'], devices=2) for p in range(2)]
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    try:
+        deadline = time.time() + 600
+        while not (os.path.exists(metrics) and any(m['step'] >= 2 for m in read_metrics(metrics))):
+            assert procs[0].poll() is None and procs[1].poll() is None, procs[0].communicate()[0][-3000:]
+            assert time.time() < deadline, 'no step 2 after 600 s'
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGINT)
+        outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 130], [out[-2000:] for out in outs]
+    saved = Checkpointer(workdir).latest_step()
+    assert saved is not None and saved >= 2
+    assert f'SIGTERM: saved {workdir}/checkpoints/{saved} and stopped' in outs[0], outs[0][-2000:]
+    assert f'Ctrl-C: saved {workdir}/checkpoints/{saved} and stopped' in outs[1], outs[1][-2000:]
+    for out in outs:
+        assert 'error:' not in out and not ABORTS.search(out), out[-3000:]

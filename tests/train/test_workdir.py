@@ -115,6 +115,8 @@ def _wait_for(proc, log_path, pattern, timeout=600):
     raise AssertionError(f'{pattern!r} not printed: {open(log_path).read()[-3000:]}')
 
 
+@pytest.mark.slow
+@pytest.mark.scaleout   # a reliability test of the CLI: `make test` runs it after the default suite
 def test_ctrl_c_saves_the_step_and_a_second_stops_at_once(data_cfg, tmp_path):
     """One Ctrl-C (SIGINT to the whole process group, as a terminal sends it; two input worker processes):
     the step in flight finishes, is saved, one line, status 130. Two Ctrl-C while the first step compiles: the
