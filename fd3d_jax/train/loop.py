@@ -164,21 +164,26 @@ class Trainer:
 
 
 def _progress(step, num_steps, loss, rate, elapsed):
+    """The progress line; ``rate`` None (a window of the first step alone, whose time is the compilation's):
+    no steps/s and ETA yet."""
+    if rate is None:
+        return f'step {step:6d}/{num_steps}  loss {loss:8.4f}     -- steps/s  elapsed {elapsed / 60:5.1f} min  ETA    --'
     eta = (num_steps - step) / max(rate, 1e-9)
     return (f'step {step:6d}/{num_steps}  loss {loss:8.4f}  {rate:6.2f} steps/s  '
             f'elapsed {elapsed / 60:5.1f} min  ETA {eta / 60:5.1f} min')
 
 
 def _compile_first_step(trainer, batch, pending, log):
-    """Dispatches the run's first step with a line before and after its compilation: ``jax.jit`` compiles on the
-    first call and returns once the step is compiled and queued (the device runs it after), so the call's time is
-    the compilation's (tracing included). Returns the time after it: the steps/s and ETA of the first logged
-    window count from there, so that they leave compilation out."""
+    """Runs the run's first step with a line before and after its compilation (``jax.jit`` compiles on the first
+    call; the step is waited for, since a backend may run a first call before it returns, so the seconds are the
+    compilation's with tracing and the one step). Returns the time after it: steps/s and ETA count the steps
+    after the first from there, leaving the compilation out."""
     log('compiling the train step ...')
     start = time.time()
     pending.append(trainer.step(batch))
+    jax.block_until_ready(pending[-1])
     now = time.time()
-    log(f'compiled the train step in {now - start:.1f} s')
+    log(f'compiled the train step in {now - start:.1f} s (its first run included)')
     return now
 
 
@@ -242,7 +247,8 @@ def stop_training(trainer, data_iter, ckpt):
 def _window_line(metrics, elapsed, num):
     """The logged means of a window of steps' metrics; the diagnostics (``grad_norm/...``, NaN on the steps that
     do not compute them: ``train_step.diagnostic_step``) are averaged over the steps that do, and left out of a
-    window without one (a run stopped early by SIGTERM)."""
+    window without one (a run stopped early by SIGTERM). ``steps_per_second`` is ``num`` steps over ``elapsed``
+    seconds, absent when ``num`` is 0 (a window of the first step alone: its time is the compilation's)."""
     mean = {}
     for key in metrics[0]:
         if key in ('lr', 'skipped_steps'):
@@ -255,7 +261,8 @@ def _window_line(metrics, elapsed, num):
         mean[key] = float(np.mean(values))
     mean['lr'] = float(metrics[-1]['lr'])
     mean['skipped_steps'] = float(metrics[-1]['skipped_steps'])
-    mean['steps_per_second'] = num / max(elapsed, 1e-9)
+    if num:
+        mean['steps_per_second'] = num / max(elapsed, 1e-9)
     return mean
 
 
@@ -326,7 +333,7 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         f'processes) in {workdir}')
     log(launch_line)
     profile = Profile(storage.as_path(workdir) / 'profile', step + 1, config.train.get('profile', 0), log)
-    t0, t_log, s_log, pending = time.time(), time.time(), step, []
+    t0, t_rate, s_rate, s_log, pending = time.time(), time.time(), step, step, []
     saved = preemption.saved
     compiled = False
     preemption.training = True
@@ -334,8 +341,8 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
         while step < num_steps:
             batch = next(data_iter)
             profile.before(step)
-            if not compiled:
-                t_log = _compile_first_step(trainer, batch, pending, log)
+            if not compiled:   # steps/s counts the steps after the first, from the end of the first
+                t_rate, s_rate = _compile_first_step(trainer, batch, pending, log), step + 1
                 compiled = True
             else:
                 pending.append(trainer.step(batch))
@@ -348,10 +355,10 @@ def _train_and_evaluate(config, workdir, trainer, log, preemption):
                 metrics = jax.device_get(pending)
                 check_finite(metrics, s_log + 1, mode, saved)
                 now = time.time()
-                mean = _window_line(metrics, now - t_log, step - s_log)
+                mean = _window_line(metrics, now - t_rate, step - s_rate)
                 writer.write(step, mean)
-                log(_progress(step, num_steps, mean['loss'], mean['steps_per_second'], now - t0))
-                t_log, s_log, pending = now, step, []
+                log(_progress(step, num_steps, mean['loss'], mean.get('steps_per_second'), now - t0))
+                t_rate, s_rate, s_log, pending = now, step, step, []
             if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
                 pending = jax.device_get(pending)  # no checkpoint holds a non-finite update ('stop')
                 check_finite(pending, s_log + 1, mode, saved)

@@ -84,9 +84,17 @@ def test_a_workdir_refuses_another_model_and_evaluates_with_its_own_config(data_
                '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=0')
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    compiled = [i for i, line in enumerate(lines) if re.fullmatch(r'compiled the train step in \d+\.\d s', line)]
+    compiled = [i for i, line in enumerate(lines)
+                if re.fullmatch(r'compiled the train step in \d+\.\d s \(its first run included\)', line)]
     assert compiled and lines[compiled[0] - 1] == 'compiling the train step ...'
-    assert compiled[0] < min(i for i, line in enumerate(lines) if line.startswith('step '))
+    steps = [line for line in lines if line.startswith('step ')]
+    assert compiled[0] < lines.index(steps[0])
+    # step 1's window is the compilation: no rate; step 2's rate is its own
+    assert re.match(r'step +1/2 +loss +[\d.]+ +-- steps/s +elapsed +[\d.]+ min +ETA +--$', steps[0]), steps[0]
+    assert re.match(r'step +2/2 +loss +[\d.]+ +[\d.]+ steps/s', steps[1]), steps[1]
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        logged = [json.loads(line) for line in f if '"loss"' in line]
+    assert 'steps_per_second' not in logged[0] and logged[1]['steps_per_second'] > 0
     before = _files(workdir)
     res = _run('fd3d_jax.train', '--config=configs/bevformer_tiny.py:toy', f'--workdir={workdir}', *_data_args(data_cfg))
     assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr[-3000:]
