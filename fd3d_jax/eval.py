@@ -72,7 +72,7 @@ def main(argv):
 
 if __name__ == '__main__':
     try:
-        app.run(main, argv=default_config_argv(sys.argv), flags_parser=parse_flags)
+        app.run(main, argv=exit_on(default_config_argv, sys.argv), flags_parser=parse_flags)
     except KeyboardInterrupt:
         print('Ctrl-C: evaluation stopped', file=sys.stderr)
         sys.exit(130)

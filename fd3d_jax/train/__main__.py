@@ -57,7 +57,7 @@ def main(argv):
 
 if __name__ == '__main__':
     try:
-        app.run(main, argv=default_config_argv(sys.argv), flags_parser=parse_flags)
+        app.run(main, argv=exit_on(default_config_argv, sys.argv), flags_parser=parse_flags)
     except KeyboardInterrupt:   # before the training loop installed its handler: nothing to save
         print('Ctrl-C: stopped before training started', file=sys.stderr)
         sys.exit(130)

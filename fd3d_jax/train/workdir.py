@@ -7,7 +7,6 @@ what the run trained with instead of having to be typed again.
 """
 import json
 import os
-import sys
 
 import ml_collections
 
@@ -109,7 +108,7 @@ def check_identity(config, workdir, action='resume'):
 def default_config_argv(argv):
     """``argv`` with ``--config=<this file>:W`` added when it names ``--workdir W`` (``--workdir=W`` or
     ``--workdir W``) but no ``--config``: a command on a workdir runs with the workdir's own config, and
-    ``--config.a.b=v`` overrides apply on top of it."""
+    ``--config.a.b=v`` overrides apply on top of it. ``ConfigError`` when ``W/config.json`` does not exist."""
     if any(arg == '--config' or arg.startswith('--config=') for arg in argv):
         return argv
     workdir = None
@@ -122,5 +121,5 @@ def default_config_argv(argv):
         return argv
     config_json = storage.as_path(workdir) / CONFIG_NAME
     if not config_json.exists():
-        sys.exit(f'error: {config_json} not found: pass --config (a new run, or a workdir without its config)')
+        raise ConfigError(f'{config_json} not found: pass --config (a new run, or a workdir without its config)')
     return [argv[0], f'--config={os.path.abspath(__file__)}:{workdir}', *argv[1:]]
