@@ -27,5 +27,6 @@ def get_config(arg='full'):
         config.model.encoder_layers = 3
     config = common.add_training(config, toy=arg in ('toy', 'demo'))
     if arg == 'full':   # the original's load_from: backbone and neck of an FCOS3D R101-DCN detector
+        common.as_original_bevformer(config)
         config.train.init_from_original = 'ckpts/r101_dcn_fcos3d_pretrain.pth (FCOS3D R101-DCN)'
     return common.demo_training(config, num_steps=2000) if arg == 'demo' else config

@@ -26,5 +26,6 @@ def get_config(arg='full'):
         common.toy_bevformer(config)
     config = common.add_training(config, toy=arg == 'toy')
     if arg in ('full', 'fd3d'):   # the original's load_from: backbone and neck of an FCOS3D R101-DCN detector
+        common.as_original_bevformer(config)
         config.train.init_from_original = 'ckpts/r101_dcn_fcos3d_pretrain.pth (FCOS3D R101-DCN)'
     return config

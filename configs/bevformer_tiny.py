@@ -27,5 +27,6 @@ def get_config(arg='full'):
         common.demo_bevformer(config)
     config = common.add_training(config, toy=arg in ('toy', 'demo'))
     if arg in ('full', 'fd3d'):   # the original's img_backbone init_cfg
+        common.as_original_bevformer(config)
         config.train.init_from_original = "torchvision's ImageNet ResNet-50 (IMAGENET1K_V1, what mmcv's torchvision://resnet50 loads)"
     return common.demo_training(config, num_steps=2000) if arg == 'demo' else config

@@ -2,7 +2,7 @@
 the command line (``--config.data.dataroot=...``)."""
 import ml_collections
 
-from fd3d_jax.data.nuscenes_meta import CLASS_NAMES, POINT_CLOUD_RANGE
+from fd3d_jax.data.nuscenes_meta import CLASS_NAMES, POINT_CLOUD_RANGE, SUBMISSION_META
 
 # mmdet normalisations: torchvision RGB (tiny, R50) and caffe BGR (small/base/DETR3D, R101).
 RGB_NORM = dict(image_mean=(123.675, 116.28, 103.53), image_std=(58.395, 57.12, 57.375), to_rgb=True)
@@ -16,7 +16,12 @@ def data_config(toy=False):
     c.version = 'v1.0-mini' if toy else 'v1.0-trainval'
     c.train_split = 'mini_train' if toy else 'train'
     c.val_split = 'mini_val' if toy else 'val'
-    c.records_dir = ''                # '' = <dataroot>/fd3d_records
+    c.records_dir = ''                # records cache; '' = <dataroot>/fd3d_records, or a user cache folder when
+                                      # the dataroot is read-only (fd3d_jax/data/records.py, docs/nuscenes.md)
+    c.can_bus_root = ''               # folder holding can_bus/ (the CAN bus expansion); '' = beside the dataroot
+                                      # (the official layout data/can_bus), else inside it
+    c.can_bus_from_poses = False      # True: no CAN bus expansion; acceleration, rotation rate and velocity of
+                                      # can_bus estimated from ego poses (differs from what official models saw)
     c.raw_image_wh = (320, 180) if toy else (1600, 900)  # camera images before scaling (shape checks)
     c.class_names = CLASS_NAMES
     c.point_cloud_range = POINT_CLOUD_RANGE
@@ -72,6 +77,7 @@ def bevformer_model(**overrides):
     m.use_can_bus = m.use_cams_embeds = m.use_shift = m.rotate_prev_bev = True
     m.rotate_center = (100, 100)          # the original's fixed centre (exact only for 200x200)
     m.reproduce_shift_bug = False         # quirks of the original, for checkpoint parity
+    m.reproduce_can_bus_bug = False       # can_bus[3:7] fed as [w, w, w, w] (the original's data code; on in :full)
     m.tsa_batch_bug = False
     m.sca_batch0_hits = False
     m.sca_max_cameras = 0                 # 0: SCA over all cameras (dense); K: K camera slots per BEV query
@@ -186,6 +192,17 @@ def add_training(config, toy=False):
                                         # host round trip; fd3d_jax/detection/matching.py::hungarian_jax), 'auto'
                                         # (jax on GPUs/TPUs, scipy on the CPU); per device shard either way
     config.loss = loss
+    # ``meta`` of a results.json (the nuScenes submission format): what the method used; the original configs'
+    # input_modality (BEVFormer's declare use_external=True, DETR3D's False). Scores do not depend on it.
+    config.submission = ml_collections.ConfigDict(SUBMISSION_META)
+    return config
+
+
+def as_original_bevformer(config):
+    """What the released BEVFormer runs saw and declared (the ``:full`` and ``:fd3d`` sizes, after
+    ``add_training``): can_bus[3:7] as [w, w, w, w] (docs/models.md) and ``use_external=True``."""
+    config.model.reproduce_can_bus_bug = True
+    config.submission.use_external = True
     return config
 
 

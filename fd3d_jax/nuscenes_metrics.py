@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from fd3d_jax.data import geometry
-from fd3d_jax.data.nuscenes_meta import MOVING_ATTRIBUTE, MOVING_SPEED, STATIC_ATTRIBUTE
+from fd3d_jax.data.nuscenes_meta import MOVING_ATTRIBUTE, MOVING_SPEED, STATIC_ATTRIBUTE, SUBMISSION_META
 
 EVAL_CONFIG = 'detection_cvpr_2019'
 
@@ -66,9 +66,11 @@ def boxes_to_results(record, boxes, scores, labels, class_names, attributes=None
 
 def results_json(records, detections, meta=None):
     """nuScenes results for every sample of ``records``; ``detections`` maps sample token -> list
-    of result dicts (missing samples get an empty list, as the devkit requires every sample)."""
-    meta = dict(dict(use_camera=True, use_lidar=False, use_radar=False, use_map=False, use_external=False),
-                **(meta or {}))
+    of result dicts (missing samples get an empty list, as the devkit requires every sample). ``meta``: the five
+    ``use_*`` flags of the submission format (a config's ``submission``); ``SUBMISSION_META`` when None."""
+    meta = dict(SUBMISSION_META if meta is None else meta)
+    if set(meta) != set(SUBMISSION_META) or not all(isinstance(value, bool) for value in meta.values()):
+        raise ValueError(f'submission meta must hold the booleans {", ".join(SUBMISSION_META)}; got {meta}')
     return dict(meta=meta, results={r['token']: detections.get(r['token'], []) for r in records['samples']})
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from fd3d_jax import nuscenes_metrics, storage
 from fd3d_jax.data import geometry
 from fd3d_jax.data.records import split_scene_names
 from fd3d_jax.errors import RecordsError
-from fd3d_jax.data.nuscenes_meta import CLASS_NAMES
+from fd3d_jax.data.nuscenes_meta import CLASS_NAMES, SUBMISSION_META
 from fd3d_jax.train import loop
 from tests.fake_gcs import fake_gcs
 
@@ -84,14 +85,15 @@ def test_a_split_without_annotations_gets_the_submission_file_only(val_records, 
     monkeypatch.setattr(nuscenes_metrics, 'run_detection_eval', lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(nuscenes_metrics, 'format_metrics', lambda summary: '')
     monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs, log=None: {recs['samples'][0]['token']: []})
-    trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
+    meta = dict(SUBMISSION_META, use_external=True)   # as the BEVFormer configs declare
+    trainer = types.SimpleNamespace(config=ml_collections.ConfigDict(dict(data=data_cfg, submission=meta)))
     for recs, out in ((bare, tmp_path / 'test'), (val_records, tmp_path / 'val')):
         monkeypatch.setattr(loop, 'load_split', lambda config, split, recs=recs: recs)
         summary = loop.evaluate_params(trainer, None, str(out), log=lambda *a: None)
         with open(out / 'results.json') as f:
             written = json.load(f)
         assert set(written['results']) == {r['token'] for r in recs['samples']}
-        assert written['meta']['use_camera'] and not written['meta']['use_lidar']
+        assert written['meta'] == meta   # config.submission, not a hard-coded meta
         assert (summary is None) == (recs is bare)
     assert len(calls) == 1
 
@@ -105,7 +107,7 @@ def test_evaluation_into_a_bucket_runs_the_devkit_locally_and_copies_its_files(v
     monkeypatch.setattr(loop, 'predict', lambda trainer, params, recs, log=None: (
         nuscenes_metrics.gt_as_detections(recs, CLASS_NAMES) if nuscenes_metrics.has_annotations(recs) else {}))
     bare = dict(val_records, samples=[dict(r, gt_names=[], gt_boxes=[]) for r in val_records['samples']])
-    trainer = types.SimpleNamespace(config=types.SimpleNamespace(data=data_cfg))
+    trainer = types.SimpleNamespace(config=ml_collections.ConfigDict(dict(data=data_cfg)))   # a run without the key
     with fake_gcs(tmp_path / 'bucket'):
         monkeypatch.setattr(loop, 'load_split', lambda config, split: val_records)
         summary = loop.evaluate_params(trainer, None, 'gs://b/run/eval', log=lambda *a: None)

@@ -87,3 +87,8 @@ TABLE_FIELDS = {
                           'rotation', 'num_lidar_pts', 'num_radar_pts', 'prev', 'next'),
     'map': ('token', 'log_tokens', 'filename'),
 }
+
+
+# ``meta`` of a nuScenes results file (the submission format): which inputs a method used. A camera-only method
+# without external data; configs set ``config.submission`` from it (the original configs' ``input_modality``).
+SUBMISSION_META = dict(use_camera=True, use_lidar=False, use_radar=False, use_map=False, use_external=False)

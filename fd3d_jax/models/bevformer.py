@@ -53,6 +53,16 @@ class ImageFeatures(nn.Module):
         return [f.reshape((batch, num_cams) + f.shape[1:]) for f in feats]
 
 
+def original_can_bus(can_bus):
+    """can_bus (..., 18) as the original's data code makes it: the ego->global quaternion slots ``[3:7]``
+    (w, x, y, z) all hold w. ``CustomNuScenesDataset.get_data_info`` assigns a pyquaternion ``Quaternion`` to
+    the numpy slice ``can_bus[3:7]``; numpy converts it with ``float()``, its scalar part, and broadcasts it.
+    The released BEVFormer checkpoints were trained and evaluated on that; the records keep the true
+    quaternion, and ``model.reproduce_can_bus_bug`` applies this in the model (tests/models: against the
+    original statement run with pyquaternion on a nuScenes ego pose)."""
+    return can_bus.at[..., 4:7].set(jnp.broadcast_to(can_bus[..., 3:4], can_bus[..., 4:7].shape))
+
+
 class BEVFormer(Detector):
     """BEVFormer (``Detector``): a BEV of ``bev_h`` x ``bev_w`` cells carried between frames."""
     has_bev: ClassVar[bool] = True
@@ -79,6 +89,7 @@ class BEVFormer(Detector):
     use_can_bus: bool = True
     use_cams_embeds: bool = True
     reproduce_shift_bug: bool = False
+    reproduce_can_bus_bug: bool = False   # can_bus[3:7] = [w, w, w, w] (``original_can_bus``)
     tsa_batch_bug: bool = False
     sca_batch0_hits: bool = False
     sca_max_cameras: int = 0              # spatial cross-attention: K camera slots per BEV query (0: all, dense)
@@ -169,6 +180,8 @@ class BEVFormer(Detector):
         if self.prev_bev_batch0:   # the original: ``if not img_metas[0]['prev_bev_exists']: prev_bev = None``
             prev_exists = jnp.broadcast_to(prev_exists[:1], prev_exists.shape)
         bev_query = jnp.broadcast_to(self.bev_embedding[None].astype(dtype), (batch,) + self.bev_embedding.shape)
+        if self.reproduce_can_bus_bug:
+            can_bus = original_can_bus(can_bus)
         can = self.can_bus_norm(nn.relu(self.can_bus_fc1(nn.relu(self.can_bus_fc0(can_bus.astype(dtype))))))
         bev_query = bev_query + can[:, None, :] * float(self.use_can_bus)
         flat, shapes = self.flatten_feats(feats)

@@ -480,7 +480,9 @@ def evaluate_params(trainer, params, out_dir, log=print):
         return None
     with storage.local_folder(out_dir) as local_out:   # the devkit writes local files; copied to a URL after
         path = os.path.join(local_out, 'results.json')
-        nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections), path)
+        meta = config.get('submission')   # None in the config.json of a run older than the key
+        meta = None if meta is None else meta.to_dict()
+        nuscenes_metrics.write_results(nuscenes_metrics.results_json(val, detections, meta), path)
         annotated = nuscenes_metrics.has_annotations(val)
         if annotated:
             summary = nuscenes_metrics.run_detection_eval(path, data_cfg.dataroot, data_cfg.version,
