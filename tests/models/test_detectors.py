@@ -7,6 +7,7 @@ import pytest
 
 from fd3d_jax.detection import losses
 from fd3d_jax.models import box_coder, detr3d
+from fd3d_jax.models.bevformer import original_can_bus
 from fd3d_jax.models.decoder import SelfAttention
 from fd3d_jax.models import build
 from fd3d_jax.models.inputs import dummy_batch
@@ -169,6 +170,51 @@ def test_prev_bev_batch0_quirk(toy_models):
     all_off[:, -1] = False
     np.testing.assert_allclose(np.asarray(bev(quirk, dict(batch, prev_bev_exists=own_0_off)))[1],
                                np.asarray(bev(model, dict(batch, prev_bev_exists=all_off)))[1], rtol=1e-5, atol=1e-5)
+
+
+# An ego pose of nuScenes v1.0-mini (ego_pose 37091c75b9704e0daa829ba56dfa0906: RADAR_FRONT of the first sample
+# of scene-0061), as the devkit's schema documentation lists it.
+MINI_EGO_ROTATION = (0.5721129977125774, -0.0014962022442161157, 0.011922678049447764, -0.8200867813684729)
+MINI_EGO_TRANSLATION = (411.25243634487725, 1180.7511754315697, 0.0)
+
+
+def official_can_bus_slots(rotation, translation):
+    """can_bus[0:7] as the original's ``CustomNuScenesDataset.get_data_info`` fills it, run literally: a
+    pyquaternion ``Quaternion`` assigned to a numpy slice."""
+    from pyquaternion import Quaternion   # the devkit's dependency
+    can_bus = np.zeros(18)
+    can_bus[:3] = translation
+    can_bus[3:7] = Quaternion(rotation)
+    return can_bus[:7]
+
+
+@pytest.mark.parametrize('sign', [1.0, -1.0])   # -q: the same rotation, the sign a table may hold
+def test_reproduce_can_bus_bug_feeds_what_the_original_fed(sign, toy_models):
+    """The records hold the table's quaternion in can_bus[3:7]; ``original_can_bus`` turns it into the original's
+    [w, w, w, w] (checked against the original statement on a real pose), and ``model.reproduce_can_bus_bug``
+    makes the model see exactly that: its BEV equals the plain model's on the [w, w, w, w] input and differs from
+    it on the true quaternion (the can_bus MLP is added to every BEV query)."""
+    rotation = sign * np.asarray(MINI_EGO_ROTATION)
+    official = official_can_bus_slots(rotation, MINI_EGO_TRANSLATION)
+    assert np.allclose(official[3:7], rotation[0])   # numpy broadcasts float(q) = w
+    record_vector = np.zeros(18)
+    record_vector[:3], record_vector[3:7] = MINI_EGO_TRANSLATION, rotation
+    fed = np.asarray(original_can_bus(jnp.asarray(record_vector, jnp.float32)))
+    np.testing.assert_array_equal(fed[:7], official.astype(np.float32))
+    np.testing.assert_array_equal(fed[7:], record_vector[7:])
+
+    config, model, params, batch = toy_models['bevformer_tiny']
+    quirk_config = config.model.copy_and_resolve_references()
+    quirk_config.reproduce_can_bus_bug = True
+    quirk = build(quirk_config)
+    true_quaternion = np.array(batch['can_bus'])
+    true_quaternion[..., 3:7] = rotation
+    as_original = true_quaternion.copy()
+    as_original[..., 3:7] = rotation[0]
+    bev = lambda mdl, can_bus: np.asarray(jax.jit(lambda p, b: mdl.apply({'params': p}, b)['bev'])(  # noqa: E731
+        params, dict(batch, can_bus=can_bus)))
+    np.testing.assert_array_equal(bev(quirk, true_quaternion), bev(model, as_original))
+    assert not np.allclose(bev(model, true_quaternion), bev(model, as_original), atol=1e-4)
 
 
 def test_decoder_self_attention_init_matches_packed_torch_xavier(toy_models):
