@@ -27,6 +27,7 @@ import time
 
 import matplotlib
 import numpy as np
+import scipy.stats
 
 from experiments.benchmark import REPO, git_commit, load_config, machine_info
 from fd3d_jax.train import loop
@@ -299,25 +300,66 @@ def cell_identity(expert):
     return dict(code_hash=source_hash(), expert_hash=expert_hash(expert), commit=git_commit())
 
 
+# The decision rule, fixed before the runs (docs/experiments.md): a row and a baseline are compared by their
+# per-seed paired differences (same seed: same initialisation and batches); "separated" when the two-sided 95 %
+# t-interval of the mean difference excludes 0, "better" or "worse" by its sign; otherwise "tie".
+CONFIDENCE = 0.95
+RESOLUTION = 0.01   # the NDS difference whose seed count each comparison reports (``seeds_to_separate``)
+
+
+def t_quantile(seeds):
+    """The two-sided ``CONFIDENCE`` quantile of Student's t with ``seeds - 1`` degrees of freedom."""
+    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, seeds - 1))
+
+
+def seeds_to_separate(std, difference=RESOLUTION, most=1000):
+    """The fewest seeds whose interval half-width ``t(n - 1) * std / sqrt(n)`` is below ``difference``, for
+    paired differences of standard deviation ``std`` (None when ``std`` is 0 or more than ``most`` are needed)."""
+    if not std:
+        return None
+    return next((n for n in range(2, most + 1) if t_quantile(n) * std / np.sqrt(n) < difference), None)
+
+
+def compare(values):
+    """The rule on per-seed differences ``values`` (row minus baseline): mean, std, the 95 % t-interval, how many
+    are positive, the verdict ('better', 'worse', 'tie'; one seed: 'tie', no interval) and the seeds the observed
+    std needs to separate a ``RESOLUTION`` difference."""
+    diffs = np.asarray(values, np.float64)
+    mean, seeds = float(diffs.mean()), diffs.size
+    std = float(diffs.std(ddof=1)) if seeds > 1 else 0.0
+    out = dict(values=diffs.tolist(), mean=mean, std=std, seeds=seeds, positive=int((diffs > 0).sum()),
+               interval=None, verdict='tie', seeds_for_resolution=seeds_to_separate(std))
+    if seeds > 1:
+        half = t_quantile(seeds) * std / np.sqrt(seeds)
+        low, high = mean - half, mean + half
+        out['interval'] = [low, high]
+        out['verdict'] = 'better' if low > 0 else 'worse' if high < 0 else 'tie'
+    return out
+
+
 def paired_differences(rows, key='nds'):
-    """Per row: the per-seed differences of ``key`` against the head-only row and against the best baseline
-    (``BASELINES`` by mean, the row itself left out), with their mean and how many seeds are positive."""
+    """Per row, the rule (``compare``) on its per-seed ``key`` differences against every baseline of the table
+    (``BASELINES``, the row itself left out), keyed by the baseline's key, and against the best baseline by mean
+    (``best_baseline``); each entry names its baseline in ``against``."""
     by_key = {r['key']: r for r in rows}
     baselines = [by_key[k] for k in BASELINES if k in by_key]
     out = {}
     for row in rows:
-        diffs = {}
-        if 'head' in by_key and row['key'] != 'head':
-            diffs['head'] = by_key['head']
         others = [b for b in baselines if b['key'] != row['key']]
+        against = {b['key']: b for b in others}
         if others:
-            diffs['best_baseline'] = max(others, key=lambda b: b[key]['mean'])
-        out[row['key']] = {}
-        for name, other in diffs.items():
-            values = [a - b for a, b in zip(row[key]['values'], other[key]['values'])]
-            out[row['key']][name] = dict(against=other['key'], values=values, mean=float(np.mean(values)),
-                                         positive=int(sum(v > 0 for v in values)), seeds=len(values))
+            against['best_baseline'] = max(others, key=lambda b: b[key]['mean'])
+        out[row['key']] = {
+            name: dict(compare([a - b for a, b in zip(row[key]['values'], other[key]['values'])]),
+                       against=other['key'])
+            for name, other in against.items()}
     return out
+
+
+def verdict_text(diff):
+    """'+0.0123 [-0.0040, +0.0286] 5/8 > 0: tie' (the interval only with two seeds or more)."""
+    interval = ' [{:+.4f}, {:+.4f}]'.format(*diff['interval']) if diff.get('interval') else ''
+    return f"{diff['mean']:+.4f}{interval} {diff['positive']}/{diff['seeds']} > 0: {diff.get('verdict', 'tie')}"
 
 
 def _stats(values):
@@ -343,7 +385,7 @@ def _pm(stats):
 def markdown(result):
     lines = [f"**{result['title']}** — {result['steps']} steps, seeds {result['seeds']}, "
              f"{result['dataset']} ({result['machine']})", '',
-             '| row | NDS | mAP | ΔNDS | ΔmAP | min/run | ΔNDS vs head only, per seed | ΔNDS vs best baseline, per seed |',
+             '| row | NDS | mAP | ΔNDS | ΔmAP | min/run | ΔNDS vs head only, paired | ΔNDS vs best baseline, paired |',
              '|---|---|---|---|---|---|---|---|']
     e = result['expert']
     if e:
@@ -353,13 +395,13 @@ def markdown(result):
     if e:
         lines.append(f"| expert on the distillation input | {e['nds']:.4f} | {e['map']:.4f} | | | | | |")
     base = result['rows'][0]
-    paired = result.get('paired') or paired_differences(result['rows'])
+    paired = paired_differences(result['rows'])   # recomputed: result files written before the rule have none
 
     def per_seed(diff):
         if not diff:
             return ''
         values = ' / '.join(f'{v:+.4f}' for v in diff['values'])
-        return f"{diff['mean']:+.4f} ({values}; {diff['positive']}/{diff['seeds']} > 0; vs {diff['against']})"
+        return f"{verdict_text(diff)} ({values}; vs {diff['against']})"
 
     for r in result['rows']:
         dn, dm = r['nds']['mean'] - base['nds']['mean'], r['map']['mean'] - base['map']['mean']
@@ -368,6 +410,7 @@ def markdown(result):
         diffs = paired.get(r['key'], {})
         lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} | "
                      f"{per_seed(diffs.get('head'))} | {per_seed(diffs.get('best_baseline'))} |")
+    lines += decisions(result['rows'], paired)
     identities = sorted({(c.get('code_hash', '')[:10], c.get('expert_hash', '')[:10], str(c.get('commit')))
                          for r in result['rows'] for c in r['cells']})
     lines += ['', 'Cells (code hash, expert hash, commit): ' + '; '.join(', '.join(i) for i in identities)]
@@ -375,6 +418,25 @@ def markdown(result):
     if sources:
         lines += ['', f"Some cells are the recorded runs of {', '.join(sources)} (same config, steps and expert)."]
     return '\n'.join(lines) + '\n'
+
+
+def decisions(rows, paired):
+    """Markdown lines: the rule's verdict for every row that is not a baseline against each baseline, and for
+    each baseline against head only (docs/experiments.md, "The decision rule")."""
+    baselines = [k for k in BASELINES if any(r['key'] == k for r in rows)]
+    lines = []
+    for row in rows:
+        against = baselines if row['key'] not in BASELINES else [k for k in ('head',) if k != row['key']]
+        for other in against:
+            diff = paired.get(row['key'], {}).get(other)
+            if diff and row['key'] != 'alone':
+                lines.append(f"| {row['key']} | {other} | {verdict_text(diff)} | "
+                             f"{diff['seeds_for_resolution'] or '–'} |")
+    if not lines:
+        return []
+    return ['', f'Decisions (ΔNDS per seed, paired; {CONFIDENCE:.0%} t-interval; separated when it excludes 0):', '',
+            f'| row | against | ΔNDS [interval] sign count: verdict | seeds for ±{RESOLUTION} at this spread |',
+            '|---|---|---|---|'] + lines
 
 
 def plot(result, path):

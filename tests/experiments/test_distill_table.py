@@ -6,6 +6,7 @@ import os
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 from tests.experiments import load_script
@@ -227,6 +228,44 @@ def test_paired_differences_per_seed_against_head_and_the_best_baseline():
     assert paired['fd3d']['best_baseline']['values'] == pytest.approx([0.05, 0.10, -0.10])
     assert paired['fitnet']['best_baseline']['against'] == 'mgd'                   # itself left out
     assert 'head' not in paired['head']
+
+
+def test_the_decision_rule_is_a_paired_t_interval_that_must_exclude_zero():
+    """The rule of docs/experiments.md: mean +- t(0.975, n-1) * std / sqrt(n) of the per-seed differences, with
+    t from a table (not from the code under test); separated only when the interval excludes 0."""
+    t_table = {2: 12.706, 3: 4.303, 8: 2.365}   # t(0.975, n - 1), a printed table
+    for seeds, quantile in t_table.items():
+        assert dt.t_quantile(seeds) == pytest.approx(quantile, abs=1e-3)
+    diffs = [0.02, 0.01, 0.03, -0.005, 0.015, 0.025, 0.01, 0.02]   # 7 of 8 positive
+    rule = dt.compare(diffs)
+    mean, std = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    half = 2.365 * std / np.sqrt(8)
+    assert rule['interval'] == pytest.approx([mean - half, mean + half], abs=1e-5)
+    assert rule['verdict'] == 'better' and rule['positive'] == 7 and rule['seeds'] == 8
+    assert dt.compare([-d for d in diffs])['verdict'] == 'worse'
+    # the same mean with three times the spread, and a 3-seed version of it: ties
+    wide = [mean + 3 * (d - mean) for d in diffs]
+    assert dt.compare(wide)['verdict'] == 'tie' and dt.compare(wide)['interval'][0] < 0 < dt.compare(wide)['interval'][1]
+    assert dt.compare([0.02, 0.021, 0.019])['verdict'] == 'better' and dt.compare([0.02, -0.01, 0.03])['verdict'] == 'tie'
+    assert dt.compare([0.05])['verdict'] == 'tie' and dt.compare([0.05])['interval'] is None   # one seed: no rule
+    # seeds a spread needs to separate 0.01: std 0.02 -> t(n-1) * 0.02 / sqrt(n) < 0.01 first at n = 18
+    assert dt.seeds_to_separate(0.02) == 18
+    assert 2.110 * 0.02 / np.sqrt(18) < 0.01 <= 2.120 * 0.02 / np.sqrt(17)   # t(0.975, 17), t(0.975, 16)
+    assert dt.seeds_to_separate(0.0) is None
+
+
+def test_every_row_is_compared_with_every_baseline_in_the_markdown():
+    def row(key, values):
+        return dict(key=key, label=f'the {key} row', cells=[dict(wall_s=None)] * len(values),
+                    nds=dict(values=values, mean=float(np.mean(values)), std=float(np.std(values, ddof=1))),
+                    map=dict(values=values, mean=float(np.mean(values)), std=0.0))
+    rows = [row('alone', [0.0] * 3), row('head', [0.10, 0.20, 0.30]), row('fitnet', [0.15, 0.10, 0.50]),
+            row('fd3d', [0.20, 0.30, 0.40])]
+    text = dt.markdown(dict(title='t', steps=1, seeds=[0, 1, 2], dataset='d', machine='m', expert=None, rows=rows))
+    decided = [line for line in text.splitlines() if line.startswith('| fd3d | ')]
+    assert [line.split(' | ')[1] for line in decided] == ['head', 'fitnet']
+    assert decided[0].split(' | ')[2].startswith('+0.1000') and decided[0].split(' | ')[2].endswith(': better')
+    assert any(line.startswith('| fitnet | head | ') for line in text.splitlines())
 
 
 def test_tuning_splits_are_carved_from_the_training_scenes(tmp_path):
