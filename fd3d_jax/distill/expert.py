@@ -27,7 +27,7 @@ from fd3d_jax.errors import CheckpointError, ExpertError
 IGNORED_MODEL_KEYS = ('remat', 'repeated_blocks', 'grid_mask', 'max_num', 'dropout', 'sca_max_cameras', 'dtype')
 # Model keys added after experts were written, with the value that reproduces the code before them: a saved
 # config without the key was trained with that value.
-ADDED_MODEL_KEYS = {'prev_bev_batch0': False}
+ADDED_MODEL_KEYS = {'prev_bev_batch0': False, 'reproduce_can_bus_bug': False}
 
 
 def upsampled_lidar2img(lidar2img, upsample):

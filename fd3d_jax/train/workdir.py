@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from fd3d_jax import storage
+from fd3d_jax.distill.expert import ADDED_MODEL_KEYS
 from fd3d_jax.errors import ConfigError
 
 CONFIG_NAME = 'config.json'
@@ -20,7 +21,7 @@ CONFIG_NAME = 'config.json'
 # data keys say where the data lies, how fast it is read and which split is evaluated: a run on the same workdir
 # may change them.
 IDENTITY = ('model', 'expert.model', 'distill.method', 'data')
-DATA_FREE_KEYS = ('dataroot', 'records_dir', 'val_split', 'num_threads', 'num_workers', 'prefetch',
+DATA_FREE_KEYS = ('dataroot', 'records_dir', 'can_bus_root', 'val_split', 'num_threads', 'num_workers', 'prefetch',
                   'device_prefetch', 'skip_bad_samples', 'device_normalize')
 # What an evaluation may change besides: the table version and training split (the test set is another version).
 EVAL_FREE_KEYS = ('version', 'train_split')
@@ -75,11 +76,19 @@ def _identity(config_json, free_data_keys):
             if key not in free and any(key == root or key.startswith(root + '.') for root in IDENTITY)}
 
 
+# Identity keys added after workdirs were written, with the value that reproduces the code before them: a saved
+# config without the key ran with that value.
+ADDED_KEYS = {**{f'{section}.{key}': value for section in ('model', 'expert.model')
+                 for key, value in ADDED_MODEL_KEYS.items()},
+              'data.can_bus_from_poses': False}
+
+
 def identity_differences(saved, config, free_data_keys=DATA_FREE_KEYS):
     """Lines ``key: saved value -> this value`` for each identity key (``IDENTITY`` less ``free_data_keys``)
     where ``config`` differs from ``saved`` (a workdir's config); both ``ConfigDict``s or JSON dicts."""
     as_json = lambda c: json.loads(c.to_json_best_effort()) if hasattr(c, 'to_json_best_effort') else c  # noqa: E731
     before, now = _identity(as_json(saved), free_data_keys), _identity(as_json(config), free_data_keys)
+    before.update({key: value for key, value in ADDED_KEYS.items() if key not in before and key in now})
     missing = object()
     return [f'{key}: {before.get(key, missing)!r} -> {now.get(key, missing)!r}'.replace(repr(missing), '(absent)')
             for key in sorted(before.keys() | now.keys(), key=lambda k: (k not in NAMES, k))

@@ -120,3 +120,6 @@ def test_model_keys_added_later_take_the_value_of_the_code_before_them():
         'model.prev_bev_batch0: checkpoint False, config True']
     assert expert_lib._model_differences(saved, {'name': 'bevformer', 'embed_dims': 8, 'new_key': 1}) == [
         'model.new_key: checkpoint None, config 1']
+    assert expert_lib._model_differences(saved, {'name': 'bevformer', 'embed_dims': 8,
+                                                 'reproduce_can_bus_bug': True}) == [
+        'model.reproduce_can_bus_bug: checkpoint False, config True']   # an expert trained on the true quaternion

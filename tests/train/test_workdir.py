@@ -61,6 +61,18 @@ def test_identity_lists_the_differing_model_and_data_keys_names_first(tmp_path):
     workdir_lib.check_identity(other, tmp_path / 'new')   # no config.json: nothing to compare
 
 
+def test_a_workdir_written_before_a_key_existed_keeps_its_identity():
+    """A config.json without ``model.reproduce_can_bus_bug`` or ``data.can_bus_from_poses`` ran with the value that
+    reproduces the code before them (False): it resumes under today's config, not under one with them True."""
+    now = bevformer_tiny.get_config('toy')
+    older = json.loads(now.to_json_best_effort())
+    del older['model']['reproduce_can_bus_bug'], older['data']['can_bus_from_poses'], older['data']['can_bus_root']
+    assert workdir_lib.identity_differences(older, now) == []
+    now.model.reproduce_can_bus_bug = now.data.can_bus_from_poses = True
+    assert workdir_lib.identity_differences(older, now) == [
+        'data.can_bus_from_poses: False -> True', 'model.reproduce_can_bus_bug: False -> True']
+
+
 def test_workdir_config_reads_back_as_the_config_it_was(tmp_path):
     config = bevformer_tiny.get_config('toy')
     write_config(config, tmp_path)
