@@ -40,8 +40,9 @@ def main(argv):
     del argv
     cfg = FLAGS.config.data
     t = time.time()
-    train = records.get_records(cfg.dataroot, cfg.version, cfg.train_split)
-    val = records.get_records(cfg.dataroot, cfg.version, cfg.val_split)
+    where = dict(records_dir=cfg.records_dir, can_bus_root=cfg.can_bus_root, can_bus_from_poses=cfg.can_bus_from_poses)
+    train = records.get_records(cfg.dataroot, cfg.version, cfg.train_split, **where)
+    val = records.get_records(cfg.dataroot, cfg.version, cfg.val_split, **where)
     print(f'records: {len(train["samples"])} train / {len(val["samples"])} val samples ({time.time() - t:.1f} s)')
 
     t = time.time()

@@ -45,7 +45,8 @@ def main(argv):
     model = build(config.model)
     params = (load_params(FLAGS.apprentice) if FLAGS.apprentice
               else init_params(model, dummy_batch(config, 1, queue_length=1), config.seed))
-    val = records.get_records(d.dataroot, d.version, d.val_split, d.records_dir)
+    val = records.get_records(d.dataroot, d.version, d.val_split, d.records_dir, can_bus_root=d.can_bus_root,
+                              can_bus_from_poses=d.can_bus_from_poses)
     loader = pipeline.SampleLoader(val, d.dataroot, d, pipeline.bev_config(config.model),
                                    pipeline.bev_config(config.expert.model))
     batch = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], loader.eval(FLAGS.index))

@@ -1,5 +1,7 @@
-"""Shared fixtures: a small synthetic nuScenes-format set written once per test session."""
+"""Shared fixtures: a small synthetic nuScenes-format set written once per test session (its CAN bus expansion
+``can_bus/`` inside the dataroot, where ``records.resolve_can_bus`` finds it when nothing is beside it)."""
 import os
+import shutil
 
 import pytest
 
@@ -17,6 +19,18 @@ def synthetic_root(tmp_path_factory):
     info = generate(root, num_scenes=2, seed=0, image_wh=SYNTH_IMAGE_WH, verbose=False)
     assert info['version'] == 'v1.0-mini'
     return root
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_root, tmp_path):
+    """``copy(dest=None)``: a copy of the synthetic set to modify (``shutil.copytree``: tables, camera images,
+    ``can_bus/``, maps; not the LiDAR sweeps nor cached records) at ``dest`` (default ``<tmp_path>/set``)."""
+    def copy(dest=None):
+        dest = str(dest or tmp_path / 'set')
+        skipped = shutil.ignore_patterns('LIDAR_TOP', 'records_test', 'fd3d_records')
+        shutil.copytree(synthetic_root, dest, ignore=skipped)
+        return dest
+    return copy
 
 
 @pytest.fixture(scope='session')

@@ -39,7 +39,7 @@ def test_missing_images_and_tables_end_training_with_the_file_and_sample(data_cf
     shutil.copytree(os.path.join(data_cfg.dataroot, 'samples'), root / 'samples',
                     ignore=shutil.ignore_patterns('LIDAR_TOP', 'CAM_FRONT'))
     res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={root}',
-               f'--config.data.records_dir={tmp_path / "records"}')
+               f'--config.data.records_dir={tmp_path / "records"}', f'--config.data.can_bus_root={data_cfg.dataroot}')
     assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr[-3000:]
     assert f'error: image not found: {root}/samples/CAM_FRONT/' in res.stderr and '(sample ' in res.stderr
     assert not os.path.exists(tmp_path / 'run' / 'checkpoints') or not os.listdir(tmp_path / 'run' / 'checkpoints')

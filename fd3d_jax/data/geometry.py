@@ -158,18 +158,20 @@ def wrap_angle(angle):
     return (np.asarray(angle) + np.pi) % (2.0 * np.pi) - np.pi
 
 
-def can_bus_vector(ego2global, can_pose=None):
+def can_bus_vector(ego2global, can_pose=None, orientation=None):
     """The 18-d ``can_bus`` vector of BEVFormer's ``get_data_info`` (before temporal deltas).
 
     Layout: ``pos(3) | orientation(4) | accel(3) | rotation_rate(3) | vel(3) | yaw_rad | yaw_deg``.
-    ``pos``/``orientation`` are the ego->global translation and quaternion, yaw is mapped to
-    [0, 360) degrees and stored in radians and degrees. ``can_pose`` is the CAN-bus ``pose``
-    message (dict with accel, rotation_rate, vel; from the CAN-bus expansion, or derived from ego
-    poses); zeros when None.
+    ``pos`` is the ego->global translation; ``orientation`` the ego->global quaternion (w, x, y, z) as given
+    (the records pass the ego_pose row's ``rotation`` untouched, as ``get_data_info`` copies it: not renormalised,
+    its sign kept), or when None the quaternion of ``ego2global``'s rotation with w >= 0. Yaw (from the matrix,
+    so the same for q and -q) is mapped to [0, 360) degrees and stored in radians and degrees. ``can_pose`` is
+    the CAN-bus ``pose`` message (dict with accel, rotation_rate, vel; from the CAN-bus expansion, or derived
+    from ego poses); zeros when None.
     """
     out = np.zeros(18)
     out[0:3] = ego2global[:3, 3]
-    out[3:7] = matrix_to_quat(ego2global[:3, :3])
+    out[3:7] = matrix_to_quat(ego2global[:3, :3]) if orientation is None else np.asarray(orientation, np.float64)
     if can_pose is not None:
         out[7:10] = can_pose['accel']
         out[10:13] = can_pose['rotation_rate']

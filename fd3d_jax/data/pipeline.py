@@ -34,8 +34,9 @@ batches are the same, bit for bit, whatever the worker and thread counts.
 
 Bad input raises ``DataError`` naming the file, sample token or config key: missing or corrupt
 images, GT boxes with a non-finite centre/size/yaw or a non-positive size, more GT than
-``data.max_gt``, a split without GT when training with ``data.filter_empty_gt``. In training only,
-``data.skip_bad_samples`` turns a sample that fails to load into a logged warning and another draw.
+``data.max_gt`` (``check_max_gt``, when a dataset is made: before the first step), a split without GT when
+training with ``data.filter_empty_gt``. In training only, ``data.skip_bad_samples`` turns a sample that fails
+to load into a logged warning and another draw.
 """
 import os
 import signal
@@ -163,22 +164,49 @@ def check_boxes(boxes, sample_token):
                         f'size): (x, y, z, w, l, h, yaw) = {boxes[index].tolist()}')
 
 
-def ground_truth(record, cfg):
-    """Filtered and padded GT of one record: boxes (G, 9), labels (G,), mask (G,). Boxes whose centre
-    is outside ``cfg.point_cloud_range`` in BEV are dropped; invalid boxes raise (``check_boxes``)."""
-    boxes = np.asarray(record['gt_boxes'], np.float64).reshape(-1, 7)
-    check_boxes(boxes, record['token'])
-    vel = np.asarray(record['gt_velocity'], np.float64).reshape(-1, 2)
-    names = list(record['gt_names'])
-    keep = np.array([n in cfg.class_names for n in names], bool).reshape(-1)
+def gt_keep(record, cfg, boxes):
+    """(N,) bool: which of a record's N GT boxes (N, 7) the pipeline keeps: a class of ``cfg.class_names``, the
+    ``valid_flag`` with ``cfg.use_valid_flag``, and the centre inside ``cfg.point_cloud_range`` in BEV (a
+    non-finite centre is outside)."""
+    keep = np.array([n in cfg.class_names for n in record['gt_names']], bool).reshape(-1)
     if cfg.use_valid_flag:
         keep &= np.asarray(record['valid_flag'], bool).reshape(-1)
     x0, y0, _, x1, y1, _ = cfg.point_cloud_range
     keep &= (boxes[:, 0] > x0) & (boxes[:, 1] > y0) & (boxes[:, 0] < x1) & (boxes[:, 1] < y1)
-    idx = np.flatnonzero(keep)
+    return keep
+
+
+def _too_many_gt(token, count, cfg):
+    return DataConfigError(f'sample {token} has {count} GT boxes after filtering, more than '
+                           f'config data.max_gt={cfg.max_gt}; raise data.max_gt')
+
+
+def check_max_gt(records, cfg):
+    """A DataConfigError naming the first sample of ``records`` with more GT after ``gt_keep``'s filtering than
+    ``cfg.max_gt`` (its token, its count, ``data.max_gt`` and the split's largest count), before any batch is read:
+    ``ground_truth`` would raise it mid-epoch, and ``data.skip_bad_samples`` never skips it."""
+    counts = []
+    for rec in records['samples']:
+        boxes = np.asarray(rec['gt_boxes'], np.float64).reshape(-1, 7)
+        counts.append(int(gt_keep(rec, cfg, boxes).sum()))   # an invalid box is ``check_boxes``'s, when read
+    over = [index for index, count in enumerate(counts) if count > cfg.max_gt]
+    if over:
+        first = records['samples'][over[0]]['token']
+        error = _too_many_gt(first, counts[over[0]], cfg)
+        raise DataConfigError(f"{error} ({len(over)} of the {len(counts)} samples of split "
+                              f"'{records.get('split', '?')}' exceed it; the most GT of one sample: {max(counts)})")
+
+
+def ground_truth(record, cfg):
+    """Filtered (``gt_keep``) and padded GT of one record: boxes (G, 9), labels (G,), mask (G,); invalid boxes
+    raise (``check_boxes``)."""
+    boxes = np.asarray(record['gt_boxes'], np.float64).reshape(-1, 7)
+    check_boxes(boxes, record['token'])
+    vel = np.asarray(record['gt_velocity'], np.float64).reshape(-1, 2)
+    names = list(record['gt_names'])
+    idx = np.flatnonzero(gt_keep(record, cfg, boxes))
     if len(idx) > cfg.max_gt:
-        raise DataConfigError(f"sample {record['token']} has {len(idx)} GT boxes after filtering, more than "
-                        f'config data.max_gt={cfg.max_gt}; raise data.max_gt')
+        raise _too_many_gt(record['token'], len(idx), cfg)
     out = np.zeros((cfg.max_gt, 9), np.float32)
     labels = np.full((cfg.max_gt,), -1, np.int32)
     out[:len(idx), :7] = boxes[idx]
@@ -414,6 +442,7 @@ def train_dataset(records, dataroot, cfg, batch_size, seed, shard_index=0, shard
     with ``get_state``/``set_state``/``close`` (``BatchIterator``).
     ``expert_bev``: also the BEV alignment of a distillation expert's grid (``expert_bev_*`` keys).
     """
+    check_max_gt(records, cfg)
     loader = SampleLoader(records, dataroot, cfg, bev, expert_bev)
     ds = grain.MapDataset.range(len(records['samples'])).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(lambda i, rng: loader.train(i, rng), seed=seed)
@@ -439,6 +468,7 @@ def eval_streams(records, num_streams):
 def eval_dataset(records, dataroot, cfg, batch_size, shard_index=0, shard_count=1, bev=None):
     """Batched evaluation data: batch element j of step t is frame t of stream j of this shard;
     all shards get the same number of steps, padding has ``valid=False``."""
+    check_max_gt(records, cfg)
     loader = SampleLoader(records, dataroot, cfg, bev)
     streams = eval_streams(records, batch_size * shard_count)
     steps = max(len(s) for s in streams)

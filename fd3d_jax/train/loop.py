@@ -39,7 +39,9 @@ INIT_IMAGE_WH = (320, 180)  # camera image size of the dummy batch that initiali
 
 def load_split(config, split):
     data_cfg = config.data
-    return records.get_records(data_cfg.dataroot, data_cfg.version, split, data_cfg.records_dir)
+    return records.get_records(data_cfg.dataroot, data_cfg.version, split, data_cfg.records_dir,
+                               can_bus_root=data_cfg.get('can_bus_root', ''),   # a workdir's older config lacks them
+                               can_bus_from_poses=data_cfg.get('can_bus_from_poses', False))
 
 
 def steps_per_epoch(config, num_samples):

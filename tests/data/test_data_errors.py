@@ -11,7 +11,7 @@ import pytest
 
 from fd3d_jax.data import pipeline
 from fd3d_jax.data import records as records_lib
-from fd3d_jax.errors import DataError, RecordsError
+from fd3d_jax.errors import DataConfigError, DataError, RecordsError
 from tests.data.tables import VERSION, copy_images, copy_set, edit_table, set_splits
 from tests.data.test_pipeline import data_config_copy
 from tests.test_cli import _assert_ended_cleanly, _run
@@ -57,7 +57,7 @@ def test_a_broken_table_is_named_when_the_records_are_built(fault, synthetic_roo
     else:
         breaking(path)
     with pytest.raises(RecordsError) as caught:
-        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'))
+        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'), synthetic_root)
     assert re.fullmatch(re.escape(path) + ': ' + message.format(token=token) + '.*', str(caught.value)), caught.value
     assert '\n' not in str(caught.value)
 
@@ -65,11 +65,11 @@ def test_a_broken_table_is_named_when_the_records_are_built(fault, synthetic_roo
 def test_a_table_removed_after_the_records_were_cached_is_named(synthetic_root, tmp_path):
     """The cached records' freshness check reads the tables' sizes: a missing one is named there too."""
     root = copy_set(synthetic_root, tmp_path / 'set')
-    records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'))
+    records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'), synthetic_root)
     path = os.path.join(root, VERSION, 'calibrated_sensor.json')
     os.remove(path)
     with pytest.raises(RecordsError, match=f'^{re.escape(path)}: no such file'):
-        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'))
+        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'), synthetic_root)
 
 
 def test_a_dangling_token_or_a_truncated_splits_file_is_named(synthetic_root, tmp_path):
@@ -82,13 +82,13 @@ def test_a_dangling_token_or_a_truncated_splits_file_is_named(synthetic_root, tm
     edit_table(root, 'sample_data', dangle)
     with pytest.raises(RecordsError, match=f"^{re.escape(os.path.join(root, VERSION))}: the nuScenes devkit cannot "
                                            r"load these tables \(KeyError: 'no-such-row'\)$"):
-        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'))
+        records_lib.get_records(root, VERSION, 'mini_train', str(tmp_path / 'records'), synthetic_root)
     root = copy_set(synthetic_root, tmp_path / 'set2')
     set_splits(root, {'mine': ['scene-0061']})
     _truncate(os.path.join(root, VERSION, 'splits.json'))
     with pytest.raises(RecordsError, match=f"^{re.escape(os.path.join(root, VERSION, 'splits.json'))}: cannot be "
                                            'read as JSON'):
-        records_lib.get_records(root, VERSION, 'mine', str(tmp_path / 'records'))
+        records_lib.get_records(root, VERSION, 'mine', str(tmp_path / 'records'), synthetic_root)
 
 
 def test_empty_truncated_or_unreadable_images_name_the_file_and_sample(train_records, data_cfg, tmp_path):
@@ -134,7 +134,7 @@ def test_training_on_a_set_without_a_table_ends_with_its_path(table, damage, mes
     path = os.path.join(root, VERSION, table)
     damage(path)
     res = _run('fd3d_jax.train', f'--workdir={tmp_path / "run"}', f'--config.data.dataroot={root}',
-               f'--config.data.records_dir={tmp_path / "records"}')
+               f'--config.data.records_dir={tmp_path / "records"}', f'--config.data.can_bus_root={data_cfg.dataroot}')
     line = _assert_ended_cleanly(res)
     assert line.startswith(f'error: {path}: {message}'), line
 
@@ -163,3 +163,25 @@ def test_training_on_an_empty_image_ends_with_its_file_and_sample_from_a_worker(
     assert found and tokens.get(found.group(1)) == found.group(2), line
     assert not os.path.exists(workdir / 'checkpoints') or not os.listdir(workdir / 'checkpoints')
     shutil.rmtree(root)
+
+
+def test_a_sample_over_max_gt_fails_when_the_dataset_is_made(train_records, data_cfg):
+    """``data.max_gt`` below a sample's GT count after the pipeline's filtering (class, valid flag, BEV range) is
+    a DataConfigError when the training or evaluation dataset is made, before any batch, also with
+    ``data.skip_bad_samples``; the count is the filtered one (the set's samples have more GT before it)."""
+    kept = [int(pipeline.ground_truth(rec, data_config_copy(data_cfg, max_gt=500))[2].sum())
+            for rec in train_records['samples']]
+    assert max(len(rec['gt_boxes']) for rec in train_records['samples']) > max(kept)
+    pipeline.train_dataset(train_records, data_cfg.dataroot, data_config_copy(data_cfg, max_gt=max(kept)), 2, 0)
+    limit = max(kept) - 5
+    first = next(index for index, count in enumerate(kept) if count > limit)
+    over = sum(count > limit for count in kept)
+    message = (f"^sample {train_records['samples'][first]['token']} has {kept[first]} GT boxes after filtering, more "
+               f'than config data.max_gt={limit}; raise data.max_gt \\({over} of the {len(kept)} samples of split '
+               f"'mini_train' exceed it; the most GT of one sample: {max(kept)}\\)$")
+    for skip in (False, True):
+        cfg = data_config_copy(data_cfg, max_gt=limit, skip_bad_samples=skip)
+        with pytest.raises(DataConfigError, match=message):
+            pipeline.train_dataset(train_records, data_cfg.dataroot, cfg, 2, 0)
+    with pytest.raises(DataConfigError, match=message):
+        pipeline.eval_dataset(train_records, data_cfg.dataroot, data_config_copy(data_cfg, max_gt=limit), 2)

@@ -226,7 +226,8 @@ def no_gt_set(synthetic_root, tmp_path_factory):
     drop_annotations(root, 'scene-0103')
     set_splits(root, {'both': ['scene-0061', 'scene-0103']})
     nusc = NuScenes('v1.0-mini', root, verbose=False)
-    return root, {split: records_lib.build_records(nusc, split) for split in ('mini_val', 'both')}
+    return root, {split: records_lib.build_records(nusc, split, can_bus_root=synthetic_root)
+                  for split in ('mini_val', 'both')}
 
 
 def test_scene_without_gt_is_resampled_in_training_and_evaluated(no_gt_set, data_cfg, tmp_path):

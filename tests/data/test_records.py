@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -64,16 +65,19 @@ def test_can_bus_from_the_can_bus_expansion(val_records, synthetic_root):
         assert cb[17] == pytest.approx(yaw) and cb[16] == pytest.approx(np.radians(yaw))
 
 
-def test_can_bus_from_ego_poses_without_expansion(synthetic_root, tmp_path, val_records):
-    """Without <dataroot>/can_bus the motion comes from ego-pose finite differences and matches
-    the simulated CAN bus within the difference error."""
+def test_can_bus_from_ego_poses_without_expansion(synthetic_root, tmp_path, val_records, capsys):
+    """``can_bus_from_poses=True`` (a set without the expansion): the motion comes from ego-pose finite differences
+    and matches the simulated CAN bus within the difference error; one line on stderr says so."""
     from nuscenes import NuScenes
     root = tmp_path / 'nocan'
     root.mkdir()
     for name in ('v1.0-mini', 'maps'):
         os.symlink(os.path.join(synthetic_root, name), root / name)
     nusc = NuScenes('v1.0-mini', str(root), verbose=False)
-    recs = records.build_records(nusc, 'mini_val')
+    recs = records.build_records(nusc, 'mini_val', can_bus_from_poses=True)
+    assert recs['can_bus_source'] == {'kind': 'ego_poses'}
+    lines = [line for line in capsys.readouterr().err.splitlines() if 'can_bus_from_poses' in line]
+    assert len(lines) == 1 and 'estimated from ego poses' in lines[0] and 'official checkpoints' in lines[0], lines
     for a, b in zip(recs['samples'][1:-1], val_records['samples'][1:-1]):
         np.testing.assert_allclose(a['can_bus'][13], b['can_bus'][13], atol=0.6)  # forward speed
         np.testing.assert_allclose(a['can_bus'][:7], b['can_bus'][:7])
@@ -90,7 +94,7 @@ def test_bad_inputs_give_clear_errors(nusc, val_records, tmp_path, synthetic_roo
         records.load_records(str(path), version='v1.0-trainval')
     bad = dict(val_records, format='mmdet3d-infos')
     records.save_records(bad, str(path))
-    with pytest.raises(records.RecordsError, match=f'{path} is not a fd3d_jax.records/1'):
+    with pytest.raises(records.RecordsError, match=f'{path} is not a {records.FORMAT}'):
         records.load_records(str(path))
     path.write_text('{not json')
     with pytest.raises(records.RecordsError, match='not valid JSON'):
@@ -102,7 +106,8 @@ def test_bad_inputs_give_clear_errors(nusc, val_records, tmp_path, synthetic_roo
 def test_custom_split_from_splits_json_and_stale_cache(synthetic_root, tmp_path):
     root = tmp_path / 'custom'
     shutil.copytree(os.path.join(synthetic_root, 'v1.0-mini'), root / 'v1.0-mini')
-    os.symlink(os.path.join(synthetic_root, 'maps'), root / 'maps')
+    for name in ('maps', 'samples', 'can_bus'):
+        os.symlink(os.path.join(synthetic_root, name), root / name)
     (root / 'v1.0-mini' / 'splits.json').write_text(json.dumps({'both': ['scene-0061', 'scene-0103']}))
     recs = records.get_records(str(root), 'v1.0-mini', 'both')
     assert {r['scene_name'] for r in recs['samples']} == {'scene-0061', 'scene-0103'}
@@ -147,7 +152,7 @@ def test_non_finite_calibration_or_pose_names_sample_table_and_row(case, nusc, s
     root = copy_set(synthetic_root, tmp_path / 'bad')
     edit_table(root, *_set_field(table, row, key, value))
     with pytest.raises(records.RecordsError, match=f'sample {chain[k]["token"]}: non-finite {key} in {table} {row}'):
-        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val', can_bus_root=synthetic_root)
 
 
 def test_samples_out_of_time_order_name_the_scene_and_samples(nusc, synthetic_root, tmp_path):
@@ -158,7 +163,7 @@ def test_samples_out_of_time_order_name_the_scene_and_samples(nusc, synthetic_ro
                                              else r for r in rows])
     with pytest.raises(records.RecordsError, match=f"scene scene-0103: sample {chain[2]['token']} .* does not come "
                        f"after the sample before it, {chain[1]['token']}"):
-        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+        records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val', can_bus_root=synthetic_root)
 
 
 def test_non_finite_can_bus_names_sample_and_message(nusc, synthetic_root, tmp_path):
@@ -204,7 +209,7 @@ def test_scene_without_annotations_builds_records(synthetic_root, tmp_path, val_
     from nuscenes import NuScenes
     root = copy_set(synthetic_root, tmp_path / 'noann')
     drop_annotations(root, 'scene-0103')
-    recs = records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val')
+    recs = records.build_records(NuScenes('v1.0-mini', root, verbose=False), 'mini_val', can_bus_root=synthetic_root)
     assert [r['token'] for r in recs['samples']] == [r['token'] for r in val_records['samples']]
     for rec in recs['samples']:
         assert rec['gt_boxes'] == [] and rec['gt_names'] == [] and rec['valid_flag'] == []
@@ -221,9 +226,99 @@ def test_scenes_without_samples_are_skipped_with_a_warning(synthetic_root, tmp_p
     edit_table(root, 'scene', add_empty_scene)
     set_splits(root, {'with_empty': ['scene-0999', 'scene-0103'], 'only_empty': ['scene-0999']})
     nusc = NuScenes('v1.0-mini', root, verbose=False)
-    recs = records.build_records(nusc, 'with_empty')
+    recs = records.build_records(nusc, 'with_empty', can_bus_root=synthetic_root)
     assert {r['scene_name'] for r in recs['samples']} == {'scene-0103'}
     err = capsys.readouterr().err
     assert "warning: scene scene-0999" in err and "of split 'with_empty' has no samples" in err and 'skipped' in err
     with pytest.raises(records.RecordsError, match="split 'only_empty' has no samples .*scene-0999"):
-        records.build_records(nusc, 'only_empty')
+        records.build_records(nusc, 'only_empty', can_bus_root=synthetic_root)
+
+
+def _spy_builds(monkeypatch):
+    """A list that gets the split of every ``records.build_records`` call."""
+    builds, real_build = [], records.build_records
+
+    def counting_build(nusc, split, *args, **kwargs):
+        builds.append(split)
+        return real_build(nusc, split, *args, **kwargs)
+    monkeypatch.setattr(records, 'build_records', counting_build)
+    return builds
+
+
+def _read_only(monkeypatch, folder):
+    """``os.access`` says nothing under ``folder`` can be written (chmod does not stop root, who may run the
+    tests)."""
+    real_access, folder = os.access, os.path.abspath(folder)
+
+    def access(path, mode, **kwargs):
+        inside = os.path.abspath(path) == folder or os.path.abspath(path).startswith(folder + os.sep)
+        return False if inside and mode & os.W_OK else real_access(path, mode, **kwargs)
+    monkeypatch.setattr(os, 'access', access)
+
+
+def test_records_of_a_read_only_dataroot_go_to_the_user_cache(synthetic_copy, tmp_path, monkeypatch, capsys):
+    """``records_dir`` '': ``<dataroot>/fd3d_records`` when fresh records are there or it can be written; else
+    ``${XDG_CACHE_HOME}/fd3d_jax/records/<basename>-<hash>``, said in one line."""
+    root = synthetic_copy()
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    builds = _spy_builds(monkeypatch)
+    records.get_records(root, 'v1.0-mini', 'mini_train')   # writable: in the dataroot, no note
+    assert os.path.exists(records.default_records_path(root, 'v1.0-mini', 'mini_train'))
+    assert builds == ['mini_train'] and 'cannot be written' not in capsys.readouterr().err
+    _read_only(monkeypatch, root)
+    records.get_records(root, 'v1.0-mini', 'mini_train')   # fresh records in the read-only dataroot: used
+    assert builds == ['mini_train'] and 'cannot be written' not in capsys.readouterr().err
+    val = records.get_records(root, 'v1.0-mini', 'mini_val')
+    cache = records.user_cache_dir(root)
+    assert cache.startswith(str(tmp_path / 'xdg' / 'fd3d_jax' / 'records' / 'set-'))
+    assert cache != records.user_cache_dir(str(tmp_path / 'another' / 'set'))
+    assert os.path.exists(os.path.join(cache, 'v1.0-mini_mini_val.json'))
+    assert not os.path.exists(records.default_records_path(root, 'v1.0-mini', 'mini_val'))
+    lines = [line for line in capsys.readouterr().err.splitlines() if 'cannot be written' in line]
+    assert lines == [f"note: {os.path.join(root, 'fd3d_records')} cannot be written (a read-only dataroot): records "
+                     f'cached in {cache} instead (config data.records_dir chooses the folder)']
+    assert records.get_records(root, 'v1.0-mini', 'mini_val') == val and builds == ['mini_train', 'mini_val']
+
+
+def test_an_unwritable_records_dir_fails_before_the_build(synthetic_root, tmp_path, monkeypatch, val_records):
+    """An explicit ``records_dir`` that cannot be written is an error naming ``data.records_dir`` before the
+    tables are read; one that holds fresh records is fine."""
+    folder = tmp_path / 'records'
+    folder.mkdir()
+    _read_only(monkeypatch, folder)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError('the tables were read')
+    monkeypatch.setattr(records, 'load_tables', no_build)
+    with pytest.raises(records.RecordsError) as caught:
+        records.get_records(synthetic_root, 'v1.0-mini', 'mini_val', str(folder))
+    assert str(caught.value).startswith(f'config data.records_dir={folder}: cannot be written')
+    records.save_records(val_records, records.default_records_path(synthetic_root, 'v1.0-mini', 'mini_val',
+                                                                   str(folder)))
+    assert records.get_records(synthetic_root, 'v1.0-mini', 'mini_val', str(folder)) == val_records
+
+
+def test_a_missing_image_fails_up_front(synthetic_copy, tmp_path, monkeypatch, val_records):
+    """Every camera image of the split must exist, when the records are built and when they are loaded from the
+    cache: the first missing one is named with its sample token, and how many are missing."""
+    root = synthetic_copy()
+    first, other = val_records['samples'][2], val_records['samples'][9]
+    gone = [os.path.join(root, first['cams'][4]['path']), os.path.join(root, other['cams'][0]['path'])]
+    for path in gone:
+        os.rename(path, path + '.away')
+    cache = str(tmp_path / 'records')
+    total = 6 * len(val_records['samples'])
+    expected = (f"image not found: {gone[0]} (sample {first['token']}); 2 of the {total} camera images of split "
+                f"'mini_val' are missing under {root}")
+    with pytest.raises(records.RecordsError) as caught:
+        records.get_records(root, 'v1.0-mini', 'mini_val', cache)
+    assert str(caught.value) == expected
+    builds = _spy_builds(monkeypatch)
+    for path in gone:
+        os.rename(path + '.away', path)
+    records.get_records(root, 'v1.0-mini', 'mini_val', cache)   # the records were cached all the same
+    os.remove(gone[1])
+    with pytest.raises(records.RecordsError, match=f"^image not found: {re.escape(gone[1])} \\(sample "
+                                                   f"{other['token']}\\); 1 of the {total} "):
+        records.get_records(root, 'v1.0-mini', 'mini_val', cache)
+    assert builds == []
