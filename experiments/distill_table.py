@@ -239,6 +239,38 @@ def expert_command(table, dataroot, expert, workdir, splits=None):
             *_config_args(dataroot, expert, splits, {})]
 
 
+def fingerprint_command(table, overrides, steps, dataroot, expert, splits=None):
+    """``experiments/cell_fingerprint.py`` on a row's command line (seed 0: the code's behaviour, not the seed's)."""
+    cmd = run_command(table, overrides, 0, steps, dataroot, expert, '', splits)
+    workdir = cmd.index('--workdir')
+    return [sys.executable, os.path.join(REPO, 'experiments', 'cell_fingerprint.py')] + cmd[3:workdir] + \
+        cmd[workdir + 2:]
+
+
+def behaviour(table, overrides, steps, dataroot, expert, splits, cache_dir, identity, log=print):
+    """The behaviour fingerprint (``experiments/cell_fingerprint.py``) of a row: what its cells' numbers depend
+    on. Computed once per code and expert (cached in ``cache_dir`` by their hashes and the command line)."""
+    cmd = fingerprint_command(table, overrides, steps, dataroot, expert, splits)
+    key = hashlib.sha256(json.dumps([identity['code_hash'], identity['expert_hash'], cmd[2:]]).encode()).hexdigest()
+    path = os.path.join(cache_dir, f'{key[:16]}.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)['behaviour']
+    os.makedirs(cache_dir, exist_ok=True)
+    log(f'  behaviour fingerprint: {" ".join(cmd[1:])}')
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines or not lines[-1].startswith('{"behaviour"'):
+        log_path = path[:-len('.json')] + '.log'
+        with open(log_path, 'w') as f:
+            f.write(done.stdout + done.stderr)
+        raise TableError(f'the behaviour fingerprint failed (exit {done.returncode}): see {log_path}')
+    result = dict(json.loads(lines[-1]), argv=cmd[1:], **identity)
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=1)
+    return result['behaviour']
+
+
 def run_logged(cmd, log_path, log=print):
     """Runs ``cmd`` with its output appended to ``log_path``; its progress lines (``step N/M  loss ...  ETA``)
     and its evaluation line are passed on to ``log`` as they come. Returns the exit status."""
@@ -411,9 +443,9 @@ def markdown(result):
         lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} | "
                      f"{per_seed(diffs.get('head'))} | {per_seed(diffs.get('best_baseline'))} |")
     lines += decisions(result['rows'], paired)
-    identities = sorted({(c.get('code_hash', '')[:10], c.get('expert_hash', '')[:10], str(c.get('commit')))
-                         for r in result['rows'] for c in r['cells']})
-    lines += ['', 'Cells (code hash, expert hash, commit): ' + '; '.join(', '.join(i) for i in identities)]
+    identities = sorted({(c.get('behaviour_hash', '')[:10], c.get('code_hash', '')[:10],
+                          c.get('expert_hash', '')[:10], str(c.get('commit'))) for r in result['rows'] for c in r['cells']})
+    lines += ['', 'Cells (behaviour hash, code hash, expert hash, commit): ' + '; '.join(', '.join(i) for i in identities)]
     sources = sorted({os.path.basename(c['reused_from']) for r in result['rows'] for c in r['cells'] if 'reused_from' in c})
     if sources:
         lines += ['', f"Some cells are the recorded runs of {', '.join(sources)} (same config, steps and expert)."]
@@ -460,9 +492,9 @@ def plot(result, path):
 
 
 def recorded_cells(paths, table, steps, expert):
-    """{(row key, seed, overrides, code hash, expert hash, splits): cell} from earlier result files of the same
+    """{(row key, seed, overrides, behaviour hash, expert hash, splits): cell} from earlier result files of the same
     table config, step count and expert (e.g. when their run folders are gone); each cell names the file it came
-    from. A cell stands in only for a run of the same code and expert parameters (``cell_identity``): cells
+    from. A cell stands in only for a run of the same behaviour (``behaviour``) and expert parameters: cells
     recorded without them are never reused."""
     cells = {}
     for path in paths or ():
@@ -473,8 +505,8 @@ def recorded_cells(paths, table, steps, expert):
                              f'{r["expert_path"]}), not {table["config"]}, {steps} steps, {expert}')
         for row in r['rows']:
             for seed, cell in zip(r['seeds'], row['cells']):
-                if 'code_hash' in cell and 'expert_hash' in cell:
-                    key = (row['key'], seed, json.dumps(row['overrides'], sort_keys=True), cell['code_hash'],
+                if 'behaviour_hash' in cell and 'expert_hash' in cell:
+                    key = (row['key'], seed, json.dumps(row['overrides'], sort_keys=True), cell['behaviour_hash'],
                            cell['expert_hash'], tuple(r.get('splits') or ()))
                     cells[key] = dict(cell, reused_from=path)
     return cells
@@ -490,23 +522,27 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
     runs at a time (a machine with many cores or an accelerator; each run's lines are prefixed with its cell)."""
     recorded = recorded_cells(reuse, table, steps, expert)
     identity = cell_identity(expert)
-    tag = f"{identity['code_hash'][:8]}_{identity['expert_hash'][:8]}" + (f'_{splits[1]}' if splits else '')
+    split_tag = f'_{splits[1]}' if splits else ''
+    tag = f"{identity['code_hash'][:8]}_{identity['expert_hash'][:8]}" + split_tag
     rows = [r for r in table['rows'] if not row_keys or r[0] in row_keys]
     if row_keys and len(rows) != len(row_keys):
         known = ', '.join(r[0] for r in table['rows'])
         raise TableError(f'unknown rows {sorted(set(row_keys) - {r[0] for r in rows})} (rows: {known})')
+    fingerprints = os.path.join(runs, table.get('folder', name), 'fingerprints')
 
     def cell(key, label, overrides, seed, cell_log):
-        workdir = os.path.join(runs, table.get('folder', name), key, f'steps{steps}_seed{seed}_{tag}')
         cell_log(f'{name}: {label}, seed {seed}')
-        old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True), identity['code_hash'],
-                            identity['expert_hash'], tuple(splits or ())))
+        found = behaviour(table, overrides, steps, dataroot, expert, splits, fingerprints, identity, cell_log)
+        workdir = os.path.join(runs, table.get('folder', name), key,
+                               f"steps{steps}_seed{seed}_b{found[:8]}_{identity['expert_hash'][:8]}{split_tag}")
+        old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True), found, identity['expert_hash'],
+                            tuple(splits or ())))
         if old and not os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json')):
             cell_log(f'  recorded in {old["reused_from"]}')
             done = old
         else:
             command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
-            done = run_cell(command, workdir, identity, cell_log)
+            done = run_cell(command, workdir, dict(identity, behaviour_hash=found), cell_log)
         cell_log(f'  NDS {done["nds"]:.4f}  mAP {done["map"]:.4f}')
         return done
 

@@ -39,6 +39,19 @@ with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
     json.dump(dict(nd_score=0.1 * (seed + 1), mean_ap=0.05 * (seed + 1), tp_errors=dict(trans_err=1.0)), f)
 '''
 
+# Stands in for experiments/cell_fingerprint.py: prints the behaviour written in TMP/behaviour (default
+# 'a1b2c3d4e5f6') and counts its calls in TMP/fingerprints_run.
+FAKE_FINGERPRINT = '''
+import json, os, sys
+tmp = sys.argv[1]
+with open(os.path.join(tmp, 'fingerprints_run'), 'a') as f:
+    f.write('x')
+path = os.path.join(tmp, 'behaviour')
+found = open(path).read() if os.path.exists(path) else 'a1b2c3d4e5f6'
+print('a start-up line')
+print(json.dumps(dict(behaviour=found, loss=[1.0])))
+'''
+
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
@@ -58,6 +71,15 @@ def fake(tmp_path, monkeypatch):
         assert cmd[1:4] == ['-m', 'fd3d_jax.eval', '--expert']
         return [sys.executable, str(script)] + cmd[4:]
     monkeypatch.setattr(dt, 'expert_command', expert_command)
+    fingerprint = tmp_path / 'fake_fingerprint.py'
+    fingerprint.write_text(FAKE_FINGERPRINT)
+    real_fingerprint = dt.fingerprint_command
+
+    def fingerprint_command(*args):
+        cmd = real_fingerprint(*args)
+        assert cmd[1].endswith('cell_fingerprint.py') and '--workdir' not in cmd and '--config.seed=0' in cmd
+        return [sys.executable, str(fingerprint), str(tmp_path)] + cmd[2:]
+    monkeypatch.setattr(dt, 'fingerprint_command', fingerprint_command)
     root = tmp_path / 'data'
     (root / 'v1.0-mini').mkdir(parents=True)
     expert = tmp_path / 'expert'
@@ -197,23 +219,33 @@ def test_recorded_cells_stand_in_for_missing_runs_of_the_same_table(fake):
         dt.run_table('x', _table(rows), [0], 8, root, expert, str(tmp / 'runs'), str(tmp / 'out'), reuse=[old], **quiet)
 
 
-def test_cells_are_reused_only_for_the_same_code_and_expert(fake, monkeypatch):
+def test_cells_are_reused_for_the_same_behaviour_and_expert_only(fake, monkeypatch):
     tmp, root, expert = fake
     rows = [('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
     quiet = dict(log=lambda *a: None)
     first = dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
     cell = first['rows'][0]['cells'][0]
     assert cell['code_hash'] == dt.source_hash() and cell['expert_hash'] == dt.expert_hash(expert)
-    assert 'code hash, expert hash, commit' in (tmp / 'out' / 't.md').read_text()
+    assert cell['behaviour_hash'] == 'a1b2c3d4e5f6'
+    assert 'behaviour hash, code hash, expert hash, commit' in (tmp / 'out' / 't.md').read_text()
+    fingerprinted = (tmp / 'fingerprints_run').read_text()
+    dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
+    assert (tmp / 'fingerprints_run').read_text() == fingerprinted   # cached for the same code and expert
+    monkeypatch.setattr(dt, 'source_hash', lambda: 'another code')     # a refactor: fingerprinted again ...
+    dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
+    assert len((tmp / 'fingerprints_run').read_text()) == len(fingerprinted) + 1
+    assert len(glob.glob(str(tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed0_*'))) == 1   # ... same behaviour: reused
+    assert (_cell(tmp / 'runs', 't', 'fd3d', 'steps7_seed0') / 'calls').read_text() == 'x'
+    (tmp / 'behaviour').write_text('f6e5d4c3b2a1')                        # a change of behaviour: a new cell
+    monkeypatch.setattr(dt, 'source_hash', lambda: 'third code')
+    dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
+    assert len(glob.glob(str(tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed0_*'))) == 2   # not the old run's numbers
     recorded = str(tmp / 'out' / 't.json')
     (pathlib.Path(expert) / 'params' / 'weights').write_bytes(b'retrained expert')   # the expert changed
     second = dt.run_table('t2', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
                           reuse=[recorded], **quiet)
     assert 'reused_from' not in second['rows'][0]['cells'][0]
-    assert len(glob.glob(str(tmp / 'runs' / 't*' / 'fd3d' / 'steps7_seed0_*'))) == 2   # another folder, both kept
-    monkeypatch.setattr(dt, 'source_hash', lambda: 'another code')
-    dt.run_table('t', _table(rows), [0], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'), **quiet)
-    assert len(glob.glob(str(tmp / 'runs' / 't' / 'fd3d' / 'steps7_seed0_*'))) == 2   # not the old run's numbers
+    assert (_cell(tmp / 'runs', 't2', 'fd3d', 'steps7_seed0') / 'calls').read_text() == 'x'
 
 
 def test_paired_differences_per_seed_against_head_and_the_best_baseline():
