@@ -30,7 +30,6 @@ from fd3d_jax.data import pipeline
 from fd3d_jax.distill import build_distillation
 from fd3d_jax.train import loop, mesh as mesh_lib, optim
 
-config_flags.DEFINE_config_file('config', None, 'the cell\'s distillation pair config')
 STEPS = 3
 EVAL_SAMPLES = 2
 
@@ -87,5 +86,6 @@ def main(argv):
     print(json.dumps(dict(behaviour=behaviour_hash(values), loss=loss)), flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':   # flags defined here: the tests import this file beside other tools' --config
+    config_flags.DEFINE_config_file('config', None, 'the cell\'s distillation pair config')
     app.run(main, argv=sys.argv, flags_parser=parse_flags)

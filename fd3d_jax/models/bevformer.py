@@ -60,6 +60,7 @@ def original_can_bus(can_bus):
     The released BEVFormer checkpoints were trained and evaluated on that; the records keep the true
     quaternion, and ``model.reproduce_can_bus_bug`` applies this in the model (tests/models: against the
     original statement run with pyquaternion on a nuScenes ego pose)."""
+    can_bus = jnp.asarray(can_bus)
     return can_bus.at[..., 4:7].set(jnp.broadcast_to(can_bus[..., 3:4], can_bus[..., 4:7].shape))
 
 
