@@ -43,17 +43,6 @@ PAIR_SECTIONS = ('expert', 'distill')   # a distillation pair's config: params['
 OWN_CONFIG = os.path.abspath(workdir_lib.__file__)   # ``--config=OWN_CONFIG:DIR`` is DIR/config.json
 
 
-def _flag_value(argv, name):
-    """The value of the last ``--name=V`` / ``--name V`` of ``argv``, or None."""
-    value = None
-    for index, arg in enumerate(argv[1:], 1):
-        if arg.startswith(f'--{name}='):
-            value = arg.split('=', 1)[1]
-        elif arg == f'--{name}' and index + 1 < len(argv):
-            value = argv[index + 1]
-    return value
-
-
 def _converted_with(params_dir):
     """The ``--config`` that ``fd3d_jax.convert`` converted ``params_dir`` with (its ``conversion.json``), or None
     (no report, or one that cannot be read: the name is only a hint in an error message)."""
@@ -71,10 +60,11 @@ def config_argv(argv):
     ``config.json`` (``--config=fd3d_jax/train/workdir.py:DIR``; an exported folder), or raises ``ConfigError``
     asking for ``--config`` (a converted folder has none); ``--workdir W`` takes W's (``default_config_argv``).
     ``--params`` beside ``--workdir`` is left for ``main`` to refuse."""
-    params_dir = _flag_value(argv, 'params')
+    params_dir = workdir_lib.flag_value(argv, 'params')
     if params_dir is None:
         return default_config_argv(argv)
-    if any(arg == '--config' or arg.startswith('--config=') for arg in argv) or _flag_value(argv, 'workdir'):
+    named_config = any(arg == '--config' or arg.startswith('--config=') for arg in argv)
+    if named_config or workdir_lib.flag_value(argv, 'workdir'):
         return argv
     if not (storage.as_path(params_dir) / workdir_lib.CONFIG_NAME).exists():
         converted = _converted_with(params_dir)

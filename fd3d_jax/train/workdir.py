@@ -114,18 +114,24 @@ def check_identity(config, workdir, action='resume'):
                       + f'\nuse a new --workdir, or omit --config to {action} with the workdir\'s own config')
 
 
+def flag_value(argv, name):
+    """The value of the last ``--name=V`` / ``--name V`` of a command line ``argv`` (program name first), or None."""
+    value = None
+    for index, arg in enumerate(argv[1:], 1):
+        if arg.startswith(f'--{name}='):
+            value = arg.split('=', 1)[1]
+        elif arg == f'--{name}' and index + 1 < len(argv):
+            value = argv[index + 1]
+    return value
+
+
 def default_config_argv(argv):
     """``argv`` with ``--config=<this file>:W`` added when it names ``--workdir W`` (``--workdir=W`` or
     ``--workdir W``) but no ``--config``: a command on a workdir runs with the workdir's own config, and
     ``--config.a.b=v`` overrides apply on top of it. ``ConfigError`` when ``W/config.json`` does not exist."""
     if any(arg == '--config' or arg.startswith('--config=') for arg in argv):
         return argv
-    workdir = None
-    for index, arg in enumerate(argv):
-        if arg.startswith('--workdir='):
-            workdir = arg.split('=', 1)[1]
-        elif arg == '--workdir' and index + 1 < len(argv):
-            workdir = argv[index + 1]
+    workdir = flag_value(argv, 'workdir')
     if not workdir:
         return argv
     config_json = storage.as_path(workdir) / CONFIG_NAME
