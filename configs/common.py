@@ -260,8 +260,9 @@ def expert_config(expert):
     return e
 
 
-def distill_config(method='fd3d', expert_upsample=1):
-    """``config.distill``: the method and its switches. [R] = released fact (FocalDistiller codebase,
+def distill_config(method='fd3d', expert_upsample=1, expert_bev_channels=256):
+    """``config.distill``: the method and its switches (``expert_bev_channels``: the expert's BEV channels, which
+    convert the heatmap baseline's released weight to a per-element one). [R] = released fact (FocalDistiller codebase,
     MGD), [I] = reconstruction of the unreleased FD3D losses (docs/fd3d_reconstruction.md), each a switch.
     The weights of every method live here and are applied in one place (``fd3d_jax.distill.Distiller.loss``)."""
     d = ml_collections.ConfigDict()
@@ -297,7 +298,9 @@ def distill_config(method='fd3d', expert_upsample=1):
     d.mgd = ml_collections.ConfigDict(dict(weight=1.0, ratio=0.65))
     d.heatmap = ml_collections.ConfigDict(dict(                       # [R] the released baseline:
         cwd_tau=2.0, cwd_weight=0.25,     # CWD per (image, channel) as released
-        bev_weight=25.6,                  # the released 0.1 on a per-cell channel sum of 256 channels, per element
+        # the released 0.1 weights a per-cell sum over the expert's BEV channels: per element 0.1 x channels
+        # (25.6 at the released 256; 6.4 at :demo's 64)
+        bev_weight=0.1 * expert_bev_channels,
         grid_hw=(128, 128), min_overlap=0.1, min_radius=2))
     return d
 

@@ -13,5 +13,6 @@ def get_config(arg='full'):
     if arg == 'full':
         config.data.queue_length = 4
     config.expert = common.expert_config(bevformer_base.get_config(arg))
-    config.distill = common.distill_config('fd3d', expert_upsample=2)
+    config.distill = common.distill_config('fd3d', expert_upsample=2,
+                                            expert_bev_channels=config.expert.model.embed_dims)
     return common.toy_distill(config) if arg == 'toy' else config

@@ -19,7 +19,8 @@ def get_config(arg='full'):
         config.model.bev_h = config.model.bev_w = 16
         config.model.rotate_center = (8, 8)
     config.expert = common.expert_config(bevformer_base.get_config(arg))
-    config.distill = common.distill_config('fd3d', expert_upsample=2)
+    config.distill = common.distill_config('fd3d', expert_upsample=2,
+                                            expert_bev_channels=config.expert.model.embed_dims)
     if arg == 'demo':
         # from-scratch backbones with frozen BN have unbounded FPN scales (the demo expert's reach ~1e5:
         # generative PV loss 1.4e10 at step 150 without this): standardise both models' features

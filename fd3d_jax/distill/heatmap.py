@@ -1,7 +1,8 @@
 """The released FocalDistiller baseline (``HeatmapDistiller``): channel-wise distillation (CWD, tau 2, weight
 0.25) on the paired FPN levels and an L2 on the BEV masked by a class-agnostic CenterPoint Gaussian heatmap of
 the GT boxes (weight 0.1); the only distillation method with published numbers from the FD3D authors' code.
-Weights: ``config.distill.heatmap.cwd_weight`` and ``bev_weight``.
+Weights: ``config.distill.heatmap.cwd_weight`` and ``bev_weight`` (per element; the pair configs set it to the released
+0.1 times the expert's BEV channels, the released per-cell channel sum).
 
 Read in ``OpenDriveLab/Birds-eye-view-Perception@dd329bd`` (files added in 705b01f),
 ``nuScenes_playground/FocalDistiller/``:

@@ -1,4 +1,5 @@
 import functools
+import importlib
 import math
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fd3d_jax.distill import heatmap
+from fd3d_jax.distill import heatmap, losses
 
 PC = (-8.0, -6.0, -5.0, 8.0, 6.0, 3.0)  # 12 x 20 grid below: cells 0.8 m (x) by 1.0 m (y)
 GRID_HW = (12, 20)
@@ -113,3 +114,20 @@ def test_gt_heatmap_release_sizes_and_empty():
     zero = heatmap.gt_heatmap(jnp.zeros((2, 0, 9)), jnp.zeros((2, 0), bool), pc, (128, 128), (200, 200))
     assert zero.shape == (2, 200, 200) and not np.asarray(zero).any()
     np.testing.assert_array_equal(heatmap.nearest_indices(128, 200), (np.arange(200) * 128) // 200)
+
+
+@pytest.mark.parametrize('config_name', ['fd3d_bevformer_base_to_tiny:demo', 'fd3d_bevformer_base_to_tiny:toy',
+                                         'fd3d_bevformer_base_to_small:full'])
+def test_heatmap_bev_weight_is_the_released_strength_at_the_pairs_channels(config_name):
+    """The weighted BEV term equals the released ``0.1 * sum (M S - M T)^2 / sum M`` (a per-cell sum over the
+    expert's channels), whatever the pair's channel count: a weight converted at another count fails."""
+    name, arg = config_name.split(':')
+    config = importlib.import_module(f'configs.{name}').get_config(arg)
+    channels = config.expert.model.embed_dims
+    rng = np.random.default_rng(0)
+    apprentice, expert = (rng.standard_normal((2, 6, 5, channels)).astype(np.float32) for _ in range(2))
+    mask = rng.uniform(size=(2, 6, 5)).astype(np.float32) * (rng.uniform(size=(2, 6, 5)) > 0.4)
+    weight = heatmap.HeatmapDistiller.weights(config.distill)['heatmap_bev']
+    got = weight * float(losses.masked_l2_loss(apprentice, expert, mask))
+    released = 0.1 * np.sum((mask[..., None] * apprentice - mask[..., None] * expert) ** 2) / np.sum(mask)
+    np.testing.assert_allclose(got, released, rtol=1e-5)
