@@ -449,6 +449,10 @@ def markdown(result):
     sources = sorted({os.path.basename(c['reused_from']) for r in result['rows'] for c in r['cells'] if 'reused_from' in c})
     if sources:
         lines += ['', f"Some cells are the recorded runs of {', '.join(sources)} (same config, steps and expert)."]
+    twins = sorted({(r['key'], c['same_as'].split(os.sep)[1]) for r in result['rows'] for c in r['cells'] if 'same_as' in c})
+    if twins:
+        lines += ['', 'Cells that are the runs of another row of the same behaviour (equal overrides in effect): ' +
+                  '; '.join(f'{row} = {other}' for row, other in twins) + '.']
     return '\n'.join(lines) + '\n'
 
 
@@ -512,6 +516,15 @@ def recorded_cells(paths, table, steps, expert):
     return cells
 
 
+def finished_twin(workdir):
+    """A finished run folder of another row of the same table folder with this cell's name (same steps, seed,
+    behaviour, expert and split: the same numbers), or None."""
+    rows_dir, cell_name = os.path.dirname(os.path.dirname(workdir)), os.path.basename(workdir)
+    twins = sorted(glob.glob(os.path.join(rows_dir, '*', cell_name, 'eval', 'metrics_summary.json')))
+    twins = [os.path.dirname(os.path.dirname(t)) for t in twins]
+    return next((t for t in twins if os.path.exists(os.path.join(t, 'run.json'))), None)
+
+
 def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, reuse=(), log=print,
               splits=None, jobs=1):
     """Runs (or reuses) every row x seed in ``runs/<table folder>/<row>/steps<N>_seed<S>_<code>_<expert>[_<split>]``
@@ -537,9 +550,17 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
                                f"steps{steps}_seed{seed}_b{found[:8]}_{identity['expert_hash'][:8]}{split_tag}")
         old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True), found, identity['expert_hash'],
                             tuple(splits or ())))
-        if old and not os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json')):
+        finished = os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json'))
+        twin = None if finished else finished_twin(workdir)
+        if old and not finished:
             cell_log(f'  recorded in {old["reused_from"]}')
             done = old
+        elif twin:   # another row of the same behaviour (e.g. a default written out): its run is this cell
+            cell_log(f'  the same behaviour as {twin}: reused')
+            with open(os.path.join(twin, 'run.json')) as f:
+                argv = json.load(f)['argv']
+            done = dict(run_cell([sys.executable, *argv], twin, dict(identity, behaviour_hash=found), cell_log),
+                        same_as=os.path.relpath(twin, runs))
         else:
             command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
             done = run_cell(command, workdir, dict(identity, behaviour_hash=found), cell_log)

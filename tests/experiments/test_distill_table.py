@@ -40,14 +40,18 @@ with open(os.path.join(workdir, 'eval', 'metrics_summary.json'), 'w') as f:
 '''
 
 # Stands in for experiments/cell_fingerprint.py: prints the behaviour written in TMP/behaviour (default
-# 'a1b2c3d4e5f6') and counts its calls in TMP/fingerprints_run.
+# 'a1b2c3d4e5f6') for FD3D rows, and that behaviour with a method tag for other methods (the weights do not
+# enter it: a weight written out at its default is the same behaviour); counts its calls in TMP/fingerprints_run.
 FAKE_FINGERPRINT = '''
-import json, os, sys
+import hashlib, json, os, sys
 tmp = sys.argv[1]
 with open(os.path.join(tmp, 'fingerprints_run'), 'a') as f:
     f.write('x')
 path = os.path.join(tmp, 'behaviour')
 found = open(path).read() if os.path.exists(path) else 'a1b2c3d4e5f6'
+method = ([a for a in sys.argv if a.startswith('--config.distill.method=')] or ['=fd3d'])[0].split('=')[1]
+if method != 'fd3d':
+    found = found[:6] + hashlib.sha256(method.encode()).hexdigest()[:6]
 print('a start-up line')
 print(json.dumps(dict(behaviour=found, loss=[1.0])))
 '''
@@ -143,10 +147,11 @@ def test_progress_lines_of_a_training_run_are_shown_and_logged(fake):
 def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
     tmp, root, expert = fake
     runs, out = str(tmp / 'runs'), str(tmp / 'out')
-    dt.run_table('t', _table([('a', 'a', dt.NONE)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
+    dt.run_table('t', _table([('a', 'a', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
+                 log=lambda *a: None)
+    other = {'distill.method': 'fd3d', 'distill.focal.weight': 0.5}   # the fake's behaviour ignores weights
     with pytest.raises(dt.TableError, match=r'runs/t/a/steps5_seed0_\w+ holds a run with other settings'):
-        dt.run_table('t', _table([('a', 'a', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
-                     log=lambda *a: None)
+        dt.run_table('t', _table([('a', 'a', other)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
     with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/steps5_seed0_\w+ failed \(exit 3\)'):
         dt.run_table('t', _table([('b', 'b', {'distill.method': 'fail'})]), [0], 5, root, expert, runs, out,
                      log=lambda *a: None)
@@ -322,3 +327,28 @@ def test_parallel_jobs_give_the_same_table(fake):
                           log=shown.append, jobs=3)
     assert [r['nds']['values'] for r in result['rows']] == [pytest.approx([0.1, 0.2, 0.3])] * 2
     assert any(line.startswith('[fd3d 2] ') and 'ETA' in line for line in shown)
+
+
+def test_a_row_of_the_same_behaviour_reuses_another_rows_run(fake):
+    """A default written out (``fd3d`` and ``fd3d_w3``) has the same behaviour fingerprint: its cells are the
+    other row's runs, not new trainings; a row of another behaviour trains."""
+    tmp, root, expert = fake
+    runs = tmp / 'runs'
+    first = [('fd3d_w3', 'FD3D, weights 3', dt.weighted('fd3d', 3))]
+    dt.run_table('t', _table(first), [0, 1], 7, root, expert, str(runs), str(tmp / 'out'), log=lambda *a: None)
+    trained = _cell(runs, 't', 'fd3d_w3', 'steps7_seed1')
+    assert (trained / 'calls').read_text() == 'x'
+    lines = []
+    both = first + [('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    result = dt.run_table('t', _table(both), [0, 1], 7, root, expert, str(runs), str(tmp / 'out'), log=lines.append)
+    assert not (runs / 't' / 'fd3d').exists() or not list((runs / 't' / 'fd3d').glob('*/calls'))
+    assert (trained / 'calls').read_text() == 'x'                          # not trained again either
+    assert [c['same_as'] for c in result['rows'][1]['cells']] == [
+        os.path.join('t', 'fd3d_w3', _cell(runs, 't', 'fd3d_w3', f'steps7_seed{s}').name) for s in (0, 1)]
+    assert result['rows'][1]['nds']['values'] == pytest.approx([0.1, 0.2])
+    assert any('the same behaviour as' in line for line in lines)
+    assert 'fd3d = fd3d_w3' in (tmp / 'out' / 't.md').read_text()
+    (tmp / 'behaviour').write_text('ffff0000ffff')   # another behaviour (another code): a new run
+    third = [('mgd', 'MGD', {'distill.method': 'mgd'})]
+    dt.run_table('t', _table(third), [0], 7, root, expert, str(runs), str(tmp / 'out'), log=lambda *a: None)
+    assert (_cell(runs, 't', 'mgd', 'steps7_seed0') / 'calls').read_text() == 'x'
