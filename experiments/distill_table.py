@@ -5,6 +5,7 @@ nuScenes-format set (a real ``fd3d_jax.train`` run and the devkit's ``DetectionE
         [--dataroot data/synthetic40] [--expert DIR] [--runs runs/tables] [--name NAME]
     python experiments/distill_table.py --table table1 --short      # the README's main job (minutes)
     python experiments/distill_table.py --table table1 --seeds 0 1 2 --reuse experiments/results/table1.json
+    python experiments/distill_table.py --render experiments/results/NAME.json   # .md/.png by today's rule
 
 Tables: ``table1`` BEVFormer base -> tiny (the ``:demo`` pair), ``table2`` DETR3D R101 -> R50 (``:demo``),
 ``table3`` ablations of the reconstructed FD3D switches (mask source, queries, weights; the paper publishes
@@ -604,6 +605,22 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
     return result
 
 
+def render(path):
+    """Rewrites ``NAME.md`` and ``NAME.png`` beside the result file ``NAME.json`` from its cells (the paired
+    differences and decisions recomputed by today's rule; the cells and the JSON are left as they are)."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        stem = path[:-len('.json')] if path.endswith('.json') else path
+        text = markdown(result)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f'error: {path}: not a result file of this script ({e})')
+    with open(stem + '.md', 'w') as f:
+        f.write(text)
+    plot(result, stem + '.png')
+    print(f'wrote {stem}.md, .png')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--table', choices=sorted(TABLES), default='table1')
@@ -623,7 +640,13 @@ def main():
                    help='val: train on the training split, report on val; tune: train on tune_train and report on '
                         'tune_val, both carved from the training scenes (for choosing weights; never tune on val)')
     p.add_argument('--jobs', type=int, default=1, help='training runs at a time (default 1)')
+    p.add_argument('--render', nargs='+', metavar='JSON', help='rewrite the .md and .png of these result files '
+                   'with the current decision rule (no run)')
     args = p.parse_args()
+    if args.render:
+        for path in args.render:
+            render(path)
+        return
     table = dict(TABLES[args.table])
     table.setdefault('folder', args.table)   # the short table reuses the full table's runs
     rows, seeds, steps, name = args.rows, args.seeds, args.steps, args.name or args.table

@@ -352,3 +352,19 @@ def test_a_row_of_the_same_behaviour_reuses_another_rows_run(fake):
     third = [('mgd', 'MGD', {'distill.method': 'mgd'})]
     dt.run_table('t', _table(third), [0], 7, root, expert, str(runs), str(tmp / 'out'), log=lambda *a: None)
     assert (_cell(runs, 't', 'mgd', 'steps7_seed0') / 'calls').read_text() == 'x'
+
+
+def test_render_rewrites_the_markdown_of_a_result_file_by_todays_rule(fake, monkeypatch, capsys):
+    tmp, root, expert = fake
+    rows = [('head', 'head only', {'distill.method': 'none'}), ('fd3d', 'FD3D', {'distill.method': 'fd3d'})]
+    dt.run_table('t', _table(rows), [0, 1, 2], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                 log=lambda *a: None)
+    written = (tmp / 'out' / 't.md').read_text()
+    (tmp / 'out' / 't.md').write_text('an older rendering without the decisions')
+    monkeypatch.setattr(sys, 'argv', ['distill_table.py', '--render', str(tmp / 'out' / 't.json')])
+    dt.main()
+    assert (tmp / 'out' / 't.md').read_text() == written and '| fd3d | head |' in written
+    (tmp / 'bad.json').write_text('{"rows": []}')
+    monkeypatch.setattr(sys, 'argv', ['distill_table.py', '--render', str(tmp / 'bad.json')])
+    with pytest.raises(SystemExit, match=r'bad.json: not a result file'):
+        dt.main()
