@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import matplotlib
@@ -509,7 +510,8 @@ def recorded_cells(paths, table, steps, expert):
             raise TableError(f'{path} holds another table (config {r["config"]}, {r["steps"]} steps, expert '
                              f'{r["expert_path"]}), not {table["config"]}, {steps} steps, {expert}')
         for row in r['rows']:
-            for seed, cell in zip(r['seeds'], row['cells']):
+            for index, cell in enumerate(row['cells']):
+                seed = cell.get('seed', r['seeds'][index] if index < len(r['seeds']) else None)   # older files: in order
                 if 'behaviour_hash' in cell and 'expert_hash' in cell:
                     key = (row['key'], seed, json.dumps(row['overrides'], sort_keys=True), cell['behaviour_hash'],
                            cell['expert_hash'], tuple(r.get('splits') or ()))
@@ -524,6 +526,20 @@ def finished_twin(workdir):
     twins = sorted(glob.glob(os.path.join(rows_dir, '*', cell_name, 'eval', 'metrics_summary.json')))
     twins = [os.path.dirname(os.path.dirname(t)) for t in twins]
     return next((t for t in twins if os.path.exists(os.path.join(t, 'run.json'))), None)
+
+
+def write_partial(path, name, table, rows, finished, seeds, steps, dataroot, expert, splits):
+    """``NAME.partial.json``: the cells finished so far (each with its ``seed``), in the result file's layout, so that
+    an interrupted table leaves its evidence: pass it to ``--reuse`` (its run folders gone) to finish the table."""
+    partial = dict(table=name, title=table['title'], config=table['config'], expert_path=expert, complete=False,
+                   dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
+                   steps=steps, splits=list(splits) if splits else None,
+                   rows=[dict(key=key, label=label, overrides=overrides, cells=finished.get(key, []))
+                         for key, label, overrides in rows])
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(partial, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_keys=None, reuse=(), log=print,
@@ -543,6 +559,7 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         known = ', '.join(r[0] for r in table['rows'])
         raise TableError(f'unknown rows {sorted(set(row_keys) - {r[0] for r in rows})} (rows: {known})')
     fingerprints = os.path.join(runs, table.get('folder', name), 'fingerprints')
+    partial_path, partial_lock, finished_cells = os.path.join(out_dir, f'{name}.partial.json'), threading.Lock(), {}
 
     def cell(key, label, overrides, seed, cell_log):
         cell_log(f'{name}: {label}, seed {seed}')
@@ -566,6 +583,10 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
             command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
             done = run_cell(command, workdir, dict(identity, behaviour_hash=found), cell_log)
         cell_log(f'  NDS {done["nds"]:.4f}  mAP {done["map"]:.4f}')
+        done = dict(done, seed=seed)
+        with partial_lock:   # every finished cell is kept in NAME.partial.json until the table is written
+            finished_cells.setdefault(key, []).append(done)
+            write_partial(partial_path, name, table, rows, finished_cells, seeds, steps, dataroot, expert, splits)
         return done
 
     expert_dir = os.path.join(runs, table.get('folder', name), 'expert_input', tag)
@@ -599,6 +620,8 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
         json.dump(result, f, indent=1)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
     with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
         f.write(markdown(result))
     plot(result, os.path.join(out_dir, f'{name}.png'))

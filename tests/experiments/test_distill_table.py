@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -368,3 +369,26 @@ def test_render_rewrites_the_markdown_of_a_result_file_by_todays_rule(fake, monk
     monkeypatch.setattr(sys, 'argv', ['distill_table.py', '--render', str(tmp / 'bad.json')])
     with pytest.raises(SystemExit, match=r'bad.json: not a result file'):
         dt.main()
+
+
+def test_an_interrupted_table_keeps_its_finished_cells_for_reuse(fake):
+    """Every finished cell is written to NAME.partial.json at once; after a failure (or a lost machine) the partial
+    file stands in for the gone run folders, and the finished table removes it."""
+    tmp, root, expert = fake
+    runs, out, quiet = tmp / 'runs', tmp / 'out', dict(log=lambda *a: None)
+    rows = [('fd3d', 'FD3D', {'distill.method': 'fd3d'}), ('mgd', 'MGD', {'distill.method': 'fail'})]
+    with pytest.raises(dt.TableError, match='failed'):
+        dt.run_table('t', _table(rows), [0, 1], 7, root, expert, str(runs), str(out), **quiet)
+    partial = json.loads((out / 't.partial.json').read_text())
+    assert partial['complete'] is False and not (out / 't.json').exists()
+    assert [(c['seed'], c['nds']) for c in partial['rows'][0]['cells']] == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2))]
+    assert partial['rows'][1]['cells'] == []
+    shutil.rmtree(runs)                                    # the machine is gone; the committed partial file is not
+    done = [('fd3d', 'FD3D', {'distill.method': 'fd3d'}), ('mgd', 'MGD', {'distill.method': 'mgd'})]
+    result = dt.run_table('t', _table(done), [0, 1], 7, root, expert, str(runs), str(out),
+                          reuse=[str(out / 't.partial.json')], **quiet)
+    assert not list((runs / 't' / 'fd3d').glob('*/calls'))               # the FD3D cells were not trained again
+    assert [c['reused_from'] for c in result['rows'][0]['cells']] == [str(out / 't.partial.json')] * 2
+    assert result['rows'][0]['nds']['values'] == pytest.approx([0.1, 0.2])
+    assert len(list((runs / 't' / 'mgd').glob('*/calls'))) == 2
+    assert (out / 't.json').exists() and not (out / 't.partial.json').exists()
