@@ -12,7 +12,7 @@ EXPERT ?= bevformer_base
 EXPERT_STEPS ?= 3000
 DEMO_ARGS ?=
 
-.PHONY: venv data bench-data demo expert detector-demo data-demo bench test test-slow test-all clean-data
+.PHONY: venv data bench-data demo expert detector-demo data-demo bench bench-device test test-slow test-all clean-data
 
 venv: $(STAMP)
 
@@ -78,6 +78,15 @@ bench: bench-data data
 	$(PY) experiments/precision_gradients.py --batches 6 --dataroot $(DATA)
 	$(PY) experiments/bench_compile.py --config bevformer_tiny:full
 	$(PY) experiments/sca_camera_hits.py --out
+
+# Every accelerator figure in one command on one GPU, inside an 8-minute budget (docs/benchmarks.md): MSDA at the
+# BEVFormer shapes, batch-1 FPS of BEVFormer tiny/small/base and train steps of tiny/base (dense and sparse SCA),
+# float32 and bfloat16 -> experiments/results/bench_device_<backend>.json. No venv prerequisite: run it with the
+# Python that has the accelerator's JAX, e.g. make bench-device PY=python3 [BENCH_DEVICE_ARGS=--keep-existing]
+BENCH_DEVICE_ARGS ?=
+
+bench-device:
+	$(PY) -m experiments.bench_device --budget-s 480 $(BENCH_DEVICE_ARGS)
 
 # Two pytest-xdist workers (CI has 2 cores): the default suite takes ~10 minutes instead of ~15; then
 # the scale-out/reliability tests (kill/SIGTERM and resume, 2 processes vs 1), which start their own processes.

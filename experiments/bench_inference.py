@@ -46,6 +46,10 @@ PUBLISHED = {
                     dict(fps=2.0, source="BEVDet paper Table 2", hardware="GPU", config="detr3d_r101:full")],
     'detr3d_r50': [dict(fps=4.0, source=_FD3D[0], hardware=_FD3D[1], config='detr3d_r50:full')],
 }
+PROTOCOL = ('mmdet3d benchmark.py: batch 1, warm-up frames skipped, FPS = frames / total time; each frame '
+            'timed from the host batch to block_until_ready (host-to-device copy included, loading excluded)')
+PUBLISHED_NOTE = ('PUBLISHED figures (PyTorch, other hardware, full-size models): not measured here, '
+                  'not comparable to a CPU run or to :toy/:demo configs')
 
 
 def data_batches(config, n):
@@ -70,6 +74,49 @@ def data_batches(config, n):
         load_s=round(load_s, 3), load_samples_per_s=k / load_s)
 
 
+def dummy_inputs(config, n, why):
+    """``n`` references to one ``models.inputs.dummy_batch`` (batch 1, one frame, a previous BEV marked present) at
+    the config's full size, and the ``inputs`` record saying so (``why``: the reason no data was used)."""
+    batch = dummy_batch(config, 1, queue_length=1)
+    batch['prev_bev_exists'][:] = True
+    return [batch] * n, dict(kind='dummy_batch', why=why,
+                             note='random images at the config size, synthetic rig cameras, identity BEV alignment')
+
+
+def time_frames(trainer, params, batches, warmup):
+    """The protocol on ``trainer.eval_step``: one untimed compiling call, then ``batches`` in order, each frame
+    timed from the host batch to ``block_until_ready`` and the previous frame's BEV carried; the first ``warmup``
+    frames are not counted. Returns compile seconds, latency (``summarize_times`` + p90), ``fps_mean`` (frames /
+    total time, mmdet3d's figure), ``fps_median`` and the number of timed frames."""
+    prev0 = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(1), np.float32), trainer.mesh)
+
+    def frame(batch, prev):
+        return jax.block_until_ready(trainer.eval_step(params, mesh_lib.shard_batch(batch, trainer.mesh), prev))
+
+    t0 = time.perf_counter()
+    frame(batches[0], prev0)
+    compile_s = time.perf_counter() - t0
+    prev, times = prev0, []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        out = frame(batch, prev)
+        dt = time.perf_counter() - t0
+        prev = out['bev']
+        if i >= warmup:
+            times.append(dt)
+    latency = benchmark.summarize_times(times)
+    latency['p90_ms'] = round(float(np.percentile(1e3 * np.asarray(times), 90)), 3)
+    fps_mean, fps_median = len(times) / sum(times), 1e3 / latency['median_ms']
+    print(f'{fps_mean:.2f} FPS (mean over {len(times)} frames), {fps_median:.2f} FPS at the median latency '
+          f'{latency["median_ms"]:.1f} ms; first call (compile) {compile_s:.1f} s', flush=True)
+    return dict(compile_s=compile_s, latency=latency, fps_mean=fps_mean, fps_median=fps_median, frames=len(times))
+
+
+def published_entries(name):
+    """``PUBLISHED`` figures of the model family of config ``name`` (``NAME:ARG``), each with ``same_config``."""
+    return [dict(e, same_config=e['config'] == name) for e in PUBLISHED.get(name.split(':')[0], [])]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -88,50 +135,21 @@ def main(argv=None):
     if batches is None:
         if args.inputs == 'data':
             raise SystemExit(f'error: {inputs["reason"]}')
-        batch = dummy_batch(config, 1, queue_length=1)
-        batch['prev_bev_exists'][:] = True
-        batches = [batch] * n
-        inputs = dict(kind='dummy_batch', why=inputs['reason'],
-                      note='random images at the config size, synthetic rig cameras, identity BEV alignment')
+        batches, inputs = dummy_inputs(config, n, inputs['reason'])
     else:
         inputs = dict(kind='data', **inputs)
     print(f'inputs: {inputs}', flush=True)
 
     trainer = loop.Trainer(config, num_train_samples=1)
     params = loop.restore_model_params(trainer, args.workdir) if args.workdir else trainer.state.params['model']
-    prev0 = mesh_lib.shard_batch(np.zeros(trainer.model.carried_shape(1), np.float32), trainer.mesh)
-
-    def frame(batch, prev):
-        return jax.block_until_ready(trainer.eval_step(params, mesh_lib.shard_batch(batch, trainer.mesh), prev))
-
-    t0 = time.perf_counter()
-    frame(batches[0], prev0)
-    compile_s = time.perf_counter() - t0
-    prev, times = prev0, []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        out = frame(batch, prev)
-        dt = time.perf_counter() - t0
-        prev = out['bev']
-        if i >= args.warmup:
-            times.append(dt)
-    latency = benchmark.summarize_times(times)
-    latency['p90_ms'] = round(float(np.percentile(1e3 * np.asarray(times), 90)), 3)
-    fps_mean, fps_median = len(times) / sum(times), 1e3 / latency['median_ms']
-    print(f'{fps_mean:.2f} FPS (mean over {len(times)} frames), {fps_median:.2f} FPS at the median latency '
-          f'{latency["median_ms"]:.1f} ms; first call (compile) {compile_s:.1f} s', flush=True)
-
-    family = name.split(':')[0]
-    published = [dict(e, same_config=e['config'] == name) for e in PUBLISHED.get(family, [])]
+    timed = time_frames(trainer, params, batches, args.warmup)
     result = dict(
         config=name, device_kind=device.device_kind, backend=jax.default_backend(), batch_size=1,
         image_hw=list(batches[0]['img'].shape[-3:-1]), queue_length=1, params=args.workdir or 'random init',
-        inputs=inputs, warmup=args.warmup, frames=len(times), compile_s=round(compile_s, 2), latency=latency,
-        fps_mean=fps_mean, fps_median=fps_median, load_avg_1m=load_avg,
-        protocol=('mmdet3d benchmark.py: batch 1, warm-up frames skipped, FPS = frames / total time; each frame '
-                  'timed from the host batch to block_until_ready (host-to-device copy included, loading excluded)'),
-        published=dict(note=('PUBLISHED figures (PyTorch, other hardware, full-size models): not measured here, '
-                             'not comparable to a CPU run or to :toy/:demo configs'), entries=published))
+        inputs=inputs, warmup=args.warmup, frames=timed['frames'], compile_s=round(timed['compile_s'], 2),
+        latency=timed['latency'], fps_mean=timed['fps_mean'], fps_median=timed['fps_median'], load_avg_1m=load_avg,
+        protocol=PROTOCOL,
+        published=dict(note=PUBLISHED_NOTE, entries=published_entries(name)))
     benchmark.write_result(f'bench_inference_{name.replace(":", "_")}', result, args.out_dir)
     return result
 

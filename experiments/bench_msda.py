@@ -289,7 +289,8 @@ def print_table(result):
 # main
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None):
+def make_parser():
+    """The command line's options (``run_shape`` reads its ``args`` from them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['tiny_sca', 'tiny_tsa'])
     parser.add_argument('--queries', type=int, default=None, help='subsample each shape to at most N queries')
@@ -303,7 +304,11 @@ def main(argv=None):
                         help='pin to N cores before JAX starts, torch threads = N (default: all allowed cores)')
     parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
     parser.add_argument('--out-dir', default=None, help='default experiments/results')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
 
     if args.threads and hasattr(os, 'sched_setaffinity'):
         allowed = sorted(os.sched_getaffinity(0))

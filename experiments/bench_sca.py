@@ -33,14 +33,17 @@ def with_model_key(config, key, value, batch_size):
     return config
 
 
-def compare_variants(config, key, variants, timed, batch_size, iters, warmup):
+def compare_variants(config, key, variants, timed, batch_size, iters, warmup, trainers=None, inspect=None):
     """The train step of ``config`` for each ``{variant: value of config.model.<key>}``: compile seconds and XLA's
     peak bytes (from abstract shapes unless ``timed``), and with ``timed`` the step times on one dummy batch with
-    random GT, interleaved, and each variant's median over the first's (``over_first``)."""
+    random GT, interleaved, and each variant's median over the first's (``over_first``).
+    ``trainers``: ``{variant: loop.Trainer}`` already built for ``with_model_key(config, key, value, batch_size)``
+    (timed only; e.g. one whose eval step was timed first: its init is not paid twice); the others are built here.
+    ``inspect(variant, compiled, trainer)`` (trainer None when not timed): a dict added to the variant's entry."""
     entry = {}
     if timed:   # concrete trainers: their compiles give the memory too
         mesh = mesh_lib.make_mesh()
-        trainers = {v: loop.Trainer(with_model_key(config, key, value, batch_size), 1, mesh)
+        trainers = {v: (trainers or {}).get(v) or loop.Trainer(with_model_key(config, key, value, batch_size), 1, mesh)
                     for v, value in variants.items()}
         batch = mesh_lib.shard_batch(with_gt(dummy_batch(config, batch_size), config), mesh)
         rng = step_rng(next(iter(trainers.values())).state.rng, 0)
@@ -53,6 +56,8 @@ def compare_variants(config, key, variants, timed, batch_size, iters, warmup):
                                                          batch_size=batch_size)
             compiled, seconds = aot_compile(jitted, *step_args)
         entry[variant] = dict(compile_s=seconds, memory_bytes=benchmark.memory(compiled))
+        if inspect is not None:
+            entry[variant].update(inspect(variant, compiled, trainers[variant] if timed else None))
         print(f"  {variant}: compile {seconds['total']} s, peak {entry[variant]['memory_bytes']['peak'] / 2**30:.2f} GiB",
               flush=True)
     if timed:
