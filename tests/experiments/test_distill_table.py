@@ -392,3 +392,17 @@ def test_an_interrupted_table_keeps_its_finished_cells_for_reuse(fake):
     assert result['rows'][0]['nds']['values'] == pytest.approx([0.1, 0.2])
     assert len(list((runs / 't' / 'mgd').glob('*/calls'))) == 2
     assert (out / 't.json').exists() and not (out / 't.partial.json').exists()
+
+
+def test_tuned_table_runs_every_method_at_a_swept_weight_with_the_baselines_keys():
+    """table1_tuned writes out each method's tuned weight (one the sweep measured, every weight of the method set),
+    keeps table 1's baseline keys (so the decision rule compares against them) and its single-term rows switch off
+    exactly one FD3D term."""
+    rows = {key: overrides for key, _, overrides in dt.TABLES['table1_tuned']['rows']}
+    assert set(dt.BASELINES) <= set(rows) and {'fd3d', 'fd3d_gen', 'fd3d_focal'} <= set(rows)
+    for method, weight in dt.TUNED_WEIGHTS.items():
+        assert weight in dt.SWEEP_WEIGHTS and f'{method}_w{weight}' in {r[0] for r in dt.TABLES['sweep']['rows']}
+        assert rows[method] == dt.weighted(method, weight), method
+    assert rows['fd3d_gen'] == {**dt.weighted('fd3d', dt.TUNED_WEIGHTS['fd3d']), 'distill.focal.weight': 0.0}
+    assert rows['fd3d_focal']['distill.focal.weight'] == float(dt.TUNED_WEIGHTS['fd3d'])
+    assert rows['fd3d_focal']['distill.generative.bev_weight'] == rows['fd3d_focal']['distill.generative.pv_weight'] == 0
