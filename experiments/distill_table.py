@@ -86,8 +86,11 @@ def _sweep_rows():
 
 
 def _detr3d_sweep_rows():
-    return [HEAD_ROW] + [
-        (f'fd3d_w{w}', f'FD3D generative + focal, weights {w}', weighted('fd3d', w)) for w in DETR3D_SWEEP_WEIGHTS]
+    rows = [HEAD_ROW]
+    for method, label in (('fd3d', 'FD3D generative + focal'), ('mgd', 'MGD (random masks)'),
+                          ('fitnet', 'FitNet (FPN)')):
+        rows += [(f'{method}_w{w}', f'{label}, weights {w}', weighted(method, w)) for w in DETR3D_SWEEP_WEIGHTS]
+    return rows
 
 
 TABLES = {
@@ -168,8 +171,8 @@ TABLES = {
                           HEAD_ROW,
                           ('head_bf16', 'expert head only, model.dtype=bfloat16',
                            {'distill.method': 'none', 'model.dtype': 'bfloat16'})]),
-    # FD3D's weights for the DETR3D pair (0.3, 1, 3; run it with --split tune). Shares table 2's run folders.
-    'sweep_detr3d': dict(title='FD3D weight sweep, DETR3D R101 -> R50 (:demo)',
+    # Every method's weights for the DETR3D pair (0.3, 1, 3; run it with --split tune). Shares table 2's run folders.
+    'sweep_detr3d': dict(title='Weight sweep, DETR3D R101 -> R50 (:demo)',
                          config='configs/fd3d_detr3d_r101_to_r50.py:demo', folder='table2',
                          expert='experiments/experts/detr3d_r101_demo', rows=_detr3d_sweep_rows()),
 }

@@ -196,7 +196,8 @@ def test_detr3d_sweep_covers_the_weight_its_pair_ships():
     shipped = {key: config.distill[key.split('.')[1]][key.split('.')[2]] for key in dt.METHOD_WEIGHTS['fd3d']}
     assert len(set(shipped.values())) == 1 and set(shipped.values()) <= set(dt.DETR3D_SWEEP_WEIGHTS), shipped
     rows = {key: overrides for key, _, overrides in dt.TABLES['sweep_detr3d']['rows']}
-    assert set(rows) == {'head'} | {f'fd3d_w{w}' for w in dt.DETR3D_SWEEP_WEIGHTS}
+    assert set(rows) == {'head'} | {f'{m}_w{w}' for m in ('fd3d', 'mgd', 'fitnet') for w in dt.DETR3D_SWEEP_WEIGHTS}
+    assert rows['mgd_w0.3'] == {'distill.method': 'mgd', 'distill.mgd.weight': 0.3}
     assert set(shipped.values()) == {dt.DETR3D_WEIGHT}             # table2_tuned's FD3D row is what ships
     tuned = {key: overrides for key, _, overrides in dt.TABLES['table2_tuned']['rows']}
     assert tuned[f'fd3d_w{dt.DETR3D_WEIGHT}'] == rows[f'fd3d_w{dt.DETR3D_WEIGHT}']
