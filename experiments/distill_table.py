@@ -279,6 +279,17 @@ def behaviour(table, overrides, steps, dataroot, expert, splits, cache_dir, iden
     cmd = fingerprint_command(table, overrides, steps, dataroot, expert, splits)
     key = hashlib.sha256(json.dumps([identity['code_hash'], identity['expert_hash'], cmd[2:]]).encode()).hexdigest()
     path = os.path.join(cache_dir, f'{key[:16]}.json')
+    with _FINGERPRINT_LOCKS_LOCK:   # --jobs: the seeds of a row ask at once; one computes, the others read its file
+        lock = _FINGERPRINT_LOCKS.setdefault(path, threading.Lock())
+    with lock:
+        return _behaviour(cmd, path, identity, log)
+
+
+_FINGERPRINT_LOCKS, _FINGERPRINT_LOCKS_LOCK = {}, threading.Lock()
+
+
+def _behaviour(cmd, path, identity, log):
+    cache_dir = os.path.dirname(path)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)['behaviour']
@@ -292,8 +303,9 @@ def behaviour(table, overrides, steps, dataroot, expert, splits, cache_dir, iden
             f.write(done.stdout + done.stderr)
         raise TableError(f'the behaviour fingerprint failed (exit {done.returncode}): see {log_path}')
     result = dict(json.loads(lines[-1]), argv=cmd[1:], **identity)
-    with open(path, 'w') as f:
+    with open(path + '.tmp', 'w') as f:
         json.dump(result, f, indent=1)
+    os.replace(path + '.tmp', path)
     return result['behaviour']
 
 

@@ -329,6 +329,7 @@ def test_parallel_jobs_give_the_same_table(fake):
                           log=shown.append, jobs=3)
     assert [r['nds']['values'] for r in result['rows']] == [pytest.approx([0.1, 0.2, 0.3])] * 2
     assert any(line.startswith('[fd3d 2] ') and 'ETA' in line for line in shown)
+    assert (tmp / 'fingerprints_run').read_text() == 'xx'   # one fingerprint per row, though its seeds ran at once
 
 
 def test_a_row_of_the_same_behaviour_reuses_another_rows_run(fake):
