@@ -102,6 +102,7 @@ TABLES = {
                    expert='experiments/experts/detr3d_r101_demo', rows=_METHOD_ROWS),
     'table3': dict(title='FD3D ablations, BEVFormer base -> tiny (:demo)',
                    config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',   # shares its runs
+                   reference='fd3d',   # each choice against the current default (replaces it only when separated)
                    expert='experiments/experts/bevformer_base_demo', rows=[
                        *_METHOD_ROWS[:2],
                        ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, full-map loss, focal on all queries)', FD3D),
@@ -407,10 +408,11 @@ def compare(values):
     return out
 
 
-def paired_differences(rows, key='nds'):
+def paired_differences(rows, key='nds', reference=None):
     """Per row, the rule (``compare``) on its per-seed ``key`` differences against every baseline of the table
-    (``BASELINES``, the row itself left out), keyed by the baseline's key, and against the best baseline by mean
-    (``best_baseline``); each entry names its baseline in ``against``."""
+    (``BASELINES``, the row itself left out), keyed by the baseline's key, against the best baseline by mean
+    (``best_baseline``) and, in an ablation table, against its ``reference`` row (the current default, key
+    ``reference``); each entry names its baseline in ``against``."""
     by_key = {r['key']: r for r in rows}
     baselines = [by_key[k] for k in BASELINES if k in by_key]
     out = {}
@@ -419,6 +421,8 @@ def paired_differences(rows, key='nds'):
         against = {b['key']: b for b in others}
         if others:
             against['best_baseline'] = max(others, key=lambda b: b[key]['mean'])
+        if reference in by_key and row['key'] not in (reference, *BASELINES, 'alone'):
+            against['reference'] = by_key[reference]
         out[row['key']] = {
             name: dict(compare([a - b for a, b in zip(row[key]['values'], other[key]['values'])]),
                        against=other['key'])
@@ -465,7 +469,8 @@ def markdown(result):
     if e:
         lines.append(f"| expert on the distillation input | {e['nds']:.4f} | {e['map']:.4f} | | | | | |")
     base = result['rows'][0]
-    paired = paired_differences(result['rows'])   # recomputed: result files written before the rule have none
+    reference = result.get('reference')
+    paired = paired_differences(result['rows'], reference=reference)   # recomputed: older files have none
 
     def per_seed(diff):
         if not diff:
@@ -480,7 +485,7 @@ def markdown(result):
         diffs = paired.get(r['key'], {})
         lines.append(f"| {r['label']} | {_pm(r['nds'])} | {_pm(r['map'])} | {dn:+.4f} | {dm:+.4f} | {minutes} | "
                      f"{per_seed(diffs.get('head'))} | {per_seed(diffs.get('best_baseline'))} |")
-    lines += decisions(result['rows'], paired)
+    lines += decisions(result['rows'], paired, reference)
     identities = sorted({(c.get('behaviour_hash', '')[:10], c.get('code_hash', '')[:10],
                           c.get('expert_hash', '')[:10], str(c.get('commit'))) for r in result['rows'] for c in r['cells']})
     lines += ['', 'Cells (behaviour hash, code hash, expert hash, commit): ' + '; '.join(', '.join(i) for i in identities)]
@@ -494,17 +499,21 @@ def markdown(result):
     return '\n'.join(lines) + '\n'
 
 
-def decisions(rows, paired):
-    """Markdown lines: the rule's verdict for every row that is not a baseline against each baseline, and for
-    each baseline against head only (docs/experiments.md, "The decision rule")."""
+def decisions(rows, paired, reference=None):
+    """Markdown lines: the rule's verdict for every row that is not a baseline against each baseline and against
+    the table's ``reference`` row (an ablation's current default: a choice replaces it only when separated), and
+    for each baseline against head only (docs/experiments.md, "The decision rule")."""
     baselines = [k for k in BASELINES if any(r['key'] == k for r in rows)]
     lines = []
     for row in rows:
         against = baselines if row['key'] not in BASELINES else [k for k in ('head',) if k != row['key']]
+        if 'reference' in paired.get(row['key'], {}):
+            against = [*against, 'reference']
         for other in against:
             diff = paired.get(row['key'], {}).get(other)
             if diff and row['key'] != 'alone':
-                lines.append(f"| {row['key']} | {other} | {verdict_text(diff)} | "
+                name = f'{reference} (the default)' if other == 'reference' else other
+                lines.append(f"| {row['key']} | {name} | {verdict_text(diff)} | "
                              f"{diff['seeds_for_resolution'] or '–'} |")
     if not lines:
         return []
@@ -652,7 +661,8 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
                   expert=expert_score(expert), expert_input=dict(nds=expert_input['nds'], map=expert_input['map']),
                   dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
                   steps=steps, machine=f"{m['cpu_count']}-core {m['backend']}, {m['date']}", versions=m['versions'],
-                  splits=list(splits) if splits else None, rows=results, paired=paired_differences(results))
+                  splits=list(splits) if splits else None, rows=results, reference=table.get('reference'),
+                  paired=paired_differences(results, reference=table.get('reference')))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
         json.dump(result, f, indent=1)

@@ -408,3 +408,20 @@ def test_tuned_table_runs_every_method_at_a_swept_weight_with_the_baselines_keys
     assert rows['fd3d_gen'] == {**dt.weighted('fd3d', dt.TUNED_WEIGHTS['fd3d']), 'distill.focal.weight': 0.0}
     assert rows['fd3d_focal']['distill.focal.weight'] == float(dt.TUNED_WEIGHTS['fd3d'])
     assert rows['fd3d_focal']['distill.generative.bev_weight'] == rows['fd3d_focal']['distill.generative.pv_weight'] == 0
+
+
+def test_an_ablation_table_compares_each_choice_with_its_default(fake):
+    """A table with a ``reference`` row (table 3: the current FD3D default) judges each choice against it by the
+    rule, besides the baselines; the default itself and the baselines are not compared with it."""
+    tmp, root, expert = fake
+    assert dt.TABLES['table3']['reference'] == 'fd3d'
+    rows = [('head', 'head only', {'distill.method': 'none'}), ('fd3d', 'FD3D', {'distill.method': 'fd3d'}),
+            ('topk', 'top-k', {'distill.method': 'fd3d', 'distill.mask.select': 'topk'})]
+    table = dict(_table(rows), reference='fd3d')
+    result = dt.run_table('t', table, [0, 1, 2], 7, root, expert, str(tmp / 'runs'), str(tmp / 'out'),
+                          log=lambda *a: None)
+    assert result['reference'] == 'fd3d' and result['paired']['topk']['reference']['against'] == 'fd3d'
+    assert 'reference' not in result['paired']['fd3d'] and 'reference' not in result['paired']['head']
+    md = (tmp / 'out' / 't.md').read_text()
+    assert '| topk | fd3d (the default) | +0.0000 [+0.0000, +0.0000] 0/3 > 0: tie |' in md   # the fake: equal NDS
+    assert '| fd3d | fd3d (the default) |' not in md
