@@ -131,8 +131,10 @@ TABLES = {
                          config='configs/fd3d_bevformer_base_to_tiny.py:demo', folder='table1',
                          expert='experiments/experts/bevformer_base_demo', rows=[
                              HEAD_ROW,
-                             ('fitnet', f"FitNet (BEV + FPN), weights {TUNED_WEIGHTS['fitnet']}", weighted('fitnet', TUNED_WEIGHTS['fitnet'])),
-                             ('mgd', f"MGD (random masks), weight {TUNED_WEIGHTS['mgd']}", weighted('mgd', TUNED_WEIGHTS['mgd'])),
+                             ('fitnet', f"FitNet (BEV + FPN), weights {TUNED_WEIGHTS['fitnet']}",
+                              weighted('fitnet', TUNED_WEIGHTS['fitnet'])),
+                             ('mgd', f"MGD (random masks), weight {TUNED_WEIGHTS['mgd']}",
+                              weighted('mgd', TUNED_WEIGHTS['mgd'])),
                              *(row for row in _METHOD_ROWS if row[0] == 'heatmap'),
                              ('fd3d', f"FD3D generative + focal, weights {TUNED_WEIGHTS['fd3d']}",
                               weighted('fd3d', TUNED_WEIGHTS['fd3d'])),
@@ -573,14 +575,18 @@ def finished_twin(workdir):
     return next((t for t in twins if os.path.exists(os.path.join(t, 'run.json'))), None)
 
 
-def write_partial(path, name, table, rows, finished, seeds, steps, dataroot, expert, splits):
+def _header(name, table, seeds, steps, dataroot, expert, splits):
+    """What a result file (whole or partial) says of its table: name, config, expert, set, seeds, steps, splits."""
+    return dict(table=name, title=table['title'], config=table['config'], expert_path=expert,
+                dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds), steps=steps,
+                splits=list(splits) if splits else None, reference=table.get('reference'))
+
+
+def write_partial(path, header, rows, finished):
     """``NAME.partial.json``: the cells finished so far (each with its ``seed``), in the result file's layout, so that
     an interrupted table leaves its evidence: pass it to ``--reuse`` (its run folders gone) to finish the table."""
-    partial = dict(table=name, title=table['title'], config=table['config'], expert_path=expert, complete=False,
-                   dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
-                   steps=steps, splits=list(splits) if splits else None,
-                   rows=[dict(key=key, label=label, overrides=overrides, cells=finished.get(key, []))
-                         for key, label, overrides in rows])
+    partial = dict(header, complete=False, rows=[dict(key=key, label=label, overrides=overrides,
+                                                      cells=finished.get(key, [])) for key, label, overrides in rows])
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(path + '.tmp', 'w') as f:
         json.dump(partial, f, indent=1)
@@ -605,6 +611,7 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         raise TableError(f'unknown rows {sorted(set(row_keys) - {r[0] for r in rows})} (rows: {known})')
     fingerprints = os.path.join(runs, table.get('folder', name), 'fingerprints')
     partial_path, partial_lock, finished_cells = os.path.join(out_dir, f'{name}.partial.json'), threading.Lock(), {}
+    header = _header(name, table, seeds, steps, dataroot, expert, splits)
 
     def cell(key, label, overrides, seed, cell_log):
         cell_log(f'{name}: {label}, seed {seed}')
@@ -631,7 +638,7 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         done = dict(done, seed=seed)
         with partial_lock:   # every finished cell is kept in NAME.partial.json until the table is written
             finished_cells.setdefault(key, []).append(done)
-            write_partial(partial_path, name, table, rows, finished_cells, seeds, steps, dataroot, expert, splits)
+            write_partial(partial_path, header, rows, finished_cells)
         return done
 
     expert_dir = os.path.join(runs, table.get('folder', name), 'expert_input', tag)
@@ -657,11 +664,9 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
         results.append(dict(key=key, label=label, overrides=overrides, cells=cells,
                             nds=_stats([c['nds'] for c in cells]), map=_stats([c['map'] for c in cells])))
     m = machine_info()
-    result = dict(table=name, title=table['title'], config=table['config'], expert_path=expert,
-                  expert=expert_score(expert), expert_input=dict(nds=expert_input['nds'], map=expert_input['map']),
-                  dataset=f'{os.path.basename(dataroot)} ({dataset_split(dataroot)[0]})', seeds=list(seeds),
-                  steps=steps, machine=f"{m['cpu_count']}-core {m['backend']}, {m['date']}", versions=m['versions'],
-                  splits=list(splits) if splits else None, rows=results, reference=table.get('reference'),
+    result = dict(header, expert=expert_score(expert),
+                  expert_input=dict(nds=expert_input['nds'], map=expert_input['map']),
+                  machine=f"{m['cpu_count']}-core {m['backend']}, {m['date']}", versions=m['versions'], rows=results,
                   paired=paired_differences(results, reference=table.get('reference')))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
