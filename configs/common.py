@@ -291,7 +291,8 @@ def distill_config(method='fd3d', expert_upsample=1, expert_bev_channels=256):
     d.focal = ml_collections.ConfigDict(dict(
         weight=3.0,                       # [I] per element (mean over layers, queries and channels)
         source='raw',                     # [I] apprentice BEV sampled: raw (upsampled) | generated
-        queries='all'))                   # [I] all | selected (weighted by score)
+        queries='selected'))              # [I] all | selected (weighted by score): selected separated from all on
+                                          # the BEVFormer pair's tuning split (5 seeds, docs/experiments.md)
     # FitNet's weights, per element; 3 chosen by the same sweep (1 / 3 / 10 on the tuning split, three seeds)
     d.fitnet = ml_collections.ConfigDict(dict(bev_weight=3.0, pv_weight=3.0))
     # [R] MGD's mask ratio; its released alpha 2e-5 weights a per-image sum: per element about 1 at our sizes

@@ -105,7 +105,7 @@ TABLES = {
                    reference='fd3d',   # each choice against the current default (replaces it only when separated)
                    expert='experiments/experts/bevformer_base_demo', rows=[
                        *_METHOD_ROWS[:2],
-                       ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, full-map loss, focal on all queries)', FD3D),
+                       ('fd3d', 'FD3D (score >= 0.3 queries, zero mask, full-map loss, focal on selected queries)', FD3D),
                        ('fd3d_gen', 'generative only', FD3D_GEN),
                        ('fd3d_focal', 'focal only', FD3D_FOCAL),
                        ('topk', 'mask source: top-30 queries', {**FD3D, 'distill.mask.select': 'topk'}),
@@ -115,6 +115,8 @@ TABLES = {
                        ('instance_area', 'generative loss over the masked area only',
                         {**FD3D, 'distill.generative.area': 'instance'}),
                        ('focal_selected', 'focal: selected queries only', {**FD3D, 'distill.focal.queries': 'selected'}),
+                       ('focal_all', 'focal: all queries (the default until 2026-12-08)',
+                        {**FD3D, 'distill.focal.queries': 'all'}),
                        ('focal_generated', 'focal: on the generated BEV', {**FD3D, 'distill.focal.source': 'generated'}),
                        ('bev_only', 'BEV terms only (no PV generative)', {**FD3D, 'distill.generative.pv_weight': 0.0}),
                    ]),

@@ -84,7 +84,8 @@ def test_weights_are_applied_once_and_both_values_logged(fake, method):
 
 def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
     kind, batch, out, exp_out, exp_params = fake
-    d = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='instance'))
+    d = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='instance',
+                                  focal__queries='all'))
     params = d.init(jax.random.PRNGKey(0), exp_params)
     _, parts = jax.jit(d.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
     assert float(parts['distill_stats/selected']) == 0.0
@@ -92,6 +93,10 @@ def test_fd3d_without_selected_queries_has_zero_generative_terms(fake):
         if k in parts:
             assert float(parts[k]) == 0.0
     assert float(parts['distill/focal']) > 0           # 'all' queries: the focal term does not depend on masks
+    selected = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1,
+                                         generative__area='instance', focal__queries='selected'))
+    _, parts = jax.jit(selected.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
+    assert float(parts['distill/focal']) == 0.0        # 'selected' (the default): no query, no focal term
     # counted over the full map, the generative terms remain (the generator must still reproduce the map)
     full = make_distiller(toy_config(kind, mask__select='score', mask__score_thresh=1.1, generative__area='full'))
     _, parts = jax.jit(full.loss)(params, exp_params, out, exp_out, batch, jax.random.PRNGKey(1))
