@@ -568,6 +568,15 @@ def recorded_cells(paths, table, steps, expert):
     return cells
 
 
+def _argv(workdir):
+    """The command line recorded in a run folder's run.json, or None."""
+    path = os.path.join(workdir, 'run.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)['argv']
+
+
 def finished_twin(workdir):
     """A finished run folder of another row of the same table folder with this cell's name (same steps, seed,
     behaviour, expert and split: the same numbers), or None."""
@@ -622,19 +631,18 @@ def run_table(name, table, seeds, steps, dataroot, expert, runs, out_dir, row_ke
                                f"steps{steps}_seed{seed}_b{found[:8]}_{identity['expert_hash'][:8]}{split_tag}")
         old = recorded.get((key, seed, json.dumps(overrides, sort_keys=True), found, identity['expert_hash'],
                             tuple(splits or ())))
+        command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
         finished = os.path.exists(os.path.join(workdir, 'eval', 'metrics_summary.json'))
-        twin = None if finished else finished_twin(workdir)
+        twin = finished_twin(workdir) if not finished else workdir if _argv(workdir) not in (None, command[1:]) else None
         if old and not finished:
             cell_log(f'  recorded in {old["reused_from"]}')
             done = old
-        elif twin:   # another row of the same behaviour (e.g. a default written out): its run is this cell
+        elif twin:   # a finished run of the same behaviour under another command line (a row of another table with
+            # the default written out, or another row): its run is this cell
             cell_log(f'  the same behaviour as {twin}: reused')
-            with open(os.path.join(twin, 'run.json')) as f:
-                argv = json.load(f)['argv']
-            done = dict(run_cell([sys.executable, *argv], twin, dict(identity, behaviour_hash=found), cell_log),
+            done = dict(run_cell([sys.executable, *_argv(twin)], twin, dict(identity, behaviour_hash=found), cell_log),
                         same_as=os.path.relpath(twin, runs))
         else:
-            command = run_command(table, overrides, seed, steps, dataroot, expert, workdir, splits)
             done = run_cell(command, workdir, dict(identity, behaviour_hash=found), cell_log)
         cell_log(f'  NDS {done["nds"]:.4f}  mAP {done["map"]:.4f}')
         done = dict(done, seed=seed)

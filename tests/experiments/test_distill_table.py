@@ -31,7 +31,7 @@ with open(os.path.join(workdir, 'calls'), 'a') as f:
 print('some start-up line', flush=True)
 if seed != 9:   # a training run (the expert's evaluation prints no progress)
     print('step      7/7  loss   1.2345    3.00 steps/s  elapsed   0.1 min  ETA   0.0 min', flush=True)
-if '--config.distill.method=fail' in argv:
+if '--config.distill.method=fail' in argv or '--config.distill.focal.weight=-1.0' in argv:
     sys.exit(3)
 with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:   # losses 10, 8, 6, 4 + seed at steps 1-4
     for step, loss in enumerate([10.0, 8.0, 6.0, 4.0 + seed], 1):
@@ -148,11 +148,19 @@ def test_progress_lines_of_a_training_run_are_shown_and_logged(fake):
 def test_table_refuses_a_folder_of_another_run_and_names_failures(fake):
     tmp, root, expert = fake
     runs, out = str(tmp / 'runs'), str(tmp / 'out')
-    dt.run_table('t', _table([('a', 'a', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
-                 log=lambda *a: None)
+    broken = {'distill.method': 'fd3d', 'distill.focal.weight': -1.0}   # the fake fails: an unfinished folder
+    with pytest.raises(dt.TableError, match='failed'):
+        dt.run_table('t', _table([('a', 'a', broken)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
     other = {'distill.method': 'fd3d', 'distill.focal.weight': 0.5}   # the fake's behaviour ignores weights
     with pytest.raises(dt.TableError, match=r'runs/t/a/steps5_seed0_\w+ holds a run with other settings'):
         dt.run_table('t', _table([('a', 'a', other)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
+    # a finished run of the same behaviour under another command line (the default written out) is this cell
+    same = {'distill.method': 'fd3d', 'distill.focal.weight': 3.0}
+    dt.run_table('t', _table([('c', 'c', {'distill.method': 'fd3d'})]), [0], 5, root, expert, runs, out,
+                 log=lambda *a: None)
+    result = dt.run_table('t', _table([('c', 'c', same)]), [0], 5, root, expert, runs, out, log=lambda *a: None)
+    assert result['rows'][0]['cells'][0]['same_as'].startswith(os.path.join('t', 'c', 'steps5_seed0_'))
+    assert (_cell(runs, 't', 'c', 'steps5_seed0') / 'calls').read_text() == 'x'        # not trained again
     with pytest.raises(dt.TableError, match=r'training in .*runs/t/b/steps5_seed0_\w+ failed \(exit 3\)'):
         dt.run_table('t', _table([('b', 'b', {'distill.method': 'fail'})]), [0], 5, root, expert, runs, out,
                      log=lambda *a: None)
